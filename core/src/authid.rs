@@ -1,0 +1,305 @@
+//! The AuthID: the credential a background client holds, `<keyid>:<secret>`.
+//!
+//! The keyid (128 random bits) names the handle record; the secret (256 random
+//! bits) never reaches the store. Both travel as unpadded base64url, joined by
+//! `:` because Duplicati treats a value without `:` as a raw access token.
+
+use std::fmt;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use subtle::ConstantTimeEq;
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+
+use crate::random::{Random, array};
+
+/// Length of a keyid in bytes.
+pub const KEYID_LEN: usize = 16;
+/// Length of an AuthID secret in bytes.
+pub const SECRET_LEN: usize = 32;
+const KEYID_TEXT_LEN: usize = 22;
+const SECRET_TEXT_LEN: usize = 43;
+/// Anything longer than this is not an AuthID, whatever it contains.
+const MAX_TEXT_LEN: usize = 256;
+
+/// The public half of an AuthID: names one handle record. Not a secret.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct KeyId([u8; KEYID_LEN]);
+
+impl KeyId {
+    /// A keyid from its raw bytes.
+    pub const fn from_bytes(bytes: [u8; KEYID_LEN]) -> Self {
+        KeyId(bytes)
+    }
+
+    /// The raw bytes (the store's key for the handle).
+    pub const fn as_bytes(&self) -> &[u8; KEYID_LEN] {
+        &self.0
+    }
+
+    /// A fresh random keyid.
+    pub fn generate(rng: &dyn Random) -> Self {
+        KeyId(array(rng))
+    }
+
+    /// Parses the base64url text form of a keyid.
+    pub fn parse(text: &str) -> Result<Self, AuthIdError> {
+        decode_fixed::<KEYID_LEN>(text.trim(), KEYID_TEXT_LEN).map(KeyId).ok_or(AuthIdError::MalformedKeyId)
+    }
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&URL_SAFE_NO_PAD.encode(self.0))
+    }
+}
+
+impl fmt::Debug for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyId({self})")
+    }
+}
+
+/// The secret half of an AuthID. Zeroized on drop; never printed.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct AuthIdSecret([u8; SECRET_LEN]);
+
+impl AuthIdSecret {
+    /// A secret from raw bytes.
+    pub fn from_bytes(bytes: [u8; SECRET_LEN]) -> Self {
+        AuthIdSecret(bytes)
+    }
+
+    /// The raw secret bytes. The name says what the caller is doing.
+    pub fn expose_secret(&self) -> &[u8; SECRET_LEN] {
+        &self.0
+    }
+}
+
+impl PartialEq for AuthIdSecret {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.ct_eq(&other.0).into()
+    }
+}
+
+impl Eq for AuthIdSecret {}
+
+impl fmt::Debug for AuthIdSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AuthIdSecret(<redacted>)")
+    }
+}
+
+/// A whole AuthID: keyid and secret.
+///
+/// `Debug` and `Display` show only the keyid; the full text is available only
+/// through [`AuthId::expose_text`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct AuthId {
+    keyid: KeyId,
+    secret: AuthIdSecret,
+}
+
+impl AuthId {
+    /// An AuthID from its parts.
+    pub fn new(keyid: KeyId, secret: AuthIdSecret) -> Self {
+        AuthId { keyid, secret }
+    }
+
+    /// A fresh AuthID: 128 random bits of keyid, 256 of secret.
+    pub fn generate(rng: &dyn Random) -> Self {
+        let keyid = KeyId::generate(rng);
+        let mut secret = Zeroizing::new([0u8; SECRET_LEN]);
+        rng.fill(secret.as_mut());
+        AuthId::new(keyid, AuthIdSecret(*secret))
+    }
+
+    /// Parses an AuthID as a client sends it.
+    ///
+    /// Accepts surrounding whitespace and a URL-encoded separator (`%3A`),
+    /// because both appear when users paste AuthIDs through web forms and
+    /// command lines; everything else is rejected with a specific error.
+    pub fn parse(text: &str) -> Result<Self, AuthIdError> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Err(AuthIdError::Empty);
+        }
+        if text.len() > MAX_TEXT_LEN {
+            return Err(AuthIdError::TooLong);
+        }
+        let (keyid, secret) = split_separator(text).ok_or(AuthIdError::MissingSeparator)?;
+        if keyid.eq_ignore_ascii_case("v2") {
+            return Err(AuthIdError::DuplicatiV2);
+        }
+        let keyid = decode_fixed::<KEYID_LEN>(keyid, KEYID_TEXT_LEN).map(KeyId).ok_or(AuthIdError::MalformedKeyId)?;
+        let secret = decode_fixed::<SECRET_LEN>(secret, SECRET_TEXT_LEN)
+            .map(AuthIdSecret)
+            .ok_or(AuthIdError::MalformedSecret)?;
+        Ok(AuthId { keyid, secret })
+    }
+
+    /// The keyid: safe to log and to use as a store key.
+    pub fn keyid(&self) -> KeyId {
+        self.keyid
+    }
+
+    /// The secret half.
+    pub fn secret(&self) -> &AuthIdSecret {
+        &self.secret
+    }
+
+    /// The full `keyid:secret` text, for handing to the user exactly once.
+    pub fn expose_text(&self) -> Zeroizing<String> {
+        let mut text = Zeroizing::new(String::with_capacity(KEYID_TEXT_LEN + 1 + SECRET_TEXT_LEN));
+        text.push_str(&URL_SAFE_NO_PAD.encode(self.keyid.0));
+        text.push(':');
+        URL_SAFE_NO_PAD.encode_string(self.secret.0, &mut text);
+        text
+    }
+}
+
+impl fmt::Debug for AuthId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AuthId({}:<redacted>)", self.keyid)
+    }
+}
+
+impl fmt::Display for AuthId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:<redacted>", self.keyid)
+    }
+}
+
+/// Why a string is not an AuthID. The messages are meant for the user who
+/// pasted it, and never repeat the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthIdError {
+    /// Nothing was given.
+    #[error("no AuthID was given")]
+    Empty,
+    /// Far longer than any AuthID.
+    #[error("the AuthID is too long; paste exactly the AuthID the login page showed")]
+    TooLong,
+    /// No `:` — a raw access token, or a truncated paste.
+    #[error("the AuthID has no ':' separator; it looks like an access token or a truncated paste, not an AuthID")]
+    MissingSeparator,
+    /// A token of Duplicati's newer (v2) OAuth service.
+    #[error(
+        "this is a token of Duplicati's v2 OAuth service, which this broker does not support; log in again here to get an AuthID"
+    )]
+    DuplicatiV2,
+    /// The part before `:` is not a keyid.
+    #[error("the AuthID's key id (before ':') is malformed; copy the whole AuthID again")]
+    MalformedKeyId,
+    /// The part after `:` is not a secret.
+    #[error("the AuthID's secret (after ':') is malformed; copy the whole AuthID again")]
+    MalformedSecret,
+}
+
+fn split_separator(text: &str) -> Option<(&str, &str)> {
+    if let Some(parts) = text.split_once(':') {
+        return Some(parts);
+    }
+    let at = text.find("%3A").or_else(|| text.find("%3a"))?;
+    Some((&text[..at], &text[at + 3..]))
+}
+
+/// Decodes exactly `N` bytes from canonical unpadded base64url of `text_len` characters.
+fn decode_fixed<const N: usize>(text: &str, text_len: usize) -> Option<[u8; N]> {
+    if text.len() != text_len {
+        return None;
+    }
+    let mut out = [0u8; N];
+    // A larger scratch buffer: the engine checks capacity against the padded length.
+    let mut buf = Zeroizing::new([0u8; 48]);
+    let n = URL_SAFE_NO_PAD.decode_slice(text, buf.as_mut()).ok()?;
+    if n != N {
+        return None;
+    }
+    out.copy_from_slice(&buf[..N]);
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::SeqRandom;
+
+    #[test]
+    fn generated_authid_round_trips_through_its_text() {
+        let rng = SeqRandom::new(7);
+        let id = AuthId::generate(&rng);
+        let text = id.expose_text();
+        assert_eq!(text.len(), KEYID_TEXT_LEN + 1 + SECRET_TEXT_LEN);
+        assert!(text.contains(':'));
+        assert_eq!(AuthId::parse(&text).unwrap(), id);
+    }
+
+    #[test]
+    fn parse_accepts_whitespace_and_encoded_separator() {
+        let id = AuthId::generate(&SeqRandom::new(1));
+        let text = id.expose_text();
+        let (k, s) = text.split_once(':').unwrap();
+        for variant in
+            [format!("  {}\n", text.as_str()), format!("{k}%3A{s}"), format!("{k}%3a{s}"), format!("\t{k}%3A{s} ")]
+        {
+            assert_eq!(AuthId::parse(&variant).unwrap(), id, "variant {variant:?}");
+        }
+    }
+
+    #[test]
+    fn parse_rejects_with_specific_errors() {
+        let id = AuthId::generate(&SeqRandom::new(2));
+        let text = id.expose_text();
+        let (k, s) = text.split_once(':').unwrap();
+        let cases: Vec<(String, AuthIdError)> = vec![
+            (String::new(), AuthIdError::Empty),
+            ("   ".into(), AuthIdError::Empty),
+            ("x".repeat(300), AuthIdError::TooLong),
+            ("ya29.a0AfH6SMBrawaccesstoken".into(), AuthIdError::MissingSeparator),
+            ("v2:abcdef".into(), AuthIdError::DuplicatiV2),
+            (format!("{k}x:{s}"), AuthIdError::MalformedKeyId),
+            (format!("{}:{s}", &k[1..]), AuthIdError::MalformedKeyId),
+            (format!("{k}:{s}="), AuthIdError::MalformedSecret),
+            (format!("{k}:{}", &s[1..]), AuthIdError::MalformedSecret),
+            (format!("{k}:{}+", &s[1..]), AuthIdError::MalformedSecret),
+            (format!("{k}::{s}"), AuthIdError::MalformedSecret),
+            (format!("{k}%20:{s}"), AuthIdError::MalformedKeyId),
+        ];
+        for (input, want) in cases {
+            assert_eq!(AuthId::parse(&input).unwrap_err(), want, "input {input:?}");
+        }
+    }
+
+    #[test]
+    fn non_canonical_base64_is_rejected() {
+        // 22 characters encode 132 bits; the last 4 must be zero for 16 bytes.
+        let id = AuthId::generate(&SeqRandom::new(3));
+        let text = id.expose_text();
+        let (k, s) = text.split_once(':').unwrap();
+        let last = k.as_bytes()[21];
+        let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let pos = alphabet.iter().position(|&c| c == last).unwrap();
+        let bumped = alphabet[(pos & !0xF) | ((pos + 1) & 0xF)] as char;
+        let noncanonical = format!("{}{}:{s}", &k[..21], bumped);
+        assert_eq!(AuthId::parse(&noncanonical).unwrap_err(), AuthIdError::MalformedKeyId);
+    }
+
+    #[test]
+    fn debug_and_display_never_show_the_secret() {
+        let id = AuthId::generate(&SeqRandom::new(4));
+        let text = id.expose_text();
+        let secret_text = text.split_once(':').unwrap().1;
+        for shown in [format!("{id:?}"), format!("{id}"), format!("{:?}", id.secret())] {
+            assert!(!shown.contains(secret_text), "{shown}");
+            assert!(shown.contains("redacted"), "{shown}");
+        }
+        assert!(format!("{id}").starts_with(&id.keyid().to_string()));
+    }
+
+    #[test]
+    fn error_messages_never_echo_input() {
+        let err = AuthId::parse("v2:supersecretvalue").unwrap_err();
+        assert!(!err.to_string().contains("supersecretvalue"));
+    }
+}

@@ -1,0 +1,8 @@
+//! latchkey-core's integration tests: one binary, one module per concern.
+
+mod dependencies;
+mod envelope_props;
+mod key_rotation;
+mod memory_store;
+mod records_props;
+mod redaction;
