@@ -24,28 +24,34 @@
 //!   fails to open.
 
 pub mod authid;
+pub mod catalogue;
 mod codec;
+pub mod engine;
 pub mod envelope;
 pub mod keys;
 pub mod memory;
 pub mod provider;
 pub mod random;
 pub mod records;
+pub mod runtime;
 pub mod store;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod time;
 
 pub use authid::{AuthId, AuthIdError, AuthIdSecret, KeyId};
+pub use catalogue::{Catalogue, ProviderSpec, ServiceSpec};
 pub use codec::DecodeError;
+pub use engine::{Broker, BrokerParts, EngineConfig, EngineError, ErrorCode, TokenGrant};
 pub use envelope::{Field, OpenError, SealContext, SealedBlob};
 pub use keys::{DataKey, KeyError, MasterKey, MasterKeyId, MasterKeyring, PassphraseParams, SymmetricKey};
 pub use memory::MemoryStore;
 pub use provider::{Provider, ProviderError, TokenResponse};
 pub use random::{OsRandom, Random};
 pub use records::{
-    Grant, GrantId, GrantPayload, GrantState, Handle, Handoff, HandoffId, Lease, LoginId, LoginTransaction, Record,
-    RecordError, RecordKind,
+    DeviceGrant, Grant, GrantId, GrantPayload, GrantState, Handle, Handoff, HandoffId, Lease, LoginId,
+    LoginTransaction, Record, RecordError, RecordKind, SealedAuthId, UserCodeId,
 };
+pub use runtime::{BoxFuture, Runtime};
 pub use store::{LeaseOutcome, ListQuery, Notice, NoticeStream, Page, Store, StoreError, StoreExt, StoredRecord};
 pub use time::{Clock, SystemClock, Timestamp};

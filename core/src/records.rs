@@ -37,12 +37,20 @@ pub enum RecordKind {
     Handoff = 4,
     /// [`Lease`]
     Lease = 5,
+    /// [`DeviceGrant`]
+    DeviceGrant = 6,
 }
 
 impl RecordKind {
     /// Every kind, in code order.
-    pub const ALL: [RecordKind; 5] =
-        [RecordKind::Grant, RecordKind::Handle, RecordKind::LoginTransaction, RecordKind::Handoff, RecordKind::Lease];
+    pub const ALL: [RecordKind; 6] = [
+        RecordKind::Grant,
+        RecordKind::Handle,
+        RecordKind::LoginTransaction,
+        RecordKind::Handoff,
+        RecordKind::Lease,
+        RecordKind::DeviceGrant,
+    ];
 
     /// The kind for a stored code.
     pub fn from_code(code: u8) -> Option<Self> {
@@ -57,6 +65,7 @@ impl RecordKind {
             RecordKind::LoginTransaction => "login",
             RecordKind::Handoff => "handoff",
             RecordKind::Lease => "lease",
+            RecordKind::DeviceGrant => "device",
         }
     }
 }
@@ -142,6 +151,19 @@ byte_id!(
     /// A hand-off's store key: SHA-256 of the hand-off token.
     HandoffId, 32
 );
+byte_id!(
+    /// A device grant's store key: SHA-256 of the normalised user code.
+    UserCodeId, 32
+);
+
+impl UserCodeId {
+    /// The store key for a user code as typed: case, spaces and dashes do not matter.
+    pub fn for_user_code(code: &str) -> Self {
+        let normal: String =
+            code.chars().filter(|c| c.is_ascii_alphanumeric()).map(|c| c.to_ascii_uppercase()).collect();
+        UserCodeId(domain_hash(b"latchkey/v1/user-code/", normal.as_bytes()))
+    }
+}
 
 impl LoginId {
     /// The store key for a `state` value.
@@ -220,8 +242,9 @@ pub struct Grant {
 /// What a grant keeps secret: tokens, scopes, the provider's account id.
 #[derive(Clone)]
 pub struct GrantPayload {
-    /// The provider's refresh token.
-    pub refresh_token: SecretString,
+    /// The provider's refresh token; `None` for providers whose access
+    /// tokens never expire and who issue none (pCloud).
+    pub refresh_token: Option<SecretString>,
     /// The last access token obtained.
     pub access_token: Option<SecretString>,
     /// When that access token expires (`None`: it never does).
@@ -241,7 +264,7 @@ pub struct GrantPayload {
 impl fmt::Debug for GrantPayload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GrantPayload")
-            .field("refresh_token", &"<redacted>")
+            .field("refresh_token", &self.refresh_token.as_ref().map(|_| "<redacted>"))
             .field("access_token", &self.access_token.as_ref().map(|_| "<redacted>"))
             .field("access_expires_at", &self.access_expires_at)
             .field("refreshed_at", &self.refreshed_at)
@@ -259,7 +282,7 @@ const PAYLOAD_KIND: u8 = 0x81;
 impl GrantPayload {
     fn encode(&self) -> Zeroizing<Vec<u8>> {
         let mut w = Writer::new(PAYLOAD_KIND, PAYLOAD_FORMAT);
-        w.str(self.refresh_token.expose_secret())
+        w.opt_bytes(self.refresh_token.as_ref().map(|t| t.expose_secret().as_bytes()))
             .opt_bytes(self.access_token.as_ref().map(|t| t.expose_secret().as_bytes()))
             .opt_time(self.access_expires_at)
             .time(self.refreshed_at)
@@ -280,7 +303,7 @@ impl GrantPayload {
             b.map(|b| std::str::from_utf8(b).map(str::to_owned).map_err(|_| DecodeError::Invalid(field))).transpose()
         };
         let payload = GrantPayload {
-            refresh_token: secret(r.string("refresh token")?),
+            refresh_token: opt_string(r.opt_bytes("refresh token")?, "refresh token")?.map(secret),
             access_token: opt_string(r.opt_bytes("access token")?, "access token")?.map(secret),
             access_expires_at: r.opt_time("access expiry")?,
             refreshed_at: r.time()?,
@@ -561,6 +584,20 @@ impl LoginTransaction {
         self.pkce_verifier = Some(ring.seal(&Self::ctx(&ids), verifier.expose_secret().as_bytes(), rng));
     }
 
+    /// Re-seals the verifier under the ring's current master key; answers
+    /// whether anything changed.
+    pub fn reseal(&mut self, ring: &MasterKeyring, rng: &dyn Random) -> Result<bool, OpenError> {
+        let Some(blob) = &self.pkce_verifier else { return Ok(false) };
+        let ids: [&[u8]; 1] = [&self.id.0];
+        match ring.reseal(&Self::ctx(&ids), blob, rng)? {
+            None => Ok(false),
+            Some(blob) => {
+                self.pkce_verifier = Some(blob);
+                Ok(true)
+            }
+        }
+    }
+
     /// Opens the PKCE verifier, if the transaction has one.
     pub fn open_verifier(&self, ring: &MasterKeyring) -> Result<Option<SecretString>, RecordError> {
         let Some(blob) = &self.pkce_verifier else { return Ok(None) };
@@ -615,43 +652,95 @@ impl Record for LoginTransaction {
     }
 }
 
-/// A one-time sealed delivery of a fresh AuthID to the holder of a hand-off token.
+/// A one-time sealed delivery of a fresh AuthID to the holder of a hand-off
+/// token (Duplicati's `/fetch?token=`, and the device flow's device code).
+///
+/// The AuthID is sealed to an X25519 public key derived from the token, so the
+/// broker can seal it at login completion without knowing the token, and only
+/// the token holder can open it. The store keeps the token's hash and that
+/// public key, never the token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Handoff {
     /// SHA-256 of the hand-off token (the store key).
     pub id: HandoffId,
     /// Store-managed version.
     pub version: u64,
-    /// The AuthID, sealed under a key derived from the token; `None` until the login completes.
-    pub authid: Option<SealedBlob>,
+    /// X25519 public key derived from the token; AuthIDs are sealed to it.
+    pub recipient: [u8; 32],
+    /// The sealed AuthID; `None` until the login completes, and again once delivered.
+    pub authid: Option<SealedAuthId>,
     /// When the hand-off was requested.
     pub created_at: Timestamp,
     /// When it stops being deliverable.
     pub expires_at: Timestamp,
     /// When the AuthID was fetched; after that it is never released again.
     pub delivered_at: Option<Timestamp>,
+    /// When the user refused the login at the provider.
+    pub denied_at: Option<Timestamp>,
+}
+
+/// An AuthID sealed to a hand-off's public key: the sender's ephemeral X25519
+/// public key and the envelope under the agreed key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedAuthId {
+    /// The ephemeral public key.
+    pub ephemeral: [u8; 32],
+    /// The AuthID text, sealed.
+    pub blob: SealedBlob,
 }
 
 impl Handoff {
-    const TOKEN_KEY_PURPOSE: &'static str = "handoff-authid";
+    const TOKEN_KEY_PURPOSE: &'static str = "handoff-x25519";
+
+    /// A pending hand-off for `token`, deliverable until `expires_at`.
+    pub fn new(token: &str, now: Timestamp, expires_at: Timestamp) -> Self {
+        let secret = Self::recipient_secret(token);
+        Handoff {
+            id: HandoffId::for_token(token),
+            version: 0,
+            recipient: x25519_dalek::PublicKey::from(&secret).to_bytes(),
+            authid: None,
+            created_at: now,
+            expires_at,
+            delivered_at: None,
+            denied_at: None,
+        }
+    }
+
+    fn recipient_secret(token: &str) -> x25519_dalek::StaticSecret {
+        let key = derive_token_key(token.as_bytes(), Self::TOKEN_KEY_PURPOSE);
+        x25519_dalek::StaticSecret::from(*key.expose_secret())
+    }
 
     fn ctx<'a>(ids: &'a [&'a [u8]]) -> SealContext<'a> {
         SealContext { kind: RecordKind::Handoff, field: Field::HandoffAuthId, format: Self::FORMAT, ids }
     }
 
-    /// Seals `authid` under a key only the token holder can derive.
-    pub fn seal_authid(&mut self, token: &str, authid: &AuthId, rng: &dyn Random) {
-        let key = derive_token_key(token.as_bytes(), Self::TOKEN_KEY_PURPOSE);
+    fn agreed_key(shared: &x25519_dalek::SharedSecret, ephemeral: &[u8; 32], recipient: &[u8; 32]) -> SymmetricKey {
+        let mut salt = [0u8; 64];
+        salt[..32].copy_from_slice(ephemeral);
+        salt[32..].copy_from_slice(recipient);
+        crate::keys::hkdf_expand(&salt, shared.as_bytes(), b"latchkey/v1/handoff-seal")
+    }
+
+    /// Seals `authid` to this hand-off's public key. Needs no token.
+    pub fn seal_authid(&mut self, authid: &AuthId, rng: &dyn Random) {
+        let ephemeral = x25519_dalek::StaticSecret::from(array::<32>(rng));
+        let ephemeral_public = x25519_dalek::PublicKey::from(&ephemeral).to_bytes();
+        let shared = ephemeral.diffie_hellman(&x25519_dalek::PublicKey::from(self.recipient));
+        let key = Self::agreed_key(&shared, &ephemeral_public, &self.recipient);
         let ids: [&[u8]; 1] = [&self.id.0];
-        self.authid = Some(envelope::seal(&key, &Self::ctx(&ids), authid.expose_text().as_bytes(), rng));
+        let blob = envelope::seal(&key, &Self::ctx(&ids), authid.expose_text().as_bytes(), rng);
+        self.authid = Some(SealedAuthId { ephemeral: ephemeral_public, blob });
     }
 
     /// Opens the sealed AuthID with the hand-off token; `None` while pending.
     pub fn open_authid(&self, token: &str) -> Result<Option<AuthId>, RecordError> {
-        let Some(blob) = &self.authid else { return Ok(None) };
-        let key = derive_token_key(token.as_bytes(), Self::TOKEN_KEY_PURPOSE);
+        let Some(sealed) = &self.authid else { return Ok(None) };
+        let shared = Self::recipient_secret(token).diffie_hellman(&x25519_dalek::PublicKey::from(sealed.ephemeral));
+        let key = Self::agreed_key(&shared, &sealed.ephemeral, &self.recipient);
         let ids: [&[u8]; 1] = [&self.id.0];
-        let plain = envelope::open(&key, &Self::ctx(&ids), blob)?;
+        let plain = envelope::open(&key, &Self::ctx(&ids), &sealed.blob)?;
         let text = std::str::from_utf8(&plain).map_err(|_| DecodeError::Invalid("handoff authid"))?;
         AuthId::parse(text).map(Some).map_err(|_| RecordError::Decode(DecodeError::Invalid("handoff authid")))
     }
@@ -672,13 +761,13 @@ impl Record for Handoff {
     }
 
     fn encode(&self) -> Vec<u8> {
-        Writer::new(Self::KIND as u8, Self::FORMAT)
-            .bytes(&self.id.0)
-            .opt_blob(self.authid.as_ref())
-            .time(self.created_at)
-            .time(self.expires_at)
-            .opt_time(self.delivered_at)
-            .finish()
+        let mut w = Writer::new(Self::KIND as u8, Self::FORMAT);
+        w.bytes(&self.id.0).bytes(&self.recipient);
+        match &self.authid {
+            None => w.u8(0),
+            Some(sealed) => w.u8(1).bytes(&sealed.ephemeral).blob(&sealed.blob),
+        };
+        w.time(self.created_at).time(self.expires_at).opt_time(self.delivered_at).opt_time(self.denied_at).finish()
     }
 
     fn decode(bytes: &[u8], version: u64) -> Result<Self, DecodeError> {
@@ -686,13 +775,77 @@ impl Record for Handoff {
         let handoff = Handoff {
             id: HandoffId(r.array("handoff id")?),
             version,
-            authid: r.opt_blob("authid")?,
+            recipient: r.array("recipient")?,
+            authid: match r.u8()? {
+                0 => None,
+                1 => Some(SealedAuthId { ephemeral: r.array("ephemeral key")?, blob: r.blob()? }),
+                _ => return Err(DecodeError::Invalid("authid tag")),
+            },
             created_at: r.time()?,
             expires_at: r.time()?,
             delivered_at: r.opt_time("delivered at")?,
+            denied_at: r.opt_time("denied at")?,
         };
         r.finish()?;
         Ok(handoff)
+    }
+}
+
+/// A device authorization waiting for its user: the user code typed on the
+/// broker's `/device` page leads here, and from here to the hand-off the
+/// polling device waits on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceGrant {
+    /// SHA-256 of the normalised user code (the store key).
+    pub id: UserCodeId,
+    /// Store-managed version.
+    pub version: u64,
+    /// The service the device asked for.
+    pub service: String,
+    /// The hand-off keyed by the device code.
+    pub handoff: HandoffId,
+    /// When the device asked.
+    pub created_at: Timestamp,
+    /// When the codes expire.
+    pub expires_at: Timestamp,
+}
+
+impl Record for DeviceGrant {
+    const KIND: RecordKind = RecordKind::DeviceGrant;
+    const FORMAT: u8 = 1;
+
+    fn key(&self) -> Vec<u8> {
+        self.id.0.to_vec()
+    }
+    fn version(&self) -> u64 {
+        self.version
+    }
+    fn set_version(&mut self, version: u64) {
+        self.version = version;
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        Writer::new(Self::KIND as u8, Self::FORMAT)
+            .bytes(&self.id.0)
+            .str(&self.service)
+            .bytes(&self.handoff.0)
+            .time(self.created_at)
+            .time(self.expires_at)
+            .finish()
+    }
+
+    fn decode(bytes: &[u8], version: u64) -> Result<Self, DecodeError> {
+        let mut r = Reader::open(bytes, Self::KIND as u8, Self::FORMAT)?;
+        let device = DeviceGrant {
+            id: UserCodeId(r.array("user code id")?),
+            version,
+            service: r.string("service")?,
+            handoff: HandoffId(r.array("handoff id")?),
+            created_at: r.time()?,
+            expires_at: r.time()?,
+        };
+        r.finish()?;
+        Ok(device)
     }
 }
 

@@ -103,6 +103,9 @@ impl ListQuery {
 pub enum Notice {
     /// A grant or one of its handles changed (revoked, rotated): purge caches.
     GrantChanged(GrantId),
+    /// A grant's tokens were refreshed and stored: instances waiting on the
+    /// refreshing instance's lease may re-read.
+    TokenRefreshed(GrantId),
 }
 
 /// The notices a subscriber receives.
@@ -260,6 +263,17 @@ pub trait StoreExt: Store {
     /// Deletes a record at the version it was read at.
     async fn remove<R: Record>(&self, record: &R) -> Result<(), StoreError> {
         self.delete(R::KIND, &record.key(), Some(record.version())).await
+    }
+
+    /// One page of records of a kind in id order, and where the next starts.
+    async fn load_page<R: Record>(
+        &self,
+        after: Option<Vec<u8>>,
+        limit: usize,
+    ) -> Result<(Vec<R>, Option<Vec<u8>>), StoreError> {
+        let page = self.list(&ListQuery { kind: R::KIND, group: None, after, limit }).await?;
+        let records = page.items.iter().map(|(id, stored)| decode_stored::<R>(id, stored)).collect::<Result<_, _>>()?;
+        Ok((records, page.next))
     }
 
     /// Every record of a group (e.g. all handles of a grant), paging through.

@@ -1,6 +1,8 @@
 //! latchkey-core's integration tests: one binary, one module per concern.
 
 mod dependencies;
+mod engine;
+mod engine_world;
 mod envelope_props;
 mod key_rotation;
 mod memory_store;

@@ -1,5 +1,6 @@
 // Stored records: round trips of every kind, hostile bytes, blobs moved between records.
 
+use latchkey_core::records::{DeviceGrant, SealedAuthId, UserCodeId};
 use latchkey_core::testing::SeqRandom;
 use latchkey_core::{
     AuthId, Grant, GrantId, GrantPayload, GrantState, Handle, Handoff, HandoffId, KeyId, Lease, LoginId,
@@ -39,8 +40,15 @@ prop_compose! {
 }
 
 prop_compose! {
-    fn handoff()(id: [u8; 32], version: u64, a in proptest::option::of(blob()), c in ts(), e in ts(), d in proptest::option::of(ts())) -> Handoff {
-        Handoff { id: HandoffId::from_bytes(id), version, authid: a, created_at: c, expires_at: e, delivered_at: d }
+    fn handoff()(id: [u8; 32], version: u64, recipient: [u8; 32], a in proptest::option::of((any::<[u8; 32]>(), blob())), c in ts(), e in ts(), d in proptest::option::of(ts()), n in proptest::option::of(ts())) -> Handoff {
+        let authid = a.map(|(ephemeral, blob)| SealedAuthId { ephemeral, blob });
+        Handoff { id: HandoffId::from_bytes(id), version, recipient, authid, created_at: c, expires_at: e, delivered_at: d, denied_at: n }
+    }
+}
+
+prop_compose! {
+    fn device()(id: [u8; 32], version: u64, service in ".{0,20}", handoff: [u8; 32], c in ts(), e in ts()) -> DeviceGrant {
+        DeviceGrant { id: UserCodeId::from_bytes(id), version, service, handoff: HandoffId::from_bytes(handoff), created_at: c, expires_at: e }
     }
 }
 
@@ -52,12 +60,12 @@ prop_compose! {
 
 prop_compose! {
     fn payload()(
-        refresh in ".{1,60}", access in proptest::option::of(".{1,60}"), exp in proptest::option::of(ts()), refreshed in ts(),
+        refresh in proptest::option::of(".{1,60}"), access in proptest::option::of(".{1,60}"), exp in proptest::option::of(ts()), refreshed in ts(),
         scopes in proptest::collection::vec(".{0,20}", 0..5), account in proptest::option::of(".{0,20}"),
         token_type in proptest::option::of(".{0,10}"), extra in proptest::collection::vec((".{0,10}", ".{0,20}"), 0..3)
     ) -> GrantPayload {
         GrantPayload {
-            refresh_token: SecretString::from(refresh), access_token: access.map(SecretString::from), access_expires_at: exp,
+            refresh_token: refresh.map(SecretString::from), access_token: access.map(SecretString::from), access_expires_at: exp,
             refreshed_at: refreshed, scopes, account_id: account, token_type, extra,
         }
     }
@@ -77,7 +85,8 @@ fn round_trips<R: Record + PartialEq + std::fmt::Debug>(record: &R) -> Result<()
 }
 
 fn same_payload(a: &GrantPayload, b: &GrantPayload) -> bool {
-    a.refresh_token.expose_secret() == b.refresh_token.expose_secret()
+    a.refresh_token.as_ref().map(|t| t.expose_secret().to_owned())
+        == b.refresh_token.as_ref().map(|t| t.expose_secret().to_owned())
         && a.access_token.as_ref().map(|t| t.expose_secret().to_owned())
             == b.access_token.as_ref().map(|t| t.expose_secret().to_owned())
         && a.access_expires_at == b.access_expires_at
@@ -105,6 +114,9 @@ proptest! {
     fn leases_round_trip(l in lease()) { round_trips(&l)?; }
 
     #[test]
+    fn device_grants_round_trip(d in device()) { round_trips(&d)?; }
+
+    #[test]
     fn grant_payloads_round_trip_through_the_seal(p in payload(), seed: u64) {
         let rng = SeqRandom::new(seed);
         let dek = SymmetricKey::generate(&rng);
@@ -120,10 +132,11 @@ proptest! {
         let _ = LoginTransaction::decode(&bytes, version);
         let _ = Handoff::decode(&bytes, version);
         let _ = Lease::decode(&bytes, version);
+        let _ = DeviceGrant::decode(&bytes, version);
     }
 
     #[test]
-    fn arbitrary_bytes_after_a_valid_header_never_panic(kind in 1u8..=5, body in proptest::collection::vec(any::<u8>(), 0..200)) {
+    fn arbitrary_bytes_after_a_valid_header_never_panic(kind in 1u8..=6, body in proptest::collection::vec(any::<u8>(), 0..200)) {
         let mut bytes = vec![kind, 1];
         bytes.extend(body);
         let _ = Grant::decode(&bytes, 1);
@@ -131,6 +144,7 @@ proptest! {
         let _ = LoginTransaction::decode(&bytes, 1);
         let _ = Handoff::decode(&bytes, 1);
         let _ = Lease::decode(&bytes, 1);
+        let _ = DeviceGrant::decode(&bytes, 1);
     }
 }
 
@@ -149,7 +163,7 @@ fn a_record_of_another_kind_or_version_is_rejected() {
 fn a_payload_swapped_between_grants_fails_to_open() {
     let rng = SeqRandom::new(2);
     let p = GrantPayload {
-        refresh_token: SecretString::from("r".to_owned()),
+        refresh_token: Some(SecretString::from("r".to_owned())),
         access_token: None,
         access_expires_at: None,
         refreshed_at: Timestamp::EPOCH,
@@ -170,16 +184,9 @@ fn a_payload_swapped_between_grants_fails_to_open() {
 fn a_handoff_releases_its_authid_only_to_the_token_holder() {
     let rng = SeqRandom::new(3);
     let authid = AuthId::generate(&rng);
-    let mut h = Handoff {
-        id: HandoffId::for_token("the-token"),
-        version: 0,
-        authid: None,
-        created_at: Timestamp::EPOCH,
-        expires_at: Timestamp::EPOCH,
-        delivered_at: None,
-    };
+    let mut h = Handoff::new("the-token", Timestamp::EPOCH, Timestamp::EPOCH);
     assert_eq!(h.open_authid("the-token").unwrap(), None, "pending");
-    h.seal_authid("the-token", &authid, &rng);
+    h.seal_authid(&authid, &rng);
     assert_eq!(h.open_authid("the-token").unwrap(), Some(authid.clone()));
     assert!(h.open_authid("another-token").is_err());
     let plain = authid.expose_text();

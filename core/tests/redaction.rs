@@ -62,7 +62,7 @@ fn token_bearing_types_hide_tokens() {
     let refresh = "1//refresh-token-value";
     let access = "ya29.access-token-value";
     let payload = GrantPayload {
-        refresh_token: SecretString::from(refresh.to_owned()),
+        refresh_token: Some(SecretString::from(refresh.to_owned())),
         access_token: Some(SecretString::from(access.to_owned())),
         access_expires_at: Some(Timestamp::EPOCH),
         refreshed_at: Timestamp::EPOCH,

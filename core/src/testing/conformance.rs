@@ -22,7 +22,8 @@ use crate::authid::AuthId;
 use crate::keys::{MasterKey, MasterKeyId, MasterKeyring, SymmetricKey};
 use crate::random::{OsRandom, Random};
 use crate::records::{
-    Grant, GrantId, GrantPayload, Handle, Handoff, HandoffId, Lease, LoginId, LoginTransaction, Record, RecordKind,
+    DeviceGrant, Grant, GrantId, GrantPayload, Handle, Handoff, HandoffId, Lease, LoginId, LoginTransaction, Record,
+    RecordKind, UserCodeId,
 };
 use crate::store::{LeaseOutcome, ListQuery, Notice, Store, StoreError, StoreExt};
 use crate::time::Timestamp;
@@ -40,7 +41,7 @@ fn ring() -> MasterKeyring {
 
 fn payload() -> GrantPayload {
     GrantPayload {
-        refresh_token: SecretString::from("refresh-token".to_owned()),
+        refresh_token: Some(SecretString::from("refresh-token".to_owned())),
         access_token: Some(SecretString::from("access-token".to_owned())),
         access_expires_at: Some(now().saturating_add(Duration::from_secs(3600))),
         refreshed_at: now(),
@@ -71,7 +72,7 @@ pub async fn round_trip_every_record_kind(store: &dyn Store) {
     let loaded: Grant = store.load(&grant.key()).await.expect("get grant").expect("grant present");
     assert_eq!(loaded, grant);
     let opened = loaded.open_payload(&dek).expect("payload opens");
-    assert_eq!(opened.refresh_token.expose_secret(), "refresh-token");
+    assert_eq!(opened.refresh_token.as_ref().map(|t| t.expose_secret()), Some("refresh-token"));
     assert_eq!(opened.extra, payload().extra);
 
     let authid = AuthId::generate(&rng);
@@ -98,19 +99,24 @@ pub async fn round_trip_every_record_kind(store: &dyn Store) {
     assert_eq!(loaded, tx);
     assert_eq!(loaded.open_verifier(&ring).expect("verifier opens").expect("has verifier").expose_secret(), "verifier");
 
-    let mut handoff = Handoff {
-        id: HandoffId::for_token("handoff-token"),
-        version: 0,
-        authid: None,
-        created_at: now(),
-        expires_at: now().saturating_add(Duration::from_secs(600)),
-        delivered_at: None,
-    };
-    handoff.seal_authid("handoff-token", &authid, &rng);
+    let mut handoff = Handoff::new("handoff-token", now(), now().saturating_add(Duration::from_secs(600)));
+    handoff.seal_authid(&authid, &rng);
     store.create(&mut handoff).await.expect("insert handoff");
     let loaded: Handoff = store.load(&handoff.key()).await.expect("get handoff").expect("handoff present");
     assert_eq!(loaded, handoff);
     assert_eq!(loaded.open_authid("handoff-token").expect("opens"), Some(authid));
+
+    let mut device = DeviceGrant {
+        id: UserCodeId::for_user_code("BCDF-GHJK"),
+        version: 0,
+        service: "dropbox".into(),
+        handoff: handoff.id,
+        created_at: now(),
+        expires_at: now().saturating_add(Duration::from_secs(600)),
+    };
+    store.create(&mut device).await.expect("insert device grant");
+    let loaded: DeviceGrant = store.load(&device.key()).await.expect("get device").expect("device present");
+    assert_eq!(loaded, device);
 
     let mut lease = Lease { grant_id: grant.id, version: 0, owner: "instance-a".into(), deadline: now() };
     store.create(&mut lease).await.expect("insert lease");

@@ -6,33 +6,80 @@
 //! is predictable by design.
 
 pub mod conformance;
+mod faults;
+mod provider;
 
-use std::sync::Arc;
+pub use faults::FaultStore;
+pub use provider::{Behaviour, EventLog, ScriptedProvider};
+
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use futures_channel::oneshot;
+
 use crate::random::Random;
+use crate::runtime::{BoxFuture, Runtime};
 use crate::time::{Clock, Timestamp};
 
-/// A clock that moves only when told to. Clones share one time.
+/// A clock that moves only when told to. Clones share one time. Timers set
+/// with [`Runtime::sleep_until`] fire when [`ManualClock::advance`] or
+/// [`ManualClock::set`] reaches them, so tests drive time instead of waiting.
 #[derive(Debug, Clone)]
-pub struct ManualClock(Arc<AtomicU64>);
+pub struct ManualClock(Arc<Mutex<ClockState>>);
+
+#[derive(Debug)]
+struct ClockState {
+    now: Timestamp,
+    sleepers: Vec<(Timestamp, oneshot::Sender<()>)>,
+}
 
 impl ManualClock {
     /// A clock standing at `start`.
     pub fn new(start: Timestamp) -> Self {
-        ManualClock(Arc::new(AtomicU64::new(start.unix_millis())))
+        ManualClock(Arc::new(Mutex::new(ClockState { now: start, sleepers: Vec::new() })))
     }
 
-    /// Moves the clock forward.
+    fn state(&self) -> MutexGuard<'_, ClockState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Moves the clock forward, firing every timer now due.
     pub fn advance(&self, by: Duration) {
-        let ms = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
-        self.0.fetch_add(ms, Ordering::SeqCst);
+        let to = self.now().saturating_add(by);
+        self.set(to);
     }
 
-    /// Sets the clock to `to`.
+    /// Sets the clock to `to`, firing every timer now due.
     pub fn set(&self, to: Timestamp) {
-        self.0.store(to.unix_millis(), Ordering::SeqCst);
+        let mut state = self.state();
+        state.now = to;
+        let (due, waiting) = std::mem::take(&mut state.sleepers).into_iter().partition(|(at, _)| *at <= to);
+        state.sleepers = waiting;
+        drop(state);
+        for (_, tx) in due {
+            let _ = tx.send(());
+        }
+    }
+
+    /// How many timers are waiting (for tests that must know a task is asleep).
+    pub fn sleepers(&self) -> usize {
+        let mut state = self.state();
+        state.sleepers.retain(|(_, tx)| !tx.is_canceled());
+        state.sleepers.len()
+    }
+
+    /// A future that completes once the clock reads `deadline`.
+    pub fn sleep_until(&self, deadline: Timestamp) -> BoxFuture<'static, ()> {
+        let mut state = self.state();
+        if state.now >= deadline {
+            return Box::pin(async {});
+        }
+        let (tx, rx) = oneshot::channel();
+        state.sleepers.push((deadline, tx));
+        Box::pin(async move {
+            let _ = rx.await;
+        })
     }
 }
 
@@ -45,7 +92,41 @@ impl Default for ManualClock {
 
 impl Clock for ManualClock {
     fn now(&self) -> Timestamp {
-        Timestamp::from_unix_millis(self.0.load(Ordering::SeqCst))
+        self.state().now
+    }
+}
+
+/// Spawns a task on whatever executor the test uses.
+pub type Spawner = Arc<dyn Fn(BoxFuture<'static, ()>) + Send + Sync>;
+
+/// A [`Runtime`] over a [`ManualClock`] and the test's own spawner.
+#[derive(Clone)]
+pub struct ManualRuntime {
+    /// The clock; advance it to move time.
+    pub clock: ManualClock,
+    spawner: Spawner,
+}
+
+impl ManualRuntime {
+    /// A runtime on `clock` that spawns with `spawner` (e.g. `tokio::spawn`).
+    pub fn new(clock: ManualClock, spawner: Spawner) -> Self {
+        ManualRuntime { clock, spawner }
+    }
+}
+
+impl Clock for ManualRuntime {
+    fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+}
+
+impl Runtime for ManualRuntime {
+    fn sleep_until(&self, deadline: Timestamp) -> BoxFuture<'static, ()> {
+        self.clock.sleep_until(deadline)
+    }
+
+    fn spawn(&self, task: BoxFuture<'static, ()>) {
+        (self.spawner)(task)
     }
 }
 

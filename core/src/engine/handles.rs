@@ -1,0 +1,234 @@
+//! Handles: more AuthIDs for one grant, listing, revocation, rotation.
+
+use crate::authid::{AuthId, KeyId};
+use crate::envelope::SealedBlob;
+use crate::keys::DataKey;
+use crate::provider::{ProviderError, TokenKind};
+use crate::records::{Grant, GrantId, GrantState, Handle, Lease, Record};
+use crate::store::{StoreError, StoreExt};
+use crate::time::Timestamp;
+
+use super::{Broker, EngineError, Inner, lock};
+
+/// One AuthID of a grant, as its holders may see it (never a secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandleInfo {
+    /// The keyid.
+    pub keyid: KeyId,
+    /// Its label.
+    pub label: String,
+    /// When minted.
+    pub created_at: Timestamp,
+    /// Last use recorded (at most hourly).
+    pub last_used_at: Timestamp,
+    /// When revoked, if it is.
+    pub revoked_at: Option<Timestamp>,
+    /// Whether this is the AuthID that asked.
+    pub is_caller: bool,
+}
+
+/// A newly minted AuthID.
+#[derive(Debug)]
+pub struct MintedHandle {
+    /// The AuthID, to hand over once.
+    pub authid: AuthId,
+    /// Its label.
+    pub label: String,
+    /// When minted.
+    pub created_at: Timestamp,
+}
+
+/// What happened at the provider when a grant was revoked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProviderRevocation {
+    /// The provider revoked the refresh token.
+    Revoked,
+    /// The provider offers no revocation; the token dies by expiry.
+    Unsupported,
+    /// There was no refresh token to revoke.
+    NoToken,
+    /// The provider could not be told (the local revocation stands).
+    Failed(String),
+}
+
+/// The outcome of revoking a grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantRevocation {
+    /// Handles revoked by this call.
+    pub handles_revoked: usize,
+    /// What the provider said.
+    pub provider: ProviderRevocation,
+}
+
+const MAX_LABEL_CHARS: usize = 100;
+
+fn check_label(label: &str) -> Result<(), EngineError> {
+    if label.chars().count() > MAX_LABEL_CHARS || label.chars().any(char::is_control) {
+        return Err(EngineError::bad_request("a label is at most 100 characters, without control characters"));
+    }
+    Ok(())
+}
+
+impl Broker {
+    /// The grant's handles, for any of its live AuthIDs.
+    pub async fn list_handles(&self, authid: &AuthId) -> Result<Vec<HandleInfo>, EngineError> {
+        let inner = &self.inner;
+        let (caller, data_key) = inner.authenticate(authid).await?;
+        inner.live_grant(&caller.grant_id).await?;
+        let handles: Vec<Handle> = inner.store.load_group(caller.grant_id.as_bytes()).await?;
+        Ok(handles
+            .into_iter()
+            .map(|h| HandleInfo {
+                keyid: h.keyid,
+                label: h.open_label(&data_key).unwrap_or_default(),
+                created_at: h.created_at,
+                last_used_at: h.last_used_at,
+                revoked_at: h.revoked_at,
+                is_caller: h.keyid == caller.keyid,
+            })
+            .collect())
+    }
+
+    /// Mints another AuthID for the caller's grant (one per machine).
+    pub async fn mint_handle(&self, authid: &AuthId, label: &str) -> Result<MintedHandle, EngineError> {
+        check_label(label)?;
+        let inner = &self.inner;
+        let (caller, data_key) = inner.authenticate(authid).await?;
+        inner.live_grant(&caller.grant_id).await?;
+        inner.mint(caller.grant_id, &data_key, label).await
+    }
+
+    /// Revokes one of the grant's handles (the caller's own included). When no
+    /// live handle is left, the grant is revoked too, at the provider as well.
+    pub async fn revoke_handle(&self, authid: &AuthId, target: KeyId) -> Result<Option<GrantRevocation>, EngineError> {
+        let inner = &self.inner;
+        let (caller, data_key) = inner.authenticate(authid).await?;
+        let handle = if target == caller.keyid {
+            caller.clone()
+        } else {
+            match inner.store.load::<Handle>(target.as_bytes()).await? {
+                Some(h) if h.grant_id == caller.grant_id => h,
+                _ => return Err(EngineError::bad_request("this login has no AuthID with that key id")),
+            }
+        };
+        inner.revoke_one(handle).await?;
+        inner.grant_changed(&caller.grant_id).await;
+        let handles: Vec<Handle> = inner.store.load_group(caller.grant_id.as_bytes()).await?;
+        if handles.iter().any(|h| h.revoked_at.is_none()) {
+            return Ok(None);
+        }
+        inner.revoke_grant(caller.grant_id, &data_key).await.map(Some)
+    }
+
+    /// Replaces the caller's AuthID with a new one for the same grant; the old
+    /// one is dead when this returns.
+    pub async fn rotate_handle(&self, authid: &AuthId) -> Result<MintedHandle, EngineError> {
+        let inner = &self.inner;
+        let (caller, data_key) = inner.authenticate(authid).await?;
+        inner.live_grant(&caller.grant_id).await?;
+        let label = caller.open_label(&data_key).unwrap_or_default();
+        let minted = inner.mint(caller.grant_id, &data_key, &label).await?;
+        inner.revoke_one(caller.clone()).await?;
+        inner.grant_changed(&caller.grant_id).await;
+        Ok(minted)
+    }
+
+    /// Revokes every handle of the caller's grant and the grant itself,
+    /// including at the provider where it supports revocation.
+    pub async fn revoke_grant(&self, authid: &AuthId) -> Result<GrantRevocation, EngineError> {
+        let (caller, data_key) = self.inner.authenticate(authid).await?;
+        self.inner.revoke_grant(caller.grant_id, &data_key).await
+    }
+}
+
+impl Inner {
+    /// The grant, if it can still be used or managed.
+    async fn live_grant(&self, id: &GrantId) -> Result<Grant, EngineError> {
+        let grant = self.load_grant(id).await?;
+        match grant.state {
+            GrantState::Active => Ok(grant),
+            GrantState::Revoked => Err(EngineError::AuthIdRevoked),
+            GrantState::ReauthRequired => Err(EngineError::ReauthRequired { service: grant.service }),
+        }
+    }
+
+    async fn mint(&self, grant_id: GrantId, data_key: &DataKey, label: &str) -> Result<MintedHandle, EngineError> {
+        let rng = self.rng.as_ref();
+        let now = self.now();
+        let authid = AuthId::generate(rng);
+        let mut handle = Handle::new(&authid, grant_id, data_key, label, &self.keyring, now, rng);
+        self.store.create(&mut handle).await?;
+        Ok(MintedHandle { authid, label: label.to_owned(), created_at: now })
+    }
+
+    /// Marks a handle revoked and erases its key wrap, so not even its AuthID
+    /// and the master key together can open the grant through it any more.
+    pub(super) async fn revoke_one(&self, mut handle: Handle) -> Result<bool, EngineError> {
+        loop {
+            if handle.revoked_at.is_some() {
+                return Ok(false);
+            }
+            handle.revoked_at = Some(self.now());
+            handle.wrapped_data_key = SealedBlob::from_bytes(Vec::new());
+            match self.store.update(&mut handle).await {
+                Ok(()) => return Ok(true),
+                Err(StoreError::NotFound) => return Ok(false),
+                Err(StoreError::Conflict) => match self.store.load::<Handle>(&handle.key()).await? {
+                    Some(current) => handle = current,
+                    None => return Ok(false),
+                },
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Revokes a grant: state and payload first (so nothing refreshes it any
+    /// more), then every handle, then the refresh token at the provider.
+    pub(super) async fn revoke_grant(
+        &self,
+        grant_id: GrantId,
+        data_key: &DataKey,
+    ) -> Result<GrantRevocation, EngineError> {
+        let mut refresh_token = None;
+        let mut service = None;
+        loop {
+            let Some(mut grant) = self.store.load::<Grant>(grant_id.as_bytes()).await? else { break };
+            service = Some(grant.service.clone());
+            if grant.state == GrantState::Revoked {
+                break;
+            }
+            if let Ok(payload) = grant.open_payload(data_key) {
+                refresh_token = payload.refresh_token;
+            }
+            grant.state = GrantState::Revoked;
+            grant.payload = SealedBlob::from_bytes(Vec::new());
+            grant.updated_at = self.now();
+            match self.store.update(&mut grant).await {
+                Ok(()) => break,
+                Err(StoreError::Conflict) => continue,
+                Err(StoreError::NotFound) => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        lock(&self.pending).remove(&grant_id);
+        let _ = self.store.delete(Lease::KIND, grant_id.as_bytes(), None).await;
+        let mut handles_revoked = 0;
+        for handle in self.store.load_group::<Handle>(grant_id.as_bytes()).await? {
+            if self.revoke_one(handle).await? {
+                handles_revoked += 1;
+            }
+        }
+        self.grant_changed(&grant_id).await;
+        let entry = service.as_deref().and_then(|s| self.catalogue.provider_for(s));
+        let provider = match (refresh_token, entry) {
+            (None, _) => ProviderRevocation::NoToken,
+            (Some(_), None) => ProviderRevocation::Failed("the service is no longer configured".into()),
+            (Some(token), Some(entry)) => match entry.client.revoke(&token, TokenKind::Refresh).await {
+                Ok(()) => ProviderRevocation::Revoked,
+                Err(ProviderError::Unsupported(_)) => ProviderRevocation::Unsupported,
+                Err(e) => ProviderRevocation::Failed(e.to_string()),
+            },
+        };
+        Ok(GrantRevocation { handles_revoked, provider })
+    }
+}

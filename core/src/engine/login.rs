@@ -1,0 +1,480 @@
+//! Logins, hand-offs and the broker-side device flow.
+
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use secrecy::SecretString;
+
+use super::decide::initial_payload;
+use super::error::from_provider;
+use super::{Broker, EngineError, Inner, lock};
+use crate::authid::AuthId;
+use crate::keys::SymmetricKey;
+use crate::provider::{AuthorizationRequest, CodeExchange, Pkce};
+use crate::random::array;
+use crate::records::{DeviceGrant, Grant, GrantId, Handle, Handoff, HandoffId, LoginId, LoginTransaction, UserCodeId};
+use crate::store::{StoreError, StoreExt};
+use crate::time::Timestamp;
+
+/// The start of a browser login.
+#[derive(Debug)]
+pub struct LoginStart {
+    /// Where to send the browser (carries `state` and the PKCE challenge).
+    pub authorization_url: String,
+    /// The `state` value (also inside the URL).
+    pub state: SecretString,
+    /// When the login stops being accepted.
+    pub expires_at: Timestamp,
+}
+
+/// What the provider's redirect to `/logged-in` carried.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Callback<'a> {
+    /// `state`.
+    pub state: &'a str,
+    /// `code`, on success.
+    pub code: Option<&'a str>,
+    /// `error`, on failure (e.g. `access_denied`).
+    pub error: Option<&'a str>,
+    /// RFC 9207 `iss`, when the provider sends it.
+    pub iss: Option<&'a str>,
+    /// The service the callback is for, when the front end knows it.
+    pub service: Option<&'a str>,
+    /// Other callback parameters a provider needs (pCloud's `hostname`).
+    pub params: &'a [(String, String)],
+}
+
+/// A completed login: a new grant and its first AuthID.
+#[derive(Debug)]
+pub struct LoginComplete {
+    /// The new AuthID, to show the user once.
+    pub authid: AuthId,
+    /// The new grant.
+    pub grant_id: GrantId,
+    /// The service.
+    pub service: String,
+    /// Whether the AuthID was also sealed into a waiting hand-off.
+    pub handed_off: bool,
+}
+
+/// The answer to a hand-off fetch.
+#[derive(Debug, PartialEq, Eq)]
+pub enum HandoffFetch {
+    /// The AuthID, released now and never again.
+    Ready(AuthId),
+    /// The login has not completed yet.
+    Pending,
+    /// The user refused access at the provider.
+    Denied,
+    /// Unknown, expired, or already delivered.
+    Gone,
+}
+
+/// Where a hand-off stands, without releasing anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandoffState {
+    /// Waiting for the login.
+    Pending,
+    /// The AuthID is sealed and waiting to be fetched.
+    Ready,
+    /// Fetched.
+    Delivered,
+    /// The user refused access.
+    Denied,
+    /// Unknown or expired.
+    Unknown,
+}
+
+/// A device authorization as the polling device receives it (RFC 8628 shape).
+#[derive(Debug)]
+pub struct DeviceStart {
+    /// What the device polls with. Secret.
+    pub device_code: SecretString,
+    /// What the user types: `XXXX-XXXX`.
+    pub user_code: String,
+    /// Where the user types it.
+    pub verification_uri: String,
+    /// The same with the code filled in.
+    pub verification_uri_complete: String,
+    /// How long the codes live.
+    pub expires_in: Duration,
+    /// How often the device may poll.
+    pub interval: Duration,
+}
+
+/// The answer to a device poll (RFC 8628 §3.5).
+#[derive(Debug, PartialEq, Eq)]
+pub enum DevicePoll {
+    /// The AuthID, released once.
+    Ready(AuthId),
+    /// `authorization_pending`.
+    Pending,
+    /// `slow_down`: polled faster than the interval.
+    SlowDown,
+    /// `expired_token` (also after the AuthID was delivered).
+    Expired,
+    /// `access_denied`.
+    Denied,
+    /// The device code is unknown (`invalid_grant`).
+    Invalid,
+}
+
+/// User codes use consonants only (RFC 8628 §6.1): no vowels to spell words,
+/// no look-alikes such as 0/O or 1/I.
+const USER_CODE_ALPHABET: &[u8; 20] = b"BCDFGHJKLMNPQRSTVWXZ";
+const MAX_TOKEN_LEN: usize = 512;
+
+fn check_token(token: &str) -> Result<(), EngineError> {
+    let ok = !token.is_empty() && token.len() <= MAX_TOKEN_LEN && token.bytes().all(|b| b.is_ascii_graphic());
+    if ok { Ok(()) } else { Err(EngineError::bad_request("the hand-off token is missing or malformed")) }
+}
+
+fn login_gone() -> EngineError {
+    EngineError::bad_request("this login is unknown or was already completed; start the login again")
+}
+
+/// Keeps a provider's `error` value printable and short: it is echoed to the user.
+fn sanitize_error(error: &str) -> String {
+    error.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').take(64).collect()
+}
+
+fn random_text(inner: &Inner) -> String {
+    URL_SAFE_NO_PAD.encode(array::<32>(inner.rng.as_ref()))
+}
+
+impl Broker {
+    /// Starts a browser login for `service`; with `handoff_token`, the AuthID
+    /// will also be sealed for the client holding that token.
+    pub async fn begin_login(&self, service: &str, handoff_token: Option<&str>) -> Result<LoginStart, EngineError> {
+        let handoff = match handoff_token {
+            Some(token) => Some(self.inner.ensure_handoff(token, self.inner.config.handoff_ttl).await?),
+            None => None,
+        };
+        self.inner.begin_login(service, handoff).await
+    }
+
+    /// Registers a hand-off token (Duplicati's `/?token=`) so a client can
+    /// start polling before the login begins. Idempotent.
+    pub async fn start_handoff(&self, token: &str) -> Result<(), EngineError> {
+        self.inner.ensure_handoff(token, self.inner.config.handoff_ttl).await.map(|_| ())
+    }
+
+    /// Completes a login from the provider's redirect: checks the state
+    /// (single use, not expired, same service and issuer), exchanges the code,
+    /// creates the grant and its first AuthID.
+    pub async fn complete_login(&self, callback: &Callback<'_>) -> Result<LoginComplete, EngineError> {
+        let inner = &self.inner;
+        let tx: LoginTransaction =
+            inner.store.load(LoginId::for_state(callback.state).as_bytes()).await?.ok_or_else(login_gone)?;
+        // Consume first: of two concurrent completions, exactly one proceeds.
+        match inner.store.remove(&tx).await {
+            Ok(()) => {}
+            Err(StoreError::Conflict | StoreError::NotFound) => return Err(login_gone()),
+            Err(e) => return Err(e.into()),
+        }
+        let now = inner.now();
+        if now >= tx.expires_at {
+            return Err(EngineError::bad_request("this login took too long and expired; start the login again"));
+        }
+        if callback.service.is_some_and(|s| s != tx.service) {
+            return Err(EngineError::bad_request("this login was started for another service; start it again"));
+        }
+        let entry = inner.catalogue.provider_for(&tx.service).cloned().ok_or_else(|| {
+            EngineError::ProviderMisconfigured { detail: format!("service '{}' is no longer configured", tx.service) }
+        })?;
+        if let (Some(iss), Some(expected)) = (callback.iss, &entry.spec.issuer) {
+            if iss != expected {
+                return Err(EngineError::bad_request("the login answer came from an unexpected issuer; start again"));
+            }
+        }
+        if let Some(error) = callback.error {
+            if let Some(handoff) = tx.handoff {
+                inner.deny_handoff(&handoff).await;
+            }
+            let error = sanitize_error(error);
+            return Err(EngineError::bad_request(format!("the provider did not grant access ({error})")));
+        }
+        let code = callback
+            .code
+            .filter(|c| !c.is_empty())
+            .ok_or_else(|| EngineError::bad_request("the provider's answer carries no authorization code"))?;
+        let verifier = tx
+            .open_verifier(&inner.keyring)
+            .map_err(|e| EngineError::Corrupt { detail: format!("login transaction: {e}") })?;
+        let code = SecretString::from(code.to_owned());
+        let redirect_uri = inner.redirect_uri();
+        let exchange = CodeExchange {
+            code: &code,
+            redirect_uri: &redirect_uri,
+            pkce_verifier: verifier.as_ref(),
+            callback_params: callback.params,
+        };
+        let response = entry
+            .client
+            .exchange_code(&exchange)
+            .await
+            .map_err(|e| from_provider(&e, inner.config.provider_retry_after))?;
+        if response.refresh_token.is_none() && response.expires_in.is_some() {
+            return Err(EngineError::ProviderMisconfigured {
+                detail: "the provider issued an expiring access token but no refresh token".into(),
+            });
+        }
+        let scopes = inner.catalogue.service(&tx.service).map(|s| s.scopes.clone()).unwrap_or_default();
+        let now = inner.now();
+        let payload = initial_payload(now, response, &scopes);
+        let rng = inner.rng.as_ref();
+        let data_key = SymmetricKey::generate(rng);
+        let mut grant = Grant::new(GrantId::generate(rng), &tx.service, &payload, &data_key, now, rng);
+        inner.store.create(&mut grant).await?;
+        let authid = AuthId::generate(rng);
+        let mut handle = Handle::new(&authid, grant.id, &data_key, "first login", &inner.keyring, now, rng);
+        inner.store.create(&mut handle).await?;
+        let handed_off = match tx.handoff {
+            Some(handoff) => inner.deliver_to_handoff(&handoff, &authid).await?,
+            None => false,
+        };
+        Ok(LoginComplete { authid, grant_id: grant.id, service: tx.service, handed_off })
+    }
+
+    /// Releases a hand-off's AuthID to the token holder, exactly once.
+    pub async fn fetch_handoff(&self, token: &str) -> Result<HandoffFetch, EngineError> {
+        check_token(token)?;
+        let inner = &self.inner;
+        loop {
+            let Some(mut handoff) = inner.store.load::<Handoff>(HandoffId::for_token(token).as_bytes()).await? else {
+                return Ok(HandoffFetch::Gone);
+            };
+            if handoff.delivered_at.is_some() || inner.now() >= handoff.expires_at {
+                return Ok(HandoffFetch::Gone);
+            }
+            if handoff.denied_at.is_some() {
+                return Ok(HandoffFetch::Denied);
+            }
+            let Some(authid) =
+                handoff.open_authid(token).map_err(|e| EngineError::Corrupt { detail: format!("hand-off: {e}") })?
+            else {
+                return Ok(HandoffFetch::Pending);
+            };
+            handoff.authid = None;
+            handoff.delivered_at = Some(inner.now());
+            match inner.store.update(&mut handoff).await {
+                Ok(()) => return Ok(HandoffFetch::Ready(authid)),
+                Err(StoreError::Conflict | StoreError::NotFound) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Where a hand-off stands (Duplicati's `/token-state`).
+    pub async fn handoff_state(&self, token: &str) -> Result<HandoffState, EngineError> {
+        check_token(token)?;
+        let Some(handoff) = self.inner.store.load::<Handoff>(HandoffId::for_token(token).as_bytes()).await? else {
+            return Ok(HandoffState::Unknown);
+        };
+        Ok(if handoff.delivered_at.is_some() {
+            HandoffState::Delivered
+        } else if self.inner.now() >= handoff.expires_at {
+            HandoffState::Unknown
+        } else if handoff.denied_at.is_some() {
+            HandoffState::Denied
+        } else if handoff.authid.is_some() {
+            HandoffState::Ready
+        } else {
+            HandoffState::Pending
+        })
+    }
+
+    /// Starts a broker-side device authorization for `service`.
+    pub async fn begin_device(&self, service: &str) -> Result<DeviceStart, EngineError> {
+        let inner = &self.inner;
+        inner.service_entry(service)?;
+        let now = inner.now();
+        let expires_at = now.saturating_add(inner.config.device_ttl);
+        let device_code = random_text(inner);
+        let mut handoff = Handoff::new(&device_code, now, expires_at);
+        inner.store.create(&mut handoff).await?;
+        for _ in 0..8 {
+            let user_code = inner.user_code();
+            let mut device = DeviceGrant {
+                id: UserCodeId::for_user_code(&user_code),
+                version: 0,
+                service: service.to_owned(),
+                handoff: handoff.id,
+                created_at: now,
+                expires_at,
+            };
+            match inner.store.create(&mut device).await {
+                Ok(()) => {
+                    let verification_uri = format!("{}/device", inner.config.public_url.trim_end_matches('/'));
+                    return Ok(DeviceStart {
+                        device_code: SecretString::from(device_code),
+                        verification_uri_complete: format!("{verification_uri}?user_code={user_code}"),
+                        verification_uri,
+                        user_code,
+                        expires_in: inner.config.device_ttl,
+                        interval: inner.config.device_interval,
+                    });
+                }
+                // A live code with the same letters: draw again.
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(EngineError::StoreUnavailable { retry_after: Duration::from_secs(1) })
+    }
+
+    /// The user typed a code on the `/device` page: start the login for it.
+    pub async fn begin_device_login(&self, user_code: &str) -> Result<LoginStart, EngineError> {
+        let inner = &self.inner;
+        let unknown = || EngineError::bad_request("this code is unknown; check it and try again");
+        let device: DeviceGrant =
+            inner.store.load(UserCodeId::for_user_code(user_code).as_bytes()).await?.ok_or_else(unknown)?;
+        if inner.now() >= device.expires_at {
+            return Err(EngineError::bad_request("this code has expired; start again on the device"));
+        }
+        let handoff: Handoff = inner.store.load(device.handoff.as_bytes()).await?.ok_or_else(unknown)?;
+        if handoff.delivered_at.is_some() || handoff.authid.is_some() || handoff.denied_at.is_some() {
+            return Err(EngineError::bad_request("this code was already used; start again on the device"));
+        }
+        inner.begin_login(&device.service, Some(device.handoff)).await
+    }
+
+    /// The device polls with its device code.
+    pub async fn poll_device(&self, device_code: &str) -> Result<DevicePoll, EngineError> {
+        check_token(device_code)?;
+        let inner = &self.inner;
+        let id = HandoffId::for_token(device_code);
+        let now = inner.now();
+        {
+            let mut polls = lock(&inner.device_polls);
+            let horizon = inner.config.device_ttl;
+            polls.retain(|_, last| now.duration_since(*last) < horizon);
+            if let Some(last) = polls.insert(id, now) {
+                if now.duration_since(last) < inner.config.device_interval {
+                    return Ok(DevicePoll::SlowDown);
+                }
+            }
+        }
+        match self.fetch_handoff(device_code).await? {
+            HandoffFetch::Ready(authid) => Ok(DevicePoll::Ready(authid)),
+            HandoffFetch::Pending => Ok(DevicePoll::Pending),
+            HandoffFetch::Denied => Ok(DevicePoll::Denied),
+            HandoffFetch::Gone => Ok(match inner.store.load::<Handoff>(id.as_bytes()).await? {
+                Some(_) => DevicePoll::Expired,
+                None => DevicePoll::Invalid,
+            }),
+        }
+    }
+}
+
+impl Inner {
+    fn service_entry(&self, service: &str) -> Result<&crate::catalogue::ProviderEntry, EngineError> {
+        self.catalogue
+            .provider_for(service)
+            .ok_or_else(|| EngineError::bad_request(format!("unknown service '{}'", sanitize_error(service))))
+    }
+
+    fn user_code(&self) -> String {
+        let mut code = String::with_capacity(9);
+        while code.len() < 9 {
+            if code.len() == 4 {
+                code.push('-');
+                continue;
+            }
+            // Rejection sampling keeps every letter equally likely.
+            let byte = array::<1>(self.rng.as_ref())[0];
+            if usize::from(byte) < 240 {
+                code.push(char::from(USER_CODE_ALPHABET[usize::from(byte) % USER_CODE_ALPHABET.len()]));
+            }
+        }
+        code
+    }
+
+    async fn begin_login(&self, service: &str, handoff: Option<HandoffId>) -> Result<LoginStart, EngineError> {
+        let entry = self.service_entry(service)?;
+        let spec = self.catalogue.service(service).ok_or_else(|| EngineError::bad_request("unknown service"))?;
+        let rng = self.rng.as_ref();
+        let now = self.now();
+        let state = SecretString::from(random_text(self));
+        let pkce = entry.spec.pkce.then(|| Pkce::generate(rng));
+        let mut tx = LoginTransaction {
+            id: LoginId::for_state(secrecy::ExposeSecret::expose_secret(&state)),
+            version: 0,
+            service: service.to_owned(),
+            pkce_verifier: None,
+            handoff,
+            created_at: now,
+            expires_at: now.saturating_add(self.config.login_ttl),
+        };
+        if let Some(pkce) = &pkce {
+            tx.seal_verifier(&pkce.verifier, &self.keyring, rng);
+        }
+        let redirect_uri = self.redirect_uri();
+        let request = AuthorizationRequest {
+            redirect_uri: &redirect_uri,
+            state: &state,
+            scopes: &spec.scopes,
+            pkce_challenge: pkce.as_ref().map(|p| p.challenge.as_str()),
+            extra_params: &spec.auth_params,
+        };
+        let authorization_url = entry
+            .client
+            .authorization_url(&request)
+            .map_err(|e| from_provider(&e, self.config.provider_retry_after))?;
+        self.store.create(&mut tx).await?;
+        Ok(LoginStart { authorization_url, state, expires_at: tx.expires_at })
+    }
+
+    /// The hand-off for `token`, created if new; refused if used or expired.
+    async fn ensure_handoff(&self, token: &str, ttl: Duration) -> Result<HandoffId, EngineError> {
+        check_token(token)?;
+        let id = HandoffId::for_token(token);
+        loop {
+            let now = self.now();
+            match self.store.load::<Handoff>(id.as_bytes()).await? {
+                Some(h) if h.delivered_at.is_some() || now >= h.expires_at => {
+                    return Err(EngineError::bad_request("this hand-off token was already used or has expired"));
+                }
+                Some(_) => return Ok(id),
+                None => {
+                    let mut handoff = Handoff::new(token, now, now.saturating_add(ttl));
+                    match self.store.create(&mut handoff).await {
+                        Ok(()) => return Ok(id),
+                        Err(StoreError::Conflict) => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Seals a fresh AuthID into a waiting hand-off. `false` if it is gone.
+    async fn deliver_to_handoff(&self, id: &HandoffId, authid: &AuthId) -> Result<bool, EngineError> {
+        loop {
+            let Some(mut handoff) = self.store.load::<Handoff>(id.as_bytes()).await? else { return Ok(false) };
+            if handoff.delivered_at.is_some() || handoff.denied_at.is_some() || self.now() >= handoff.expires_at {
+                return Ok(false);
+            }
+            handoff.seal_authid(authid, self.rng.as_ref());
+            match self.store.update(&mut handoff).await {
+                Ok(()) => return Ok(true),
+                Err(StoreError::Conflict | StoreError::NotFound) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    async fn deny_handoff(&self, id: &HandoffId) {
+        for _ in 0..4 {
+            let Ok(Some(mut handoff)) = self.store.load::<Handoff>(id.as_bytes()).await else { return };
+            if handoff.authid.is_some() || handoff.delivered_at.is_some() {
+                return;
+            }
+            handoff.denied_at = Some(self.now());
+            if !matches!(self.store.update(&mut handoff).await, Err(StoreError::Conflict)) {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! Maintenance: garbage collection, statistics, master key re-seal.
+//! None of it needs an AuthID, and none of it sees a secret.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::records::{DeviceGrant, Grant, GrantId, GrantState, Handle, Handoff, Lease, LoginTransaction, Record};
+use crate::store::{Store, StoreError, StoreExt};
+use crate::time::Timestamp;
+
+use super::{Broker, EngineError};
+
+const PAGE: usize = 500;
+
+/// A grant unused for longer than the limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GcCandidate {
+    /// The grant.
+    pub grant_id: GrantId,
+    /// Its service.
+    pub service: String,
+    /// Its state.
+    pub state: GrantState,
+    /// The latest use of the grant or any of its handles.
+    pub last_used_at: Timestamp,
+    /// How many handles it has.
+    pub handles: usize,
+}
+
+/// What a garbage collection found (and, unless a dry run, removed).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Nothing was deleted.
+    pub dry_run: bool,
+    /// Grants unused for longer than the limit.
+    pub grants: Vec<GcCandidate>,
+    /// Expired login transactions.
+    pub expired_logins: usize,
+    /// Expired or delivered hand-offs past their expiry.
+    pub expired_handoffs: usize,
+    /// Expired device codes.
+    pub expired_devices: usize,
+    /// Leases lapsed long ago.
+    pub stale_leases: usize,
+}
+
+/// Counts, never secrets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Grants by service and state.
+    pub grants: BTreeMap<(String, &'static str), u64>,
+    /// Live handles.
+    pub handles_active: u64,
+    /// Revoked handles.
+    pub handles_revoked: u64,
+    /// Logins begun and not yet completed or expired.
+    pub logins_in_flight: u64,
+    /// Hand-offs waiting for a login or a fetch.
+    pub handoffs_waiting: u64,
+}
+
+/// What a master key re-seal did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResealReport {
+    /// Handles moved to the current master key.
+    pub handles_resealed: u64,
+    /// Handles already under it.
+    pub handles_current: u64,
+    /// Login transactions whose PKCE verifier was moved.
+    pub logins_resealed: u64,
+    /// Records that could not be opened with any configured key.
+    pub failed: u64,
+}
+
+/// Calls `visit` with every record of a kind, a page at a time.
+async fn scan<R: Record>(store: &dyn Store, mut visit: impl FnMut(R)) -> Result<(), EngineError> {
+    let mut after = None;
+    loop {
+        let (page, next) = store.load_page::<R>(after, PAGE).await?;
+        page.into_iter().for_each(&mut visit);
+        match next {
+            Some(next) => after = Some(next),
+            None => return Ok(()),
+        }
+    }
+}
+
+/// Deletes (unless `dry_run`) every record of a kind that `expired` selects,
+/// at the version read; answers how many went (or would go).
+async fn remove_expired<R: Record>(
+    store: &dyn Store,
+    dry_run: bool,
+    expired: impl Fn(&R) -> bool,
+) -> Result<usize, EngineError> {
+    let mut doomed = Vec::new();
+    scan::<R>(store, |r| {
+        if expired(&r) {
+            doomed.push(r);
+        }
+    })
+    .await?;
+    if dry_run {
+        return Ok(doomed.len());
+    }
+    let mut removed = 0;
+    for record in doomed {
+        match store.remove(&record).await {
+            Ok(()) => removed += 1,
+            // Changed or gone meanwhile: leave it to its new owner.
+            Err(StoreError::Conflict | StoreError::NotFound) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(removed)
+}
+
+impl Broker {
+    /// Removes grants (with their handles and lease) whose grant and handles
+    /// were all unused for `unused_for`, and expired short-lived records.
+    /// With `dry_run`, only lists what would go.
+    pub async fn gc(&self, unused_for: Duration, dry_run: bool) -> Result<GcReport, EngineError> {
+        let inner = &self.inner;
+        let store = inner.store.as_ref();
+        let now = inner.now();
+        let cutoff = now.saturating_sub(unused_for);
+        let mut report = GcReport { dry_run, ..GcReport::default() };
+
+        let mut after = None;
+        loop {
+            let (grants, next) = store.load_page::<Grant>(after, PAGE).await?;
+            for grant in grants {
+                if grant.last_used_at >= cutoff {
+                    continue;
+                }
+                let handles: Vec<Handle> = store.load_group(grant.id.as_bytes()).await?;
+                let last_used_at = handles.iter().map(|h| h.last_used_at).fold(grant.last_used_at, Timestamp::max);
+                if last_used_at >= cutoff {
+                    continue;
+                }
+                if !dry_run {
+                    // The grant goes first, at the version read: if it was
+                    // used meanwhile, the delete fails and nothing is lost.
+                    match store.remove(&grant).await {
+                        Ok(()) => {}
+                        Err(StoreError::Conflict | StoreError::NotFound) => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                    for handle in &handles {
+                        let _ = store.delete(Handle::KIND, &handle.key(), None).await;
+                    }
+                    let _ = store.delete(Lease::KIND, grant.id.as_bytes(), None).await;
+                    inner.grant_changed(&grant.id).await;
+                }
+                report.grants.push(GcCandidate {
+                    grant_id: grant.id,
+                    service: grant.service,
+                    state: grant.state,
+                    last_used_at,
+                    handles: handles.len(),
+                });
+            }
+            match next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+
+        report.expired_logins = remove_expired::<LoginTransaction>(store, dry_run, |t| now >= t.expires_at).await?;
+        report.expired_handoffs = remove_expired::<Handoff>(store, dry_run, |h| now >= h.expires_at).await?;
+        report.expired_devices = remove_expired::<DeviceGrant>(store, dry_run, |d| now >= d.expires_at).await?;
+        let long_ago = now.saturating_sub(Duration::from_secs(3600));
+        report.stale_leases = remove_expired::<Lease>(store, dry_run, |l| l.deadline < long_ago).await?;
+        Ok(report)
+    }
+
+    /// Counts by service and state.
+    pub async fn stats(&self) -> Result<Stats, EngineError> {
+        let inner = &self.inner;
+        let store = inner.store.as_ref();
+        let now = inner.now();
+        let mut stats = Stats::default();
+        scan::<Grant>(store, |g| *stats.grants.entry((g.service, g.state.as_str())).or_default() += 1).await?;
+        scan::<Handle>(store, |h| match h.revoked_at {
+            None => stats.handles_active += 1,
+            Some(_) => stats.handles_revoked += 1,
+        })
+        .await?;
+        scan::<LoginTransaction>(store, |t| stats.logins_in_flight += u64::from(now < t.expires_at)).await?;
+        scan::<Handoff>(store, |h| stats.handoffs_waiting += u64::from(now < h.expires_at && h.delivered_at.is_none()))
+            .await?;
+        Ok(stats)
+    }
+
+    /// Moves every handle's outer seal (and every pending login's PKCE
+    /// verifier) to the current master key. Needs no AuthID. Afterwards old
+    /// keys can be removed from the configuration.
+    pub async fn reseal(&self) -> Result<ResealReport, EngineError> {
+        let inner = &self.inner;
+        let store = inner.store.as_ref();
+        let rng = inner.rng.as_ref();
+        let mut report = ResealReport::default();
+        let mut after = None;
+        loop {
+            let (handles, next) = store.load_page::<Handle>(after, PAGE).await?;
+            for mut handle in handles {
+                if handle.revoked_at.is_some() {
+                    continue;
+                }
+                // A conflict means the handle changed (used, revoked): re-read and redo.
+                for _ in 0..4 {
+                    match handle.reseal(&inner.keyring, rng) {
+                        Ok(false) => {
+                            report.handles_current += 1;
+                            break;
+                        }
+                        Err(_) => {
+                            report.failed += 1;
+                            break;
+                        }
+                        Ok(true) => match store.update(&mut handle).await {
+                            Ok(()) => {
+                                report.handles_resealed += 1;
+                                break;
+                            }
+                            Err(StoreError::Conflict) => match store.load::<Handle>(&handle.key()).await? {
+                                Some(current) if current.revoked_at.is_none() => handle = current,
+                                _ => break,
+                            },
+                            Err(StoreError::NotFound) => break,
+                            Err(e) => return Err(e.into()),
+                        },
+                    }
+                }
+            }
+            let Some(next) = next else { break };
+            after = Some(next);
+        }
+        let mut after = None;
+        loop {
+            let (logins, next) = store.load_page::<LoginTransaction>(after, PAGE).await?;
+            for mut tx in logins {
+                match tx.reseal(&inner.keyring, rng) {
+                    Ok(true) => {
+                        if store.update(&mut tx).await.is_ok() {
+                            report.logins_resealed += 1;
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(_) => report.failed += 1,
+                }
+            }
+            let Some(next) = next else { break };
+            after = Some(next);
+        }
+        Ok(report)
+    }
+}

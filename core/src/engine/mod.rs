@@ -1,0 +1,313 @@
+//! The refresh engine: the operations every front end calls.
+//!
+//! [`Broker`] is a thin async driver. The decisions (serve, refresh, adopt,
+//! mark for re-login, serve stale, give up) are pure functions in [`decide`];
+//! the driver carries them out through [`Store`](crate::Store),
+//! [`Provider`](crate::Provider) and an injected [`Runtime`].
+//!
+//! Two rules shape the refresh path:
+//!
+//! * **Persist before answer.** A refresh token the provider rotated is
+//!   written to the store (compare-and-swap on the grant's version) before
+//!   any caller sees the access token obtained with it. If the store will not
+//!   take it, the payload stays in memory as a *pending write*, retried in
+//!   the background and by the next request, and the caller is told
+//!   `store_unavailable`; the lease is kept so no other instance refreshes
+//!   with the rotated-away token meanwhile.
+//! * **One refresh per grant at a time.** Inside a process, concurrent
+//!   requests share one refresh (single flight). Across processes, a lease
+//!   beside the grant record lets one instance refresh while the others wait
+//!   for its "token refreshed" notice (or the lease deadline) and re-read.
+
+pub(crate) mod cache;
+pub mod decide;
+mod error;
+mod handles;
+mod login;
+mod maintenance;
+mod metrics;
+mod token;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures_channel::oneshot;
+use futures_util::StreamExt;
+use secrecy::SecretString;
+
+pub use self::decide::{BreakerPolicy, BreakerState, CircuitBreaker, TokenDecision};
+pub use self::error::{EngineError, ErrorCode};
+pub use self::handles::{GrantRevocation, HandleInfo, MintedHandle, ProviderRevocation};
+pub use self::login::{Callback, DevicePoll, DeviceStart, HandoffFetch, HandoffState, LoginComplete, LoginStart};
+pub use self::maintenance::{GcCandidate, GcReport, ResealReport, Stats};
+pub use self::metrics::{MetricsSnapshot, RefreshOutcome};
+
+use self::cache::TokenCache;
+use self::metrics::Metrics;
+use self::token::{Flight, PendingWrite};
+use crate::catalogue::Catalogue;
+use crate::keys::{MasterKeyring, SymmetricKey};
+use crate::random::Random;
+use crate::records::{GrantId, HandoffId};
+use crate::runtime::Runtime;
+use crate::store::{Notice, Store, StoreError};
+use crate::time::Timestamp;
+
+/// Tunables of the engine. The defaults are what a production broker uses.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// This instance's name in leases; empty means "generate one".
+    pub instance_id: String,
+    /// The broker's public base URL (redirect URI = this + `/logged-in`).
+    pub public_url: String,
+    /// Validity an access token must have left to be served, unless the client asks for more.
+    pub min_validity: Duration,
+    /// How long a refresh lease is held at most.
+    pub lease_ttl: Duration,
+    /// How often a lease waiter re-reads even without a notice.
+    pub lease_poll: Duration,
+    /// How long a login transaction (the `state`) is accepted.
+    pub login_ttl: Duration,
+    /// How long a hand-off waits for its login and its fetch.
+    pub handoff_ttl: Duration,
+    /// How long device codes live.
+    pub device_ttl: Duration,
+    /// The polling interval device clients are told.
+    pub device_interval: Duration,
+    /// Cached tokens at most.
+    pub cache_capacity: usize,
+    /// Cached tokens are re-validated against the store after this long.
+    pub cache_ttl: Duration,
+    /// Retries of a transient provider failure within one refresh.
+    pub provider_retries: u32,
+    /// First retry delay (doubles each time, with jitter).
+    pub provider_retry_base: Duration,
+    /// A provider's `Retry-After` longer than this is not waited out inside a request.
+    pub max_retry_wait: Duration,
+    /// `Retry-After` given when a provider fails without saying.
+    pub provider_retry_after: Duration,
+    /// Per-provider circuit breaker.
+    pub breaker: BreakerPolicy,
+    /// Immediate attempts to store a refreshed grant before keeping it pending.
+    pub persist_attempts: u32,
+    /// How often a pending write is retried in the background.
+    pub pending_retry: Duration,
+    /// A handle's last-used time is written at most this often.
+    pub touch_interval: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            instance_id: String::new(),
+            public_url: "http://127.0.0.1:8080".into(),
+            min_validity: Duration::from_secs(300),
+            lease_ttl: Duration::from_secs(30),
+            lease_poll: Duration::from_secs(1),
+            login_ttl: Duration::from_secs(600),
+            handoff_ttl: Duration::from_secs(900),
+            device_ttl: Duration::from_secs(900),
+            device_interval: Duration::from_secs(5),
+            cache_capacity: 100_000,
+            cache_ttl: Duration::from_secs(600),
+            provider_retries: 2,
+            provider_retry_base: Duration::from_millis(250),
+            max_retry_wait: Duration::from_secs(5),
+            provider_retry_after: Duration::from_secs(30),
+            breaker: BreakerPolicy::default(),
+            persist_attempts: 3,
+            pending_retry: Duration::from_secs(1),
+            touch_interval: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// What a broker is built from.
+pub struct BrokerParts {
+    /// Where records live.
+    pub store: Arc<dyn Store>,
+    /// Services and providers.
+    pub catalogue: Catalogue,
+    /// Master keys (the first is current).
+    pub keyring: MasterKeyring,
+    /// Clock, timers, spawning.
+    pub runtime: Arc<dyn Runtime>,
+    /// Randomness.
+    pub rng: Arc<dyn Random>,
+    /// Tunables.
+    pub config: EngineConfig,
+}
+
+/// An access token as handed to a client.
+#[derive(Clone)]
+pub struct TokenGrant {
+    /// The access token.
+    pub access_token: SecretString,
+    /// When it expires (`None`: never).
+    pub expires_at: Option<Timestamp>,
+    /// The service id.
+    pub service: String,
+    /// Granted scopes.
+    pub scopes: Vec<String>,
+    /// Token type the provider reported.
+    pub token_type: Option<String>,
+    /// By when the grant must be used again before the provider's idle expiry.
+    pub refresh_deadline: Option<Timestamp>,
+}
+
+impl fmt::Debug for TokenGrant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenGrant")
+            .field("access_token", &"<redacted>")
+            .field("expires_at", &self.expires_at)
+            .field("service", &self.service)
+            .field("scopes", &self.scopes)
+            .field("refresh_deadline", &self.refresh_deadline)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The engine. Cheap to clone; clones share everything.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    store: Arc<dyn Store>,
+    catalogue: Catalogue,
+    keyring: MasterKeyring,
+    rt: Arc<dyn Runtime>,
+    rng: Arc<dyn Random>,
+    config: EngineConfig,
+    cache: TokenCache,
+    flights: Mutex<HashMap<GrantId, Flight>>,
+    breakers: Mutex<HashMap<String, CircuitBreaker>>,
+    pending: Mutex<HashMap<GrantId, PendingWrite>>,
+    waiters: Mutex<HashMap<GrantId, Vec<oneshot::Sender<()>>>>,
+    device_polls: Mutex<HashMap<HandoffId, Timestamp>>,
+    metrics: Metrics,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section here is a few map operations; a panic in one
+    // cannot leave a half-updated entry, so poisoning is safe to ignore.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Broker {
+    /// Builds a broker. Call [`Broker::start`] to follow the store's notices.
+    pub fn new(parts: BrokerParts) -> Self {
+        let BrokerParts { store, catalogue, keyring, runtime, rng, mut config } = parts;
+        if config.instance_id.is_empty() {
+            config.instance_id = format!("instance-{}", crate::records::GrantId::generate(rng.as_ref()));
+        }
+        let cache = TokenCache::new(SymmetricKey::generate(rng.as_ref()), config.cache_capacity, config.cache_ttl);
+        Broker {
+            inner: Arc::new(Inner {
+                store,
+                catalogue,
+                keyring,
+                rt: runtime,
+                rng,
+                config,
+                cache,
+                flights: Mutex::default(),
+                breakers: Mutex::default(),
+                pending: Mutex::default(),
+                waiters: Mutex::default(),
+                device_polls: Mutex::default(),
+                metrics: Metrics::default(),
+            }),
+        }
+    }
+
+    /// Subscribes to the store's notices: "grant changed" purges this
+    /// instance's cache, "token refreshed" wakes requests waiting on another
+    /// instance's lease.
+    pub async fn start(&self) -> Result<(), StoreError> {
+        let mut notices = self.inner.store.subscribe().await?;
+        let weak = Arc::downgrade(&self.inner);
+        self.inner.rt.spawn(Box::pin(async move {
+            while let Some(notice) = notices.next().await {
+                let Some(inner) = weak.upgrade() else { break };
+                match notice {
+                    Notice::GrantChanged(grant) => {
+                        inner.cache.purge_grant(&grant);
+                        inner.wake(&grant);
+                    }
+                    Notice::TokenRefreshed(grant) => inner.wake(&grant),
+                }
+            }
+        }));
+        Ok(())
+    }
+
+    /// The services and providers.
+    pub fn catalogue(&self) -> &Catalogue {
+        &self.inner.catalogue
+    }
+
+    /// This instance's id in leases.
+    pub fn instance_id(&self) -> &str {
+        &self.inner.config.instance_id
+    }
+
+    /// The counters.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        let pending = lock(&self.inner.pending).len();
+        self.inner.metrics.snapshot(pending, self.inner.cache.len())
+    }
+
+    /// The state of a provider's circuit breaker.
+    pub fn breaker_state(&self, provider: &str) -> BreakerState {
+        lock(&self.inner.breakers)
+            .get(provider)
+            .map(CircuitBreaker::state)
+            .unwrap_or(BreakerState::Closed { failures: 0 })
+    }
+
+    /// The exact redirect URI registered with providers.
+    pub fn redirect_uri(&self) -> String {
+        self.inner.redirect_uri()
+    }
+}
+
+impl Inner {
+    fn redirect_uri(&self) -> String {
+        format!("{}/logged-in", self.config.public_url.trim_end_matches('/'))
+    }
+
+    fn now(&self) -> Timestamp {
+        self.rt.now()
+    }
+
+    /// A receiver woken when the grant's token changes (here or, through a
+    /// notice, on another instance).
+    fn waiter(&self, grant: &GrantId) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        let mut waiters = lock(&self.waiters);
+        let list = waiters.entry(*grant).or_default();
+        list.retain(|s| !s.is_canceled());
+        list.push(tx);
+        rx
+    }
+
+    fn wake(&self, grant: &GrantId) {
+        for tx in lock(&self.waiters).remove(grant).unwrap_or_default() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Purges this instance's cache for a grant and tells the others.
+    async fn grant_changed(&self, grant: &GrantId) {
+        self.cache.purge_grant(grant);
+        self.wake(grant);
+        // Other instances purge when the notice arrives; our own cache is
+        // already clean, so a failed publish only delays theirs (bounded by
+        // the cache TTL).
+        let _ = self.store.publish(Notice::GrantChanged(*grant)).await;
+    }
+}

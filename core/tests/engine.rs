@@ -1,0 +1,654 @@
+// The refresh engine's required behaviour (issue #3, a–k), on MemoryStore,
+// a scripted provider and a manual clock.
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use latchkey_core::engine::{
+    BreakerState, Callback, DevicePoll, EngineError, GrantRevocation, HandoffFetch, HandoffState, ProviderRevocation,
+};
+use latchkey_core::records::LoginTransaction;
+use latchkey_core::testing::{Behaviour, ScriptedProvider};
+use latchkey_core::{
+    Clock, GrantState, LoginId, MasterKey, MasterKeyId, MasterKeyring, OsRandom, Record, Store, StoreExt,
+};
+use secrecy::ExposeSecret;
+
+use crate::engine_world::{ISSUER, OTHER_SERVICE, SERVICE, World, until};
+
+fn access(token: &latchkey_core::TokenGrant) -> String {
+    token.access_token.expose_secret().to_owned()
+}
+
+// a. In-process single flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_requests_share_one_refresh() {
+    let world = World::new(ScriptedProvider::new());
+    let broker = world.broker("a", |_| {}).await;
+    let login = world.login(&broker).await;
+    world.expire_tokens();
+    world.provider.hold();
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let (broker, authid) = (broker.clone(), login.authid.clone());
+            tokio::spawn(async move { broker.token(&authid, None).await })
+        })
+        .collect();
+    until("199 requests joined the one refresh", || broker.metrics().single_flight_joins == 199).await;
+    assert_eq!(world.provider.in_flight(), 1);
+    world.provider.release();
+    let results = join_all(tasks).await;
+    let tokens: Vec<String> = results.into_iter().map(|r| access(&r.unwrap().unwrap())).collect();
+    assert_eq!(world.provider.refresh_calls(), 1, "exactly one provider refresh");
+    assert!(tokens.iter().all(|t| *t == tokens[0]), "everyone got the same fresh token");
+    assert_ne!(tokens[0], "at-1", "and it is not the expired one");
+}
+
+// b. Two instances: the second waits on the lease and adopts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_waits_on_the_lease_and_adopts_the_stored_token() {
+    let world = World::new(ScriptedProvider::new().rotating(true).strict_reuse(true));
+    let a = world.broker("instance-a", |_| {}).await;
+    let b = world.broker("instance-b", |_| {}).await;
+    let login = world.login(&a).await;
+    world.expire_tokens();
+    world.provider.hold();
+    let first = tokio::spawn({
+        let (a, id) = (a.clone(), login.authid.clone());
+        async move { a.token(&id, None).await }
+    });
+    until("a is refreshing", || world.provider.in_flight() == 1).await;
+    let second = tokio::spawn({
+        let (b, id) = (b.clone(), login.authid.clone());
+        async move { b.token(&id, None).await }
+    });
+    until("b waits on a's lease", || b.metrics().lease_waits >= 1).await;
+    world.provider.release();
+    let (first, second) = (first.await.unwrap().unwrap(), second.await.unwrap().unwrap());
+    assert_eq!(access(&first), access(&second));
+    assert_eq!(world.provider.refresh_calls(), 1, "one provider refresh for both instances");
+    assert_eq!(world.provider.reuse_detected(), 0);
+    assert!(b.metrics().adopted_tokens >= 1, "b adopted a's stored token");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_lease_holder_loses_the_lease_at_its_deadline() {
+    let world = World::new(ScriptedProvider::new());
+    let b = world.broker("instance-b", |c| c.lease_poll = Duration::from_secs(60)).await;
+    let login = world.login(&b).await;
+    world.expire_tokens();
+    let now = world.clock.now();
+    // An instance took the lease and died.
+    world.store.acquire_lease(&login.grant_id, "dead", now.saturating_add(Duration::from_secs(30)), now).await.unwrap();
+    let waiting = tokio::spawn({
+        let (b, id) = (b.clone(), login.authid.clone());
+        async move { b.token(&id, None).await }
+    });
+    until("b waits on the dead lease", || b.metrics().lease_waits >= 1 && world.clock.sleepers() >= 1).await;
+    assert_eq!(world.provider.refresh_calls(), 0, "nobody refreshes while the lease is held");
+    world.clock.advance(Duration::from_secs(30));
+    let token = waiting.await.unwrap().unwrap();
+    assert_eq!(world.provider.refresh_calls(), 1, "b took over at the deadline");
+    assert_ne!(access(&token), "at-1");
+}
+
+// c. Persist before answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_refresh_token_is_stored_before_the_access_token_is_returned() {
+    let world = World::new(ScriptedProvider::new().rotating(true).strict_reuse(true));
+    let broker = world.broker("a", |_| {}).await;
+    let login = world.login(&broker).await;
+    let before = world.stored_refresh_token(&login.authid).await;
+    world.expire_tokens();
+    world.log.lock().unwrap().clear();
+    let token = broker.token(&login.authid, None).await.unwrap();
+    world.log.lock().unwrap().push("caller.received".into());
+    let events = world.events();
+    let at = |e: &str| events.iter().position(|x| x == e).unwrap_or_else(|| panic!("{e} missing from {events:?}"));
+    assert!(at("provider.answer") < at("store.cas grant"), "{events:?}");
+    assert!(at("store.cas grant") < at("caller.received"), "{events:?}");
+    let after = world.stored_refresh_token(&login.authid).await;
+    assert_ne!(before, after, "the rotated token is stored");
+    assert!(world.provider.is_live(&after) && !world.provider.is_live(&before));
+    assert_eq!(world.payload(&login.authid).await.access_token.unwrap().expose_secret(), access(&token));
+}
+
+// d. A failed write after a rotation: retried, kept pending, visible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_after_rotation_is_kept_pending_until_stored() {
+    let world = World::new(ScriptedProvider::new().rotating(true).strict_reuse(true));
+    let broker = world.broker("a", |c| c.persist_attempts = 3).await;
+    let login = world.login(&broker).await;
+    world.expire_tokens();
+    // Three immediate attempts fail, and so do the next request's three.
+    world.store.fail_next_grant_writes(6);
+    let err = broker.token(&login.authid, None).await.unwrap_err();
+    assert!(matches!(err, EngineError::StoreUnavailable { .. }), "{err:?}");
+    let metrics = broker.metrics();
+    assert_eq!((metrics.pending_writes, world.provider.refresh_calls()), (1, 1));
+    assert!(metrics.persist_failures >= 3, "the failure is visible: {metrics:?}");
+    let err = broker.token(&login.authid, None).await.unwrap_err();
+    assert!(matches!(err, EngineError::StoreUnavailable { .. }), "{err:?}");
+    assert_eq!(world.provider.refresh_calls(), 1, "no second refresh with the rotated-away token");
+    // The store is back: the pending payload is written and its token served.
+    let token = broker.token(&login.authid, None).await.unwrap();
+    assert_eq!(world.provider.refresh_calls(), 1);
+    assert_eq!(broker.metrics().pending_writes, 0);
+    let stored = world.stored_refresh_token(&login.authid).await;
+    assert!(world.provider.is_live(&stored), "the live refresh token reached the store");
+    assert_eq!(world.payload(&login.authid).await.access_token.unwrap().expose_secret(), access(&token));
+    world.expire_tokens();
+    broker.token(&login.authid, None).await.unwrap();
+    assert_eq!(world.provider.reuse_detected(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_write_is_flushed_in_the_background() {
+    let world = World::new(ScriptedProvider::new().rotating(true).strict_reuse(true));
+    let broker = world.broker("a", |c| c.persist_attempts = 2).await;
+    let login = world.login(&broker).await;
+    world.expire_tokens();
+    world.store.fail_next_grant_writes(2);
+    assert!(broker.token(&login.authid, None).await.is_err());
+    assert_eq!(broker.metrics().pending_writes, 1);
+    until("the flusher sleeps", || world.clock.sleepers() >= 1).await;
+    world.clock.advance(Duration::from_secs(1));
+    until("the flusher stored the pending write", || broker.metrics().pending_writes == 0).await;
+    assert!(world.provider.is_live(&world.stored_refresh_token(&login.authid).await));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_without_rotation_still_answers() {
+    let world = World::new(ScriptedProvider::new());
+    let broker = world.broker("a", |c| c.persist_attempts = 2).await;
+    let login = world.login(&broker).await;
+    world.expire_tokens();
+    world.store.fail_next_grant_writes(2);
+    let token = broker.token(&login.authid, None).await.unwrap();
+    assert_eq!(broker.metrics().pending_writes, 0, "nothing that could be lost");
+    assert_ne!(access(&token), "at-1");
+}
+
+// e. invalid_grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_grant_after_another_instance_rotated_adopts_the_newer_token() {
+    let world = World::new(ScriptedProvider::new().rotating(true));
+    let broker = world.broker("a", |_| {}).await;
+    let login = world.login(&broker).await;
+    world.expire_tokens();
+    world.provider.hold();
+    world.provider.script([Behaviour::InvalidGrant]);
+    let pending = tokio::spawn({
+        let (b, id) = (broker.clone(), login.authid.clone());
+        async move { b.token(&id, None).await }
+    });
+    until("a is refreshing", || world.provider.in_flight() == 1).await;
+    // Meanwhile "another instance" stores a newer token (its lease lapsed ours).
+    let handle: latchkey_core::Handle = world.memory.load(login.authid.keyid().as_bytes()).await.unwrap().unwrap();
+    let key = handle.unwrap_data_key(login.authid.secret(), &world.ring).unwrap();
+    let mut grant = world.grant(&login.grant_id).await;
+    let mut payload = grant.open_payload(&key).unwrap();
+    payload.refresh_token = Some(world.provider.issue_refresh_token().into());
+    payload.access_token = Some("at-from-elsewhere".to_owned().into());
+    payload.access_expires_at = Some(world.clock.now().saturating_add(Duration::from_secs(3600)));
+    payload.refreshed_at = world.clock.now();
+    grant.seal_payload(&payload, &key, world.clock.now(), &OsRandom);
+    world.memory.update(&mut grant).await.unwrap();
+    world.provider.release();
+    let token = pending.await.unwrap().unwrap();
+    assert_eq!(access(&token), "at-from-elsewhere", "adopted, not reauth");
+    assert_eq!(world.grant(&login.grant_id).await.state, GrantState::Active);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_grant_on_the_current_token_marks_reauth_and_stops_calling_the_provider() {
+    let world = World::new(ScriptedProvider::new());
+    let broker = world.broker("a", |_| {}).await;
+    let login = world.login(&broker).await;
+    world.expire_tokens();
+    world.provider.script([Behaviour::InvalidGrant]);
+    let err = broker.token(&login.authid, None).await.unwrap_err();
+    assert_eq!(err, EngineError::ReauthRequired { service: SERVICE.into() });
+    assert_eq!(world.grant(&login.grant_id).await.state, GrantState::ReauthRequired, "kept, not deleted");
+    for _ in 0..3 {
+        let err = broker.token(&login.authid, None).await.unwrap_err();
+        assert_eq!(err.code().as_str(), "reauth_required");
+    }
+    assert_eq!(world.provider.refresh_calls(), 1, "later calls never reach the provider");
+}
+
+// f. Transient failures, retries, and the circuit breaker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_failure_serves_a_still_valid_stored_token() {
+    let world = World::new(ScriptedProvider::new());
+    let broker = world.broker("a", |_| {}).await;
+    let login = world.login(&broker).await;
+    world.clock.advance(Duration::from_secs(3400)); // 200 s left: below the 300 s wanted
+    world.provider.script([Behaviour::Transient]);
+    let token = broker.token(&login.authid, None).await.unwrap();
+    assert_eq!(access(&token), "at-2", "the stored token, still valid");
+    assert_eq!(broker.metrics().stale_served, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_failure_without_a_valid_token_answers_provider_unavailable() {
+    let world = World::new(ScriptedProvider::new());
+    let broker = world.broker("a", |_| {}).await;
+    let login = world.login(&broker).await;
+    world.expire_tokens();
+    world.provider.script([Behaviour::Transient, Behaviour::RateLimited(Some(Duration::from_secs(120)))]);
+    let err = broker.token(&login.authid, None).await.unwrap_err();
+    assert_eq!(err, EngineError::ProviderUnavailable { retry_after: Duration::from_secs(30) });
+    let err = broker.token(&login.authid, None).await.unwrap_err();
+    assert_eq!(err.retry_after(), Some(Duration::from_secs(120)), "the provider's Retry-After is passed on");
+    assert_eq!(err.code().as_str(), "provider_unavailable");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_failures_are_retried_with_backoff_within_a_request() {
+    let world = World::new(ScriptedProvider::new());
+    let broker = world.broker("a", |c| c.provider_retries = 2).await;
+    let login = world.login(&broker).await;
+    world.expire_tokens();
+    world.provider.script([Behaviour::Transient, Behaviour::Transient]);
+    let task = tokio::spawn({
+        let (b, id) = (broker.clone(), login.authid.clone());
+        async move { b.token(&id, None).await }
+    });
+    for round in 1..=2 {
+        until("the retry waits on the clock", || {
+            world.clock.sleepers() >= 1 && world.provider.refresh_calls() == round
+        })
+        .await;
+        world.clock.advance(Duration::from_secs(1));
+    }
+    assert!(task.await.unwrap().is_ok());
+    assert_eq!(world.provider.refresh_calls(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_circuit_breaker_opens_after_repeated_failures_and_half_opens_after_cool_down() {
+    let world = World::new(ScriptedProvider::new());
+    let broker = world
+        .broker("a", |c| {
+            c.breaker.failure_threshold = 3;
+            c.breaker.cool_down = Duration::from_secs(30);
+        })
+        .await;
+    let login = world.login(&broker).await;
+    world.expire_tokens();
+    world.provider.set_default(Behaviour::Transient);
+    for _ in 0..3 {
+        assert!(broker.token(&login.authid, None).await.is_err());
+    }
+    assert_eq!(world.provider.refresh_calls(), 3);
+    assert!(matches!(broker.breaker_state("scripted"), BreakerState::Open { .. }));
+    let err = broker.token(&login.authid, None).await.unwrap_err();
+    assert_eq!(world.provider.refresh_calls(), 3, "an open breaker does not call the provider");
+    assert_eq!(err.code().as_str(), "provider_unavailable");
+    assert_eq!(err.retry_after(), Some(Duration::from_secs(30)));
+    world.clock.advance(Duration::from_secs(30));
+    assert!(broker.token(&login.authid, None).await.is_err(), "the probe fails");
+    assert_eq!(world.provider.refresh_calls(), 4, "one probe after the cool-down");
+    assert!(matches!(broker.breaker_state("scripted"), BreakerState::Open { .. }));
+    world.provider.set_default(Behaviour::Succeed);
+    world.clock.advance(Duration::from_secs(30));
+    assert!(broker.token(&login.authid, None).await.is_ok());
+    assert_eq!(broker.breaker_state("scripted"), BreakerState::Closed { failures: 0 });
+}
+
+// g. Revocation purges the cache, here and on other instances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_handle_or_the_grant_purges_the_cache() {
+    let world = World::new(ScriptedProvider::new());
+    let a = world.broker("a", |_| {}).await;
+    let b = world.broker("b", |_| {}).await;
+    let login = world.login(&a).await;
+    let second = a.mint_handle(&login.authid, "nas").await.unwrap().authid;
+    for broker in [&a, &b] {
+        broker.token(&login.authid, None).await.unwrap();
+        broker.token(&login.authid, None).await.unwrap();
+        assert_eq!(broker.metrics().cache_hits, 1, "the second call was a cache hit");
+    }
+    a.revoke_handle(&login.authid, login.authid.keyid()).await.unwrap();
+    assert_eq!(a.token(&login.authid, None).await.unwrap_err(), EngineError::AuthIdRevoked);
+    until("b's cache was purged by the notice", || b.metrics().cached_tokens == 0).await;
+    assert_eq!(b.token(&login.authid, None).await.unwrap_err(), EngineError::AuthIdRevoked);
+    a.token(&second, None).await.unwrap();
+    a.token(&second, None).await.unwrap();
+    a.revoke_grant(&second).await.unwrap();
+    assert_eq!(a.token(&second, None).await.unwrap_err(), EngineError::AuthIdRevoked);
+}
+
+// h. min_validity and the refresh deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_validity_is_respected_and_the_refresh_deadline_follows_the_idle_lifetime() {
+    let world = World::new(ScriptedProvider::new());
+    let broker = world.broker("a", |_| {}).await;
+    let login = world.login(&broker).await;
+    let logged_in_at = world.clock.now();
+    let first = broker.token(&login.authid, None).await.unwrap();
+    assert_eq!(first.refresh_deadline, Some(logged_in_at.saturating_add(crate::engine_world::IDLE)));
+    world.clock.advance(Duration::from_secs(3000)); // 600 s left
+    let same = broker.token(&login.authid, Some(Duration::from_secs(300))).await.unwrap();
+    assert_eq!(access(&same), access(&first));
+    assert_eq!(world.provider.refresh_calls(), 0);
+    let refreshed_at = world.clock.now();
+    let longer = broker.token(&login.authid, Some(Duration::from_secs(900))).await.unwrap();
+    assert_ne!(access(&longer), access(&first), "900 s wanted, 600 s left: refreshed");
+    assert_eq!(world.provider.refresh_calls(), 1);
+    assert_eq!(longer.refresh_deadline, Some(refreshed_at.saturating_add(crate::engine_world::IDLE)));
+    assert_eq!(longer.expires_at, Some(refreshed_at.saturating_add(Duration::from_secs(3600))));
+    // A client asking for more than half the lifetime still gets a fresh token, once.
+    let greedy = broker.token(&login.authid, Some(Duration::from_secs(7200))).await.unwrap();
+    assert_eq!(access(&greedy), access(&longer));
+    assert_eq!(world.provider.refresh_calls(), 1);
+}
+
+// i. Login transactions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_states_are_single_use_and_expire() {
+    let world = World::new(ScriptedProvider::new());
+    let broker = world.broker("a", |_| {}).await;
+    let start = broker.begin_login(SERVICE, None).await.unwrap();
+    let state = start.state.expose_secret().to_owned();
+    assert!(start.authorization_url.contains(&format!("state={state}")));
+    assert!(start.authorization_url.contains("code_challenge_method=S256"));
+    let code = world.provider.approve(&state).unwrap();
+    let callback = Callback { state: &state, code: Some(&code), iss: Some(ISSUER), ..Callback::default() };
+    let done = broker.complete_login(&callback).await.unwrap();
+    assert!(broker.token(&done.authid, None).await.is_ok());
+    let replay = broker.complete_login(&callback).await.unwrap_err();
+    assert!(matches!(replay, EngineError::BadRequest(ref m) if m.contains("already")), "{replay:?}");
+
+    let start = broker.begin_login(SERVICE, None).await.unwrap();
+    let state = start.state.expose_secret().to_owned();
+    let code = world.provider.approve(&state).unwrap();
+    world.clock.advance(Duration::from_secs(601));
+    let late =
+        broker.complete_login(&Callback { state: &state, code: Some(&code), ..Callback::default() }).await.unwrap_err();
+    assert!(matches!(late, EngineError::BadRequest(ref m) if m.contains("expired")), "{late:?}");
+    assert_eq!(world.memory.count(LoginTransaction::KIND), 0, "used and expired states are gone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_for_another_service_a_wrong_issuer_or_a_refusal_is_a_typed_error() {
+    let world = World::new(ScriptedProvider::new());
+    let broker = world.broker("a", |_| {}).await;
+    let attempt = |service: Option<&'static str>, iss: Option<&'static str>, error: Option<&'static str>| {
+        let (broker, world) = (broker.clone(), &world);
+        async move {
+            let start = broker.begin_login(SERVICE, None).await.unwrap();
+            let state = start.state.expose_secret().to_owned();
+            let code = world.provider.approve(&state).unwrap();
+            let code = error.is_none().then_some(code.as_str());
+            broker.complete_login(&Callback { state: &state, code, iss, service, error, ..Callback::default() }).await
+        }
+    };
+    let cases = [
+        (Some(OTHER_SERVICE), Some(ISSUER), None, "another service"),
+        (None, Some("https://mix-up.example"), None, "unexpected issuer"),
+        (None, None, Some("access_denied"), "did not grant access (access_denied)"),
+        (None, None, Some("<script>alert(1)</script>"), "(scriptalert1script)"),
+    ];
+    for (service, iss, error, want) in cases {
+        match attempt(service, iss, error).await {
+            Err(EngineError::BadRequest(message)) => assert!(message.contains(want), "{message}"),
+            other => panic!("expected a bad request containing {want:?}, got {other:?}"),
+        }
+    }
+    assert!(attempt(Some(SERVICE), Some(ISSUER), None).await.is_ok());
+    assert!(attempt(None, None, None).await.is_ok(), "no iss sent: accepted");
+    let unknown = broker.begin_login("nope", None).await.unwrap_err();
+    assert_eq!(unknown.code().as_str(), "bad_request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pkce_verifier_is_stored_only_sealed() {
+    let world = World::new(ScriptedProvider::new());
+    let broker = world.broker("a", |_| {}).await;
+    let start = broker.begin_login(SERVICE, None).await.unwrap();
+    let id = LoginId::for_state(start.state.expose_secret());
+    let raw = world.memory.get(LoginTransaction::KIND, id.as_bytes()).await.unwrap().unwrap();
+    let tx: LoginTransaction = world.memory.load(id.as_bytes()).await.unwrap().unwrap();
+    let blob = tx.pkce_verifier.clone().expect("a verifier is kept");
+    assert_eq!(blob.master_key_id().unwrap().unwrap().as_str(), "k1", "sealed under the master key");
+    let verifier = tx.open_verifier(&world.ring).unwrap().unwrap();
+    let verifier = verifier.expose_secret().as_bytes();
+    assert!(!raw.body.windows(verifier.len()).any(|w| w == verifier), "never stored in the clear");
+    let state = start.state.expose_secret().as_bytes();
+    assert!(!raw.body.windows(state.len()).any(|w| w == state), "nor is the state");
+}
+
+// j. Hand-offs and the device flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handoff_releases_its_authid_once_and_only_to_the_token_holder() {
+    let world = World::new(ScriptedProvider::new());
+    let broker = world.broker("a", |_| {}).await;
+    let token = "duplicati-handoff-token-0123456789";
+    broker.start_handoff(token).await.unwrap();
+    assert_eq!(broker.handoff_state(token).await.unwrap(), HandoffState::Pending);
+    assert_eq!(broker.fetch_handoff(token).await.unwrap(), HandoffFetch::Pending);
+    let start = broker.begin_login(SERVICE, Some(token)).await.unwrap();
+    let state = start.state.expose_secret().to_owned();
+    let code = world.provider.approve(&state).unwrap();
+    let done =
+        broker.complete_login(&Callback { state: &state, code: Some(&code), ..Callback::default() }).await.unwrap();
+    assert!(done.handed_off);
+    assert_eq!(broker.handoff_state(token).await.unwrap(), HandoffState::Ready);
+    let stored = world
+        .memory
+        .get(latchkey_core::Handoff::KIND, latchkey_core::HandoffId::for_token(token).as_bytes())
+        .await
+        .unwrap()
+        .unwrap();
+    let text = done.authid.expose_text();
+    assert!(!stored.body.windows(text.len()).any(|w| w == text.as_bytes()), "sealed at rest");
+    assert_eq!(broker.fetch_handoff("someone-else-token").await.unwrap(), HandoffFetch::Gone);
+    assert_eq!(broker.fetch_handoff(token).await.unwrap(), HandoffFetch::Ready(done.authid.clone()));
+    assert_eq!(broker.fetch_handoff(token).await.unwrap(), HandoffFetch::Gone, "once");
+    assert_eq!(broker.handoff_state(token).await.unwrap(), HandoffState::Delivered);
+    assert!(broker.begin_login(SERVICE, Some(token)).await.is_err(), "a used token cannot start another login");
+
+    broker.start_handoff("expiring-token").await.unwrap();
+    world.clock.advance(Duration::from_secs(901));
+    assert_eq!(broker.fetch_handoff("expiring-token").await.unwrap(), HandoffFetch::Gone);
+    assert_eq!(broker.handoff_state("expiring-token").await.unwrap(), HandoffState::Unknown);
+    assert_eq!(broker.fetch_handoff("").await.unwrap_err().code().as_str(), "bad_request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_device_flow_delivers_the_authid_once() {
+    let world = World::new(ScriptedProvider::new());
+    let broker = world.broker("a", |c| c.public_url = "https://broker.example/".into()).await;
+    let device = broker.begin_device(SERVICE).await.unwrap();
+    let code = device.device_code.expose_secret().to_owned();
+    let letters = "BCDFGHJKLMNPQRSTVWXZ";
+    let user = device.user_code.clone();
+    assert_eq!(user.len(), 9);
+    assert!(user.chars().enumerate().all(|(i, c)| if i == 4 { c == '-' } else { letters.contains(c) }), "{user}");
+    assert_eq!(device.verification_uri, "https://broker.example/device");
+    assert_eq!(device.interval, Duration::from_secs(5));
+    assert_eq!(broker.poll_device(&code).await.unwrap(), DevicePoll::Pending);
+    assert_eq!(broker.poll_device(&code).await.unwrap(), DevicePoll::SlowDown);
+    // The user types the code, in any case and spacing, and logs in.
+    let typed = format!(" {} ", user.to_lowercase().replace('-', " "));
+    let start = broker.begin_device_login(&typed).await.unwrap();
+    let state = start.state.expose_secret().to_owned();
+    let provider_code = world.provider.approve(&state).unwrap();
+    let done = broker
+        .complete_login(&Callback { state: &state, code: Some(&provider_code), ..Callback::default() })
+        .await
+        .unwrap();
+    assert!(done.handed_off);
+    world.clock.advance(Duration::from_secs(5));
+    assert_eq!(broker.poll_device(&code).await.unwrap(), DevicePoll::Ready(done.authid.clone()));
+    world.clock.advance(Duration::from_secs(5));
+    assert_eq!(broker.poll_device(&code).await.unwrap(), DevicePoll::Expired, "delivered once");
+    assert!(broker.begin_device_login(&user).await.is_err(), "a used code starts nothing");
+    assert_eq!(broker.poll_device("no-such-device-code").await.unwrap(), DevicePoll::Invalid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_or_expired_device_login_is_reported() {
+    let world = World::new(ScriptedProvider::new());
+    let broker = world.broker("a", |_| {}).await;
+    let device = broker.begin_device(SERVICE).await.unwrap();
+    let start = broker.begin_device_login(&device.user_code).await.unwrap();
+    let state = start.state.expose_secret().to_owned();
+    assert!(
+        broker
+            .complete_login(&Callback { state: &state, error: Some("access_denied"), ..Callback::default() })
+            .await
+            .is_err()
+    );
+    assert_eq!(broker.poll_device(device.device_code.expose_secret()).await.unwrap(), DevicePoll::Denied);
+    let late = broker.begin_device(SERVICE).await.unwrap();
+    world.clock.advance(Duration::from_secs(901));
+    assert_eq!(broker.poll_device(late.device_code.expose_secret()).await.unwrap(), DevicePoll::Expired);
+    assert!(broker.begin_device_login(&late.user_code).await.is_err());
+    assert_eq!(broker.begin_device("nope").await.unwrap_err().code().as_str(), "bad_request");
+}
+
+// k. Handles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handles_mint_revoke_rotate_and_the_last_revoke_revokes_the_grant() {
+    let world = World::new(ScriptedProvider::new());
+    let broker = world.broker("a", |_| {}).await;
+    let login = world.login(&broker).await;
+    let refresh_token = world.stored_refresh_token(&login.authid).await;
+    let mut ids = vec![login.authid.clone()];
+    for i in 0..5 {
+        ids.push(broker.mint_handle(&login.authid, &format!("machine-{i}")).await.unwrap().authid);
+    }
+    for id in &ids {
+        broker.token(id, None).await.unwrap();
+    }
+    let listed = broker.list_handles(&ids[3]).await.unwrap();
+    assert_eq!(listed.len(), 6);
+    assert_eq!(listed.iter().filter(|h| h.is_caller).count(), 1);
+    assert!(listed.iter().any(|h| h.label == "machine-4"));
+
+    assert_eq!(broker.revoke_handle(&ids[0], ids[1].keyid()).await.unwrap(), None);
+    assert_eq!(broker.token(&ids[1], None).await.unwrap_err(), EngineError::AuthIdRevoked);
+    for id in [&ids[0], &ids[2], &ids[3], &ids[4], &ids[5]] {
+        broker.token(id, None).await.unwrap();
+    }
+    let rotated = broker.rotate_handle(&ids[2]).await.unwrap();
+    assert_eq!(rotated.label, "machine-1");
+    assert_eq!(broker.token(&ids[2], None).await.unwrap_err(), EngineError::AuthIdRevoked);
+    broker.token(&rotated.authid, None).await.unwrap();
+    assert!(
+        broker.revoke_handle(&ids[0], latchkey_core::KeyId::generate(&OsRandom)).await.is_err(),
+        "only the grant's own handles"
+    );
+
+    let mut live = vec![ids[0].clone(), ids[3].clone(), ids[4].clone(), ids[5].clone(), rotated.authid];
+    let last = live.pop().unwrap();
+    for id in &live {
+        assert_eq!(broker.revoke_handle(id, id.keyid()).await.unwrap(), None);
+    }
+    assert!(world.provider.revoked().is_empty());
+    let outcome = broker.revoke_handle(&last, last.keyid()).await.unwrap();
+    assert_eq!(outcome, Some(GrantRevocation { handles_revoked: 0, provider: ProviderRevocation::Revoked }));
+    assert_eq!(world.provider.revoked(), vec![refresh_token]);
+    assert_eq!(world.grant(&login.grant_id).await.state, GrantState::Revoked);
+    assert_eq!(broker.token(&last, None).await.unwrap_err(), EngineError::AuthIdRevoked);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_grant_reports_each_part() {
+    let world = World::new(ScriptedProvider::new().revocation(false));
+    let broker = world.broker("a", |_| {}).await;
+    let login = world.login(&broker).await;
+    broker.mint_handle(&login.authid, "second").await.unwrap();
+    let report = broker.revoke_grant(&login.authid).await.unwrap();
+    assert_eq!(report, GrantRevocation { handles_revoked: 2, provider: ProviderRevocation::Unsupported });
+    let stored = world.grant(&login.grant_id).await;
+    assert_eq!(stored.state, GrantState::Revoked);
+    assert!(stored.payload.as_bytes().is_empty(), "the refresh token is erased, not kept");
+    assert!(broker.mint_handle(&login.authid, "x").await.is_err());
+}
+
+// Maintenance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_lists_in_a_dry_run_and_removes_unused_grants_otherwise() {
+    let world = World::new(ScriptedProvider::new());
+    let broker = world.broker("a", |c| c.touch_interval = Duration::from_secs(60)).await;
+    let old = world.login(&broker).await;
+    world.clock.advance(Duration::from_secs(200 * 86_400));
+    let recent = world.login(&broker).await;
+    broker.begin_login(SERVICE, None).await.unwrap(); // expires long before the gc
+    world.clock.advance(Duration::from_secs(100 * 86_400));
+    let day = |n: u64| Duration::from_secs(n * 86_400);
+    let dry = broker.gc(day(250), true).await.unwrap();
+    assert_eq!(dry.grants.iter().map(|g| g.grant_id).collect::<Vec<_>>(), vec![old.grant_id]);
+    assert_eq!(dry.expired_logins, 1);
+    assert_eq!(world.memory.count(latchkey_core::RecordKind::Grant), 2, "a dry run deletes nothing");
+    // Using the old grant now makes it recent.
+    assert!(broker.token(&old.authid, None).await.is_ok());
+    let report = broker.gc(day(250), false).await.unwrap();
+    assert!(report.grants.is_empty(), "{report:?}");
+    assert_eq!(report.expired_logins, 1);
+    assert_eq!(world.memory.count(latchkey_core::RecordKind::LoginTransaction), 0);
+    // 200 days on, `recent` has been idle 300 days and `old` 200.
+    world.clock.advance(day(200));
+    let report = broker.gc(day(250), false).await.unwrap();
+    assert_eq!(report.grants.iter().map(|g| g.grant_id).collect::<Vec<_>>(), vec![recent.grant_id]);
+    assert_eq!(broker.token(&recent.authid, None).await.unwrap_err(), EngineError::AuthIdInvalid);
+    assert!(broker.token(&old.authid, None).await.is_ok());
+    assert_eq!(world.memory.count(latchkey_core::RecordKind::Grant), 1);
+    assert_eq!(world.memory.count(latchkey_core::RecordKind::Handle), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_count_by_service_and_state() {
+    let world = World::new(ScriptedProvider::new());
+    let broker = world.broker("a", |_| {}).await;
+    let a = world.login(&broker).await;
+    let b = world.login(&broker).await;
+    broker.mint_handle(&a.authid, "x").await.unwrap();
+    broker.revoke_grant(&b.authid).await.unwrap();
+    let stats = broker.stats().await.unwrap();
+    assert_eq!(stats.grants.get(&(SERVICE.to_owned(), "active")), Some(&1));
+    assert_eq!(stats.grants.get(&(SERVICE.to_owned(), "revoked")), Some(&1));
+    assert_eq!((stats.handles_active, stats.handles_revoked), (2, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn master_key_reseal_lets_the_old_key_go() {
+    let world = World::new(ScriptedProvider::new());
+    let broker = world.broker("a", |_| {}).await;
+    let login = world.login(&broker).await;
+    let pending = broker.begin_login(SERVICE, None).await.unwrap();
+    let new = MasterKey::generate(MasterKeyId::new("k2").unwrap(), &OsRandom);
+    let old = world.ring.current().clone();
+    let rotating = world.broker_with_ring("b", MasterKeyring::new(vec![new.clone(), old]).unwrap(), |_| {}).await;
+    let report = rotating.reseal().await.unwrap();
+    assert_eq!((report.handles_resealed, report.logins_resealed, report.failed), (1, 1, 0));
+    assert_eq!(rotating.reseal().await.unwrap().handles_current, 1, "idempotent");
+    let only_new = world.broker_with_ring("c", MasterKeyring::single(new), |_| {}).await;
+    assert!(only_new.token(&login.authid, None).await.is_ok(), "the AuthID works without the old key");
+    let state = pending.state.expose_secret().to_owned();
+    let code = world.provider.approve(&state).unwrap();
+    assert!(
+        only_new.complete_login(&Callback { state: &state, code: Some(&code), ..Callback::default() }).await.is_ok()
+    );
+}
+
+#[test]
+fn engine_errors_map_to_the_vocabulary() {
+    let cases: [(EngineError, &str, Option<u64>); 6] = [
+        (EngineError::AuthIdInvalid, "authid_invalid", None),
+        (EngineError::AuthIdMalformed(latchkey_core::AuthIdError::Empty), "authid_invalid", None),
+        (EngineError::AuthIdRevoked, "authid_revoked", None),
+        (EngineError::StoreUnavailable { retry_after: Duration::from_secs(5) }, "store_unavailable", Some(5)),
+        (EngineError::ProviderMisconfigured { detail: "x".into() }, "provider_misconfigured", None),
+        (EngineError::BadRequest("x".into()), "bad_request", None),
+    ];
+    for (err, code, retry) in cases {
+        assert_eq!(err.code().as_str(), code);
+        assert_eq!(err.retry_after().map(|d| d.as_secs()), retry);
+        assert!(!err.to_string().contains('\n'));
+    }
+}
