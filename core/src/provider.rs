@@ -244,6 +244,16 @@ pub trait Provider: Send + Sync {
     async fn device_token(&self, _device_code: &SecretString) -> Result<TokenResponse, ProviderError> {
         Err(ProviderError::Unsupported("device authorization"))
     }
+
+    /// Trades a login token the user pasted (Jottacloud's personal login
+    /// token) for tokens.
+    async fn exchange_login_token(
+        &self,
+        _login_token: &SecretString,
+        _scopes: &[String],
+    ) -> Result<TokenResponse, ProviderError> {
+        Err(ProviderError::Unsupported("login tokens"))
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,181 @@
+// The built-in catalogue and configuration validation.
+
+use latchkey_providers::{BuildOptions, CatalogueConfig, CatalogueError, build};
+use std::time::Duration;
+
+fn options() -> BuildOptions {
+    BuildOptions { redirect_uri: "https://broker.example/logged-in".into(), default_timeout: Duration::from_secs(10) }
+}
+
+fn with_credentials(mut config: CatalogueConfig) -> CatalogueConfig {
+    for p in config.providers.values_mut() {
+        p.client_id.get_or_insert_with(|| "client".into());
+        p.client_secrets.get_or_insert_with(|| vec!["secret".into()]);
+    }
+    config
+}
+
+#[test]
+fn every_built_in_entry_parses_and_validates() {
+    let config = CatalogueConfig::built_in().unwrap();
+    let providers: Vec<&str> = config.providers.keys().map(String::as_str).collect();
+    assert_eq!(providers, ["box", "dropbox", "google", "jottacloud", "microsoft", "pcloud"]);
+    let built = build(&with_credentials(config.clone()), &options()).unwrap();
+    assert!(built.withheld.is_empty(), "{:?}", built.withheld);
+    for id in [
+        "onedrivev2",
+        "sharepoint",
+        "msgroup",
+        "googledrive",
+        "googledocs",
+        "gcs",
+        "dropbox",
+        "box.com",
+        "box",
+        "pcloud",
+        "jottacloud",
+    ] {
+        assert!(built.catalogue.service(id).is_some(), "{id} offered");
+    }
+    let listed: Vec<&str> = built.catalogue.listed_services().map(|s| s.id.as_str()).collect();
+    assert!(!listed.contains(&"googledocs") && !listed.contains(&"box"), "hidden services are not listed");
+    let onedrive = built.catalogue.service("onedrivev2").unwrap();
+    assert_eq!(onedrive.scopes, ["offline_access", "Files.ReadWrite"]);
+    let google = built.catalogue.provider_for("googledrive").unwrap();
+    assert_eq!(google.spec.issuer.as_deref(), Some("https://accounts.google.com"));
+    let ms = built.catalogue.provider_for("onedrivev2").unwrap();
+    assert_eq!(ms.spec.refresh_idle_lifetime, Some(Duration::from_secs(90 * 86_400)));
+    let drive = built.catalogue.service("googledrive").unwrap();
+    assert!(drive.auth_params.contains(&("access_type".into(), "offline".into())));
+    assert!(drive.auth_params.contains(&("prompt".into(), "consent".into())));
+}
+
+#[test]
+fn a_service_whose_provider_has_no_credentials_is_not_offered() {
+    let built = build(&CatalogueConfig::built_in().unwrap(), &options()).unwrap();
+    let offered: Vec<&str> = built.catalogue.listed_services().map(|s| s.id.as_str()).collect();
+    assert_eq!(offered, ["jottacloud"], "only the public-client provider needs no credentials");
+    let withheld = built.withheld.iter().find(|w| w.service == "onedrivev2").unwrap();
+    assert!(withheld.reason.contains("client_id"), "{}", withheld.reason);
+}
+
+#[test]
+fn operator_configuration_overrides_fields_and_adds_entries() {
+    let over = CatalogueConfig::parse(
+        r#"
+        [providers.microsoft]
+        client_id = "my-app"
+        client_secrets = ["s1"]
+        token_url = "http://127.0.0.1:9/token"
+
+        [providers.myidp]
+        authorize_url = "https://idp.example.org/auth"
+        token_url = "https://idp.example.org/token"
+        client_id = "x"
+        client_secrets = ["y"]
+        rotates_refresh_tokens = true
+
+        [services.myservice]
+        provider = "myidp"
+        display_name = "My storage"
+        scopes = ["files.readwrite", "offline_access"]
+
+        [services.sharepoint]
+        enabled = false
+        "#,
+    )
+    .unwrap();
+    let merged = CatalogueConfig::built_in().unwrap().with_overrides(&over);
+    let ms = &merged.providers["microsoft"];
+    assert_eq!(ms.token_url.as_deref(), Some("http://127.0.0.1:9/token"), "URLs can be overridden");
+    assert_eq!(ms.authorize_url.as_deref(), Some("https://login.microsoftonline.com/common/oauth2/v2.0/authorize"));
+    let built = build(&merged, &options()).unwrap();
+    assert!(built.catalogue.service("onedrivev2").is_some());
+    assert!(built.catalogue.service("myservice").is_some());
+    assert!(built.catalogue.service("sharepoint").is_none());
+    assert!(built.withheld.iter().any(|w| w.service == "sharepoint" && w.reason.contains("disabled")));
+}
+
+#[test]
+fn invalid_configuration_gets_a_clear_error() {
+    type Check = Box<dyn Fn(&CatalogueError) -> bool>;
+    let cases: Vec<(&str, Check)> = vec![
+        (
+            "[services.x]\nprovider = \"nope\"",
+            Box::new(|e| matches!(e, CatalogueError::UnknownProvider { provider, .. } if provider == "nope")),
+        ),
+        (
+            "[providers.p]\ntoken_url = \"https://a.example/t\"\n[services.x]\nprovider = \"p\"",
+            Box::new(|e| matches!(e, CatalogueError::Missing { field: "authorize_url", .. })),
+        ),
+        (
+            "[providers.p]\nauthorize_url = \"https://a.example/a\"",
+            Box::new(|e| matches!(e, CatalogueError::Missing { field: "token_url", .. })),
+        ),
+        (
+            "[providers.p]\nauthorize_url = \"https://a.example/a\"\ntoken_url = \"http://idp.example.org/token\"",
+            Box::new(
+                |e| matches!(e, CatalogueError::Invalid { field: "token_url", reason, .. } if reason.contains("loopback")),
+            ),
+        ),
+        (
+            "[providers.p]\nauthorize_url = \"ftp://a.example/a\"\ntoken_url = \"https://a.example/t\"",
+            Box::new(|e| matches!(e, CatalogueError::Invalid { field: "authorize_url", .. })),
+        ),
+        (
+            "[providers.p]\nauthorize_url = \"https://a.example/a\"\ntoken_url = \"https://a.example/t\"\nclient_auth = \"jwt\"",
+            Box::new(|e| matches!(e, CatalogueError::Invalid { field: "client_auth", .. })),
+        ),
+        (
+            "[providers.p]\nauthorize_url = \"https://a.example/a\"\ntoken_url = \"https://a.example/t\"\nrevocation = \"rfc7009\"",
+            Box::new(|e| matches!(e, CatalogueError::Missing { field: "revocation_url", .. })),
+        ),
+        ("[services.x]\ndisplay_name = \"x\"", Box::new(|e| matches!(e, CatalogueError::NoProvider(_)))),
+    ];
+    for (text, check) in cases {
+        let config = CatalogueConfig::parse(text).unwrap();
+        let err = match build(&config, &options()) {
+            Err(e) => e,
+            Ok(_) => panic!("{text:?} should not build"),
+        };
+        assert!(check(&err), "{text:?} gave {err:?}");
+        assert!(!err.to_string().is_empty());
+    }
+    for text in ["[providers.p]\ntokn_url = \"x\"", "[providers.p]\n[providers.p]", "[weird]\nx = 1"] {
+        let err = CatalogueConfig::parse(text).unwrap_err();
+        assert!(matches!(err, CatalogueError::Syntax(_)), "{text:?}: {err:?}");
+    }
+    let loopback = CatalogueConfig::parse(
+        "[providers.p]\nauthorize_url = \"http://localhost:1/a\"\ntoken_url = \"http://[::1]:1/t\"\nclient_id = \"c\"\nclient_secrets = [\"s\"]",
+    )
+    .unwrap();
+    assert!(build(&loopback, &options()).is_ok(), "plain http to loopback is fine for tests");
+}
+
+#[test]
+fn secrets_come_from_a_file_and_never_show_in_debug() {
+    let dir = std::env::temp_dir().join(format!("latchkey-secrets-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("secrets");
+    std::fs::write(&file, "# rotated 2026-11\nnew-secret-value\n\nold-secret-value\n").unwrap();
+    let config = CatalogueConfig::parse(&format!(
+        "[providers.p]\nauthorize_url = \"https://a.example/a\"\ntoken_url = \"https://a.example/t\"\nclient_id = \"c\"\nclient_secrets_file = {:?}\n[services.s]\nprovider = \"p\"",
+        file.display().to_string()
+    ))
+    .unwrap();
+    let built = build(&config, &options()).unwrap();
+    assert!(built.catalogue.service("s").is_some());
+    let inline = CatalogueConfig::parse(
+        "[providers.p]\nclient_id = \"c\"\nclient_secrets = [\"inline-secret-value\"]\ntoken_url = \"https://a.example/t\"",
+    )
+    .unwrap();
+    for shown in [format!("{inline:?}"), format!("{:?}", built.catalogue)] {
+        assert!(!shown.contains("secret-value"), "{shown}");
+    }
+    let missing = CatalogueConfig::parse(
+        "[providers.p]\nauthorize_url = \"https://a.example/a\"\ntoken_url = \"https://a.example/t\"\nclient_id = \"c\"\nclient_secrets_file = \"/nonexistent/latchkey\"",
+    )
+    .unwrap();
+    assert!(matches!(build(&missing, &options()), Err(CatalogueError::SecretsFile { .. })));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
