@@ -420,6 +420,23 @@ async fn the_pkce_verifier_is_stored_only_sealed() {
     assert!(!raw.body.windows(state.len()).any(|w| w == state), "nor is the state");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pasted_login_token_logs_in_and_can_hand_off() {
+    let world = World::new(ScriptedProvider::new());
+    let broker = world.broker("a", |_| {}).await;
+    let done = broker.login_with_token(SERVICE, " valid-login-token\n", Some("cli-handoff-token")).await.unwrap();
+    assert!(done.handed_off);
+    assert!(broker.token(&done.authid, None).await.is_ok());
+    assert_eq!(broker.fetch_handoff("cli-handoff-token").await.unwrap(), HandoffFetch::Ready(done.authid.clone()));
+    let refused = broker.login_with_token(SERVICE, "expired-token", None).await.unwrap_err();
+    assert!(matches!(refused, EngineError::BadRequest(ref m) if m.contains("did not accept")), "{refused:?}");
+    assert_eq!(broker.login_with_token(SERVICE, "   ", None).await.unwrap_err().code().as_str(), "bad_request");
+    assert_eq!(
+        broker.login_with_token("nope", "valid-login-token", None).await.unwrap_err().code().as_str(),
+        "bad_request"
+    );
+}
+
 // j. Hand-offs and the device flow.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handoff_releases_its_authid_once_and_only_to_the_token_holder() {

@@ -21,7 +21,12 @@
 //! Built on hyper directly rather than a framework, because dropping a
 //! connection after committing a rotation needs control over the connection
 //! that frameworks do not give.
+//!
+//! For interop tests against a real, certified authorization server, the
+//! [`oidc`] module runs panva's oidc-provider (Node.js, `interop/oidc/`) on
+//! loopback and drives its login, consent and device pages over HTTP.
 
+pub mod oidc;
 mod server;
 mod state;
 

@@ -1,5 +1,7 @@
 //! The fake provider behaves like a real authorization server, and misbehaves on command.
 
+mod oidc;
+
 use std::time::Duration;
 
 use latchkey_testkit::{ClientAuth, FakeConfig, FakeProvider, Fault};

@@ -215,26 +215,38 @@ impl Broker {
             .exchange_code(&exchange)
             .await
             .map_err(|e| from_provider(&e, inner.config.provider_retry_after))?;
-        if response.refresh_token.is_none() && response.expires_in.is_some() {
-            return Err(EngineError::ProviderMisconfigured {
-                detail: "the provider issued an expiring access token but no refresh token".into(),
-            });
+        inner.create_grant(&tx.service, response, tx.handoff).await
+    }
+
+    /// Logs in with a token the user pasted (Jottacloud's personal login
+    /// token, `/cli-token`): the provider trades it for tokens directly.
+    pub async fn login_with_token(
+        &self,
+        service: &str,
+        login_token: &str,
+        handoff_token: Option<&str>,
+    ) -> Result<LoginComplete, EngineError> {
+        let inner = &self.inner;
+        let entry = inner.service_entry(service)?.clone();
+        let scopes = inner.catalogue.service(service).map(|s| s.scopes.clone()).unwrap_or_default();
+        let login_token = login_token.trim();
+        if login_token.is_empty() || login_token.len() > 8192 {
+            return Err(EngineError::bad_request("paste the whole login token"));
         }
-        let scopes = inner.catalogue.service(&tx.service).map(|s| s.scopes.clone()).unwrap_or_default();
-        let now = inner.now();
-        let payload = initial_payload(now, response, &scopes);
-        let rng = inner.rng.as_ref();
-        let data_key = SymmetricKey::generate(rng);
-        let mut grant = Grant::new(GrantId::generate(rng), &tx.service, &payload, &data_key, now, rng);
-        inner.store.create(&mut grant).await?;
-        let authid = AuthId::generate(rng);
-        let mut handle = Handle::new(&authid, grant.id, &data_key, "first login", &inner.keyring, now, rng);
-        inner.store.create(&mut handle).await?;
-        let handed_off = match tx.handoff {
-            Some(handoff) => inner.deliver_to_handoff(&handoff, &authid).await?,
-            None => false,
+        let handoff = match handoff_token {
+            Some(token) => Some(inner.ensure_handoff(token, inner.config.handoff_ttl).await?),
+            None => None,
         };
-        Ok(LoginComplete { authid, grant_id: grant.id, service: tx.service, handed_off })
+        let response =
+            entry.client.exchange_login_token(&SecretString::from(login_token.to_owned()), &scopes).await.map_err(
+                |e| match e {
+                    crate::provider::ProviderError::InvalidGrant { .. } => {
+                        EngineError::bad_request("the provider did not accept this login token; create a new one")
+                    }
+                    e => from_provider(&e, inner.config.provider_retry_after),
+                },
+            )?;
+        inner.create_grant(service, response, handoff).await
     }
 
     /// Releases a hand-off's AuthID to the token holder, exactly once.
@@ -369,6 +381,36 @@ impl Broker {
 }
 
 impl Inner {
+    /// A new grant and its first AuthID from a provider's first token
+    /// response; the AuthID is also sealed into the hand-off, if one waits.
+    async fn create_grant(
+        &self,
+        service: &str,
+        response: crate::provider::TokenResponse,
+        handoff: Option<HandoffId>,
+    ) -> Result<LoginComplete, EngineError> {
+        if response.refresh_token.is_none() && response.expires_in.is_some() {
+            return Err(EngineError::ProviderMisconfigured {
+                detail: "the provider issued an expiring access token but no refresh token".into(),
+            });
+        }
+        let scopes = self.catalogue.service(service).map(|s| s.scopes.clone()).unwrap_or_default();
+        let now = self.now();
+        let payload = initial_payload(now, response, &scopes);
+        let rng = self.rng.as_ref();
+        let data_key = SymmetricKey::generate(rng);
+        let mut grant = Grant::new(GrantId::generate(rng), service, &payload, &data_key, now, rng);
+        self.store.create(&mut grant).await?;
+        let authid = AuthId::generate(rng);
+        let mut handle = Handle::new(&authid, grant.id, &data_key, "first login", &self.keyring, now, rng);
+        self.store.create(&mut handle).await?;
+        let handed_off = match handoff {
+            Some(handoff) => self.deliver_to_handoff(&handoff, &authid).await?,
+            None => false,
+        };
+        Ok(LoginComplete { authid, grant_id: grant.id, service: service.to_owned(), handed_off })
+    }
+
     fn service_entry(&self, service: &str) -> Result<&crate::catalogue::ProviderEntry, EngineError> {
         self.catalogue
             .provider_for(service)

@@ -32,6 +32,29 @@ impl RefreshOutcome {
     }
 }
 
+/// Upper bounds (milliseconds) of the provider latency histogram's buckets.
+pub const LATENCY_BUCKETS_MS: [u64; 11] = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000];
+
+/// A cumulative-ready latency histogram for one provider.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LatencyHistogram {
+    /// Observations per bucket of [`LATENCY_BUCKETS_MS`], the last one above all bounds.
+    pub buckets: [u64; LATENCY_BUCKETS_MS.len() + 1],
+    /// Sum of all observations in milliseconds.
+    pub sum_ms: u64,
+    /// Number of observations.
+    pub count: u64,
+}
+
+impl LatencyHistogram {
+    fn observe(&mut self, ms: u64) {
+        let index = LATENCY_BUCKETS_MS.iter().position(|b| ms <= *b).unwrap_or(LATENCY_BUCKETS_MS.len());
+        self.buckets[index] += 1;
+        self.sum_ms = self.sum_ms.saturating_add(ms);
+        self.count += 1;
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct Metrics {
     pub(crate) cache_hits: AtomicU64,
@@ -43,6 +66,7 @@ pub(crate) struct Metrics {
     pub(crate) persist_failures: AtomicU64,
     pub(crate) failed_secrets: AtomicU64,
     refreshes: Mutex<BTreeMap<(String, RefreshOutcome), u64>>,
+    latency: Mutex<BTreeMap<String, LatencyHistogram>>,
 }
 
 impl Metrics {
@@ -53,6 +77,11 @@ impl Metrics {
     pub(crate) fn refresh(&self, provider: &str, outcome: RefreshOutcome) {
         let mut map = self.refreshes.lock().unwrap_or_else(|p| p.into_inner());
         *map.entry((provider.to_owned(), outcome)).or_default() += 1;
+    }
+
+    pub(crate) fn provider_latency(&self, provider: &str, ms: u64) {
+        let mut map = self.latency.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(provider.to_owned()).or_default().observe(ms);
     }
 
     pub(crate) fn snapshot(&self, pending_writes: usize, cached_tokens: usize) -> MetricsSnapshot {
@@ -69,6 +98,7 @@ impl Metrics {
             pending_writes: pending_writes as u64,
             cached_tokens: cached_tokens as u64,
             refreshes: self.refreshes.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            provider_latency: self.latency.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         }
     }
 }
@@ -98,4 +128,6 @@ pub struct MetricsSnapshot {
     pub cached_tokens: u64,
     /// Provider refreshes by provider id and outcome.
     pub refreshes: BTreeMap<(String, RefreshOutcome), u64>,
+    /// Latency of provider refresh calls, by provider id.
+    pub provider_latency: BTreeMap<String, LatencyHistogram>,
 }

@@ -42,7 +42,7 @@ pub use self::error::{EngineError, ErrorCode};
 pub use self::handles::{GrantRevocation, HandleInfo, MintedHandle, ProviderRevocation};
 pub use self::login::{Callback, DevicePoll, DeviceStart, HandoffFetch, HandoffState, LoginComplete, LoginStart};
 pub use self::maintenance::{GcCandidate, GcReport, ResealReport, Stats};
-pub use self::metrics::{MetricsSnapshot, RefreshOutcome};
+pub use self::metrics::{LATENCY_BUCKETS_MS, LatencyHistogram, MetricsSnapshot, RefreshOutcome};
 
 use self::cache::TokenCache;
 use self::metrics::Metrics;
@@ -259,6 +259,22 @@ impl Broker {
     pub fn metrics(&self) -> MetricsSnapshot {
         let pending = lock(&self.inner.pending).len();
         self.inner.metrics.snapshot(pending, self.inner.cache.len())
+    }
+
+    /// Provider refreshes running in this process (for a graceful shutdown
+    /// that lets them finish storing what they obtained).
+    pub fn refreshes_in_flight(&self) -> usize {
+        lock(&self.inner.flights).len()
+    }
+
+    /// Tries once to store every pending write (for a graceful shutdown);
+    /// answers how many remain.
+    pub async fn flush_pending(&self) -> usize {
+        let grants: Vec<GrantId> = lock(&self.inner.pending).keys().copied().collect();
+        for grant in grants {
+            let _ = self.inner.flush_pending(&grant).await;
+        }
+        lock(&self.inner.pending).len()
     }
 
     /// The state of a provider's circuit breaker.

@@ -370,7 +370,9 @@ impl Inner {
         let request = RefreshRequest { refresh_token, scopes: &payload.scopes, extra: &payload.extra };
         let mut attempt = 0;
         loop {
+            let started = self.now();
             let result = entry.client.refresh(&request).await;
+            self.metrics.provider_latency(&entry.spec.id, self.now().duration_since(started).as_millis() as u64);
             let wait = match &result {
                 Err(e) if e.is_transient() && attempt < self.config.provider_retries => match e {
                     ProviderError::RateLimited { retry_after: Some(d) } if *d > self.config.max_retry_wait => {

@@ -295,6 +295,19 @@ impl Provider for ScriptedProvider {
         result
     }
 
+    /// Accepts the login token `valid-login-token` only.
+    async fn exchange_login_token(
+        &self,
+        login_token: &SecretString,
+        _scopes: &[String],
+    ) -> Result<TokenResponse, ProviderError> {
+        if login_token.expose_secret() != "valid-login-token" {
+            return Err(ProviderError::InvalidGrant { description: None });
+        }
+        let mut state = self.lock();
+        Ok(self.issue(&mut state, true))
+    }
+
     async fn revoke(&self, token: &SecretString, _kind: TokenKind) -> Result<(), ProviderError> {
         if !self.revocation {
             return Err(ProviderError::Unsupported("revocation"));

@@ -1,0 +1,400 @@
+//! The broker's configuration: a TOML file (`--config` or `LATCHKEY_CONFIG`)
+//! with `LATCHKEY_*` environment variables laid over it.
+//!
+//! An environment variable names a key by its path, levels separated by a
+//! double underscore: `LATCHKEY_PUBLIC_URL`, `LATCHKEY_STORE__KIND`,
+//! `LATCHKEY_PROVIDERS__MICROSOFT__CLIENT_ID`. Its value is read as a TOML
+//! value when it is one (`120`, `true`, `["a", "b"]`) and as a string
+//! otherwise. Unknown keys are errors, wherever they come from.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use latchkey_providers::CatalogueConfig;
+use latchkey_providers::config::{ProviderConfig, ServiceConfig};
+use serde::Deserialize;
+
+/// Environment variables that are not configuration keys.
+const NOT_KEYS: [&str; 2] = ["LATCHKEY_CONFIG", "LATCHKEY_LOG"];
+
+/// The whole configuration.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The broker's public base URL; the redirect URI is this + `/logged-in`.
+    pub public_url: Option<String>,
+    /// Proxies whose `X-Forwarded-For` is believed (CIDRs).
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// Origins the AuthID page posts its message to when opened as a popup.
+    #[serde(default = "default_openers")]
+    pub allowed_opener_origins: Vec<String>,
+    /// Where records live.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// Master keys.
+    #[serde(default)]
+    pub keys: KeysConfig,
+    /// Rate limits.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Provider credentials and overrides.
+    #[serde(default)]
+    pub providers: BTreeMap<String, ProviderConfig>,
+    /// Extra or changed services.
+    #[serde(default)]
+    pub services: BTreeMap<String, ServiceConfig>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+fn default_openers() -> Vec<String> {
+    vec!["http://localhost:8200".into(), "http://127.0.0.1:8200".into()]
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sled` (default) or `postgres`.
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    /// The sled data directory.
+    #[serde(default = "default_path")]
+    pub path: PathBuf,
+    /// The PostgreSQL URL.
+    pub url: Option<String>,
+    /// The PostgreSQL schema.
+    #[serde(default = "default_schema")]
+    pub schema: String,
+}
+
+fn default_kind() -> String {
+    "sled".into()
+}
+fn default_path() -> PathBuf {
+    PathBuf::from("./latchkey-data")
+}
+fn default_schema() -> String {
+    "latchkey".into()
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { kind: default_kind(), path: default_path(), url: None, schema: default_schema() }
+    }
+}
+
+/// `[keys]`. `Debug` never shows a key.
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysConfig {
+    /// `<id>:<base64 32 bytes>`, the first current.
+    pub master_keys: Option<Vec<String>>,
+    /// A file holding an operator passphrase (Argon2id derives the key).
+    pub master_passphrase_file: Option<PathBuf>,
+    /// The recorded Argon2id parameters for the passphrase (`argon2id$v=19$…`).
+    pub master_passphrase_params: Option<String>,
+}
+
+impl fmt::Debug for KeysConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeysConfig")
+            .field("master_keys", &self.master_keys.as_ref().map(|k| format!("<{} redacted>", k.len())))
+            .field("master_passphrase_file", &self.master_passphrase_file)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Token requests per minute for one AuthID (counted before the cache).
+    #[serde(default = "default_per_keyid")]
+    pub token_requests_per_minute_per_keyid: u32,
+    /// Token requests per minute from one client address.
+    #[serde(default = "default_per_address")]
+    pub token_requests_per_minute_per_address: u32,
+    /// Hand-off polls (`/fetch`, `/token-state`, device polls) per minute per address.
+    #[serde(default = "default_fetch")]
+    pub fetch_requests_per_minute_per_address: u32,
+}
+
+fn default_per_keyid() -> u32 {
+    120
+}
+fn default_per_address() -> u32 {
+    600
+}
+fn default_fetch() -> u32 {
+    120
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            token_requests_per_minute_per_keyid: default_per_keyid(),
+            token_requests_per_minute_per_address: default_per_address(),
+            fetch_requests_per_minute_per_address: default_fetch(),
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    #[serde(default = "default_format")]
+    pub format: String,
+    /// A tracing filter (`info`, `latchkey=debug`, …); `LATCHKEY_LOG` overrides it.
+    #[serde(default = "default_level")]
+    pub level: String,
+}
+
+fn default_format() -> String {
+    "text".into()
+}
+fn default_level() -> String {
+    "info".into()
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { format: default_format(), level: default_level() }
+    }
+}
+
+/// Why the configuration was refused. Each message names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read the configuration file {path}: {reason}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// TOML syntax, a wrong type, or an unknown key.
+    #[error("configuration: {0}")]
+    Syntax(String),
+    /// A key holds a value that cannot be used.
+    #[error("configuration key `{key}`: {reason}")]
+    Invalid {
+        /// The key.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.to_owned(), reason: reason.into() }
+}
+
+/// A network range for `trusted_proxies`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `a.b.c.d/n`, `x::y/n`, or a bare address.
+    pub fn parse(text: &str) -> Option<Cidr> {
+        let (addr, prefix) = match text.trim().split_once('/') {
+            Some((a, p)) => (a.parse::<IpAddr>().ok()?, p.parse::<u8>().ok()?),
+            None => {
+                let a = text.trim().parse::<IpAddr>().ok()?;
+                (a, if a.is_ipv4() { 32 } else { 128 })
+            }
+        };
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        (prefix <= max).then_some(Cidr { addr, prefix })
+    }
+
+    /// Whether `ip` is in the range.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match (self.addr, ip) {
+            (IpAddr::V4(_), IpAddr::V6(v6)) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            _ => ip,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    let (last, parents) = path.split_last().ok_or("empty key")?;
+    let mut current = table;
+    for part in parents {
+        let entry = current.entry(part.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        current = entry.as_table_mut().ok_or_else(|| format!("`{part}` is not a table"))?;
+    }
+    current.insert(last.clone(), value);
+    Ok(())
+}
+
+/// The value of an environment variable as TOML, or as a string.
+fn env_value(raw: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+impl Config {
+    /// Reads the file (if any), applies `LATCHKEY_*` variables from `env`,
+    /// and validates.
+    pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
+        let mut table = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError::Read { path: path.to_owned(), reason: e.to_string() })?;
+                toml::from_str::<toml::Table>(&text).map_err(|e| ConfigError::Syntax(e.to_string()))?
+            }
+            None => toml::Table::new(),
+        };
+        for (name, raw) in env {
+            let Some(key) = name.strip_prefix("LATCHKEY_") else { continue };
+            if NOT_KEYS.contains(&name.as_str()) || key.is_empty() {
+                continue;
+            }
+            let path: Vec<String> = key.split("__").map(str::to_lowercase).collect();
+            set_path(&mut table, &path, env_value(&raw)).map_err(|reason| invalid(&name, reason))?;
+        }
+        Self::from_table(table)
+    }
+
+    /// Parses configuration text (no environment).
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        Self::from_table(toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?)
+    }
+
+    fn from_table(table: toml::Table) -> Result<Config, ConfigError> {
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Syntax(e.message().to_owned()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let public = url::Url::parse(&self.public_url()).map_err(|e| invalid("public_url", e.to_string()))?;
+        if !matches!(public.scheme(), "http" | "https") || public.host().is_none() {
+            return Err(invalid("public_url", "must be an http(s) URL with a host"));
+        }
+        if public.query().is_some() || public.fragment().is_some() {
+            return Err(invalid("public_url", "must not carry a query or fragment"));
+        }
+        for proxy in &self.trusted_proxies {
+            Cidr::parse(proxy)
+                .ok_or_else(|| invalid("trusted_proxies", format!("'{proxy}' is not an address or CIDR")))?;
+        }
+        for origin in &self.allowed_opener_origins {
+            let url =
+                url::Url::parse(origin).map_err(|e| invalid("allowed_opener_origins", format!("'{origin}': {e}")))?;
+            if origin == "*" || url.path() != "/" || origin.ends_with('/') || url.query().is_some() {
+                return Err(invalid(
+                    "allowed_opener_origins",
+                    format!("'{origin}' is not an origin like https://host:port"),
+                ));
+            }
+        }
+        match self.store.kind.as_str() {
+            "sled" => {}
+            "postgres" if self.store.url.is_some() => {}
+            "postgres" => return Err(invalid("store.url", "the postgres store needs a url")),
+            other => return Err(invalid("store.kind", format!("'{other}' is not sled or postgres"))),
+        }
+        let limits = &self.limits;
+        for (key, value) in [
+            ("limits.token_requests_per_minute_per_keyid", limits.token_requests_per_minute_per_keyid),
+            ("limits.token_requests_per_minute_per_address", limits.token_requests_per_minute_per_address),
+            ("limits.fetch_requests_per_minute_per_address", limits.fetch_requests_per_minute_per_address),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(invalid("log.format", "must be text or json"));
+        }
+        if self.keys.master_keys.is_some() && self.keys.master_passphrase_file.is_some() {
+            return Err(invalid("keys", "give master_keys or master_passphrase_file, not both"));
+        }
+        Ok(())
+    }
+
+    /// The public base URL without a trailing slash.
+    pub fn public_url(&self) -> String {
+        match &self.public_url {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => format!("http://{}", self.listen),
+        }
+    }
+
+    /// The catalogue part: built-in entries with this configuration laid over them.
+    pub fn catalogue(&self) -> CatalogueConfig {
+        let over = CatalogueConfig { providers: self.providers.clone(), services: self.services.clone() };
+        CatalogueConfig::built_in().map(|c| c.with_overrides(&over)).unwrap_or(over)
+    }
+
+    /// The parsed trusted proxy ranges.
+    pub fn trusted_proxies(&self) -> Vec<Cidr> {
+        self.trusted_proxies.iter().filter_map(|p| Cidr::parse(p)).collect()
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("public_url", &self.public_url)
+            .field("store", &self.store)
+            .field("keys", &self.keys)
+            .field("providers", &self.providers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Parses `365d`, `12h`, `30m`, `45s` (or a bare number of seconds).
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let (number, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = number.parse().ok()?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.checked_mul(60)?,
+        "h" => n.checked_mul(3600)?,
+        "d" => n.checked_mul(86_400)?,
+        "w" => n.checked_mul(7 * 86_400)?,
+        _ => return None,
+    };
+    Some(Duration::from_secs(secs))
+}

@@ -1,0 +1,306 @@
+//! The `/v1` JSON API (AuthID as a bearer token) and the RFC 6749
+//! `/oauth2/token` facade (AuthID as the refresh token).
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use latchkey_core::engine::{DevicePoll, GrantRevocation, HandleInfo, MintedHandle, ProviderRevocation};
+use latchkey_core::{AuthId, Clock, EngineError, KeyId, SystemClock, Timestamp, TokenGrant};
+use secrecy::ExposeSecret;
+use serde_json::{Value, json};
+use warp::Filter;
+use warp::http::StatusCode;
+use warp::reply::Response;
+
+use super::reply::{Failure, Surface, error, json_reply};
+use super::{State, body, client_ip, fields, with_state};
+
+pub(super) fn routes(state: State) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    let s = || with_state(state.clone());
+    let ip = || client_ip(state.clone());
+    let bearer = || warp::header::optional::<String>("authorization");
+    let token =
+        warp::post().and(warp::path!("v1" / "token")).and(bearer()).and(body()).and(ip()).and(s()).then(v1_token);
+    let list = warp::get().and(warp::path!("v1" / "handles")).and(bearer()).and(ip()).and(s()).then(list_handles);
+    let mint = warp::post().and(warp::path!("v1" / "handles")).and(bearer()).and(body()).and(ip()).and(s()).then(mint);
+    let rotate =
+        warp::post().and(warp::path!("v1" / "handles" / "rotate")).and(bearer()).and(ip()).and(s()).then(rotate);
+    let delete =
+        warp::delete().and(warp::path!("v1" / "handles" / String)).and(bearer()).and(ip()).and(s()).then(delete_handle);
+    let revoke = warp::post().and(warp::path!("v1" / "grant" / "revoke")).and(bearer()).and(ip()).and(s()).then(revoke);
+    let device_code = warp::post().and(warp::path!("v1" / "device" / "code")).and(body()).and(s()).then(device_code);
+    let device_token =
+        warp::post().and(warp::path!("v1" / "device" / "token")).and(body()).and(ip()).and(s()).then(device_token);
+    let services = warp::get().and(warp::path!("v1" / "services")).and(s()).map(services);
+    let oauth2 = warp::post().and(warp::path!("oauth2" / "token")).and(body()).and(ip()).and(s()).then(oauth2_token);
+    token
+        .or(list)
+        .unify()
+        .or(rotate)
+        .unify()
+        .or(mint)
+        .unify()
+        .or(delete)
+        .unify()
+        .or(revoke)
+        .unify()
+        .or(device_code)
+        .unify()
+        .or(device_token)
+        .unify()
+        .or(services)
+        .unify()
+        .or(oauth2)
+        .unify()
+}
+
+fn unix(t: Timestamp) -> u64 {
+    t.unix_secs()
+}
+
+fn seconds_left(token: &TokenGrant) -> Option<u64> {
+    token.expires_at.map(|at| at.duration_since(SystemClock.now()).as_secs())
+}
+
+/// Parses the bearer AuthID and applies the token-route limits.
+fn authenticate(header: Option<String>, ip: IpAddr, state: &State) -> Result<AuthId, Failure> {
+    let raw = header.as_deref().and_then(|h| {
+        let (scheme, rest) = h.trim().split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then_some(rest)
+    });
+    let parsed = AuthId::parse(raw.unwrap_or_default());
+    if let Err(wait) = state.limiter.token_request(parsed.as_ref().ok().map(AuthId::keyid), ip, Instant::now()) {
+        return Err(Failure::rate_limited(wait));
+    }
+    parsed.map_err(|e| {
+        let mut failure = Failure::from(&EngineError::from(e));
+        if raw.is_none() {
+            failure.text = "send the AuthID as `Authorization: Bearer <AuthID>`".into();
+        }
+        failure
+    })
+}
+
+fn refused(state: &State, authid: &AuthId, e: &EngineError, surface: Surface) -> Response {
+    state.note_failure(authid, e);
+    error(surface, &Failure::from(e))
+}
+
+async fn v1_token(header: Option<String>, body: Vec<u8>, ip: IpAddr, state: State) -> Response {
+    let authid = match authenticate(header, ip, &state) {
+        Ok(a) => a,
+        Err(f) => return error(Surface::V1, &f),
+    };
+    let form = fields(&body);
+    let min_validity = match form.get("min_validity").map(|v| v.parse::<u64>()) {
+        None => None,
+        Some(Ok(secs)) if secs <= 86_400 => Some(Duration::from_secs(secs)),
+        Some(_) => {
+            return error(Surface::V1, &Failure::bad_request("min_validity must be a number of seconds up to 86400"));
+        }
+    };
+    match state.broker.token(&authid, min_validity).await {
+        Ok(token) => {
+            state.limiter.succeeded(&authid.keyid());
+            json_reply(
+                StatusCode::OK,
+                &json!({
+                    "access_token": token.access_token.expose_secret(),
+                    "token_type": "Bearer",
+                    "expires_in": seconds_left(&token),
+                    "expires_at": token.expires_at.map(unix),
+                    "service": token.service,
+                    "scope": token.scopes.join(" "),
+                    "refresh_deadline": token.refresh_deadline.map(unix),
+                }),
+            )
+        }
+        Err(e) => refused(&state, &authid, &e, Surface::V1),
+    }
+}
+
+fn handle_json(h: &HandleInfo) -> Value {
+    json!({
+        "keyid": h.keyid.to_string(),
+        "label": h.label,
+        "created_at": unix(h.created_at),
+        "last_used_at": unix(h.last_used_at),
+        "revoked_at": h.revoked_at.map(unix),
+        "current": h.is_caller,
+    })
+}
+
+fn minted_json(m: &MintedHandle) -> Value {
+    json!({
+        "authid": m.authid.expose_text().as_str(),
+        "keyid": m.authid.keyid().to_string(),
+        "label": m.label,
+        "created_at": unix(m.created_at),
+    })
+}
+
+fn revocation_json(r: &GrantRevocation) -> Value {
+    let (provider, detail) = match &r.provider {
+        ProviderRevocation::Revoked => ("revoked", None),
+        ProviderRevocation::Unsupported => ("unsupported", None),
+        ProviderRevocation::NoToken => ("no_token", None),
+        ProviderRevocation::Failed(why) => ("failed", Some(why.clone())),
+    };
+    json!({ "grant_revoked": true, "handles_revoked": r.handles_revoked, "provider": provider, "provider_error": detail })
+}
+
+async fn list_handles(header: Option<String>, ip: IpAddr, state: State) -> Response {
+    let authid = match authenticate(header, ip, &state) {
+        Ok(a) => a,
+        Err(f) => return error(Surface::V1, &f),
+    };
+    match state.broker.list_handles(&authid).await {
+        Ok(handles) => {
+            json_reply(StatusCode::OK, &json!({ "handles": handles.iter().map(handle_json).collect::<Vec<_>>() }))
+        }
+        Err(e) => refused(&state, &authid, &e, Surface::V1),
+    }
+}
+
+async fn mint(header: Option<String>, body: Vec<u8>, ip: IpAddr, state: State) -> Response {
+    let authid = match authenticate(header, ip, &state) {
+        Ok(a) => a,
+        Err(f) => return error(Surface::V1, &f),
+    };
+    let label = fields(&body).remove("label").unwrap_or_default();
+    match state.broker.mint_handle(&authid, &label).await {
+        Ok(minted) => json_reply(StatusCode::CREATED, &minted_json(&minted)),
+        Err(e) => refused(&state, &authid, &e, Surface::V1),
+    }
+}
+
+async fn rotate(header: Option<String>, ip: IpAddr, state: State) -> Response {
+    let authid = match authenticate(header, ip, &state) {
+        Ok(a) => a,
+        Err(f) => return error(Surface::V1, &f),
+    };
+    match state.broker.rotate_handle(&authid).await {
+        Ok(minted) => json_reply(StatusCode::OK, &minted_json(&minted)),
+        Err(e) => refused(&state, &authid, &e, Surface::V1),
+    }
+}
+
+async fn delete_handle(keyid: String, header: Option<String>, ip: IpAddr, state: State) -> Response {
+    let authid = match authenticate(header, ip, &state) {
+        Ok(a) => a,
+        Err(f) => return error(Surface::V1, &f),
+    };
+    let Ok(target) = KeyId::parse(&keyid) else {
+        return error(Surface::V1, &Failure::bad_request("the key id in the path is malformed"));
+    };
+    match state.broker.revoke_handle(&authid, target).await {
+        Ok(grant) => {
+            let mut body = json!({ "revoked": target.to_string(), "grant_revoked": grant.is_some() });
+            if let Some(grant) = grant {
+                body["grant"] = revocation_json(&grant);
+            }
+            json_reply(StatusCode::OK, &body)
+        }
+        Err(e) => refused(&state, &authid, &e, Surface::V1),
+    }
+}
+
+async fn revoke(header: Option<String>, ip: IpAddr, state: State) -> Response {
+    let authid = match authenticate(header, ip, &state) {
+        Ok(a) => a,
+        Err(f) => return error(Surface::V1, &f),
+    };
+    match state.broker.revoke_grant(&authid).await {
+        Ok(report) => json_reply(StatusCode::OK, &revocation_json(&report)),
+        Err(e) => refused(&state, &authid, &e, Surface::V1),
+    }
+}
+
+async fn device_code(body: Vec<u8>, state: State) -> Response {
+    let service = fields(&body).remove("service").unwrap_or_default();
+    match state.broker.begin_device(&service).await {
+        Ok(start) => json_reply(
+            StatusCode::OK,
+            &json!({
+                "device_code": start.device_code.expose_secret(),
+                "user_code": start.user_code,
+                "verification_uri": start.verification_uri,
+                "verification_uri_complete": start.verification_uri_complete,
+                "expires_in": start.expires_in.as_secs(),
+                "interval": start.interval.as_secs(),
+            }),
+        ),
+        Err(e) => error(Surface::V1, &Failure::from(&e)),
+    }
+}
+
+async fn device_token(body: Vec<u8>, ip: IpAddr, state: State) -> Response {
+    if let Err(wait) = state.limiter.fetch_request(ip, Instant::now()) {
+        return error(Surface::V1, &Failure::rate_limited(wait));
+    }
+    let device_code = fields(&body).remove("device_code").unwrap_or_default();
+    let pending = |code: &str, text: &str| {
+        json_reply(StatusCode::BAD_REQUEST, &json!({ "error": code, "error_description": text }))
+    };
+    match state.broker.poll_device(&device_code).await {
+        Ok(DevicePoll::Ready(authid)) => json_reply(
+            StatusCode::OK,
+            &json!({ "authid": authid.expose_text().as_str(), "keyid": authid.keyid().to_string() }),
+        ),
+        Ok(DevicePoll::Pending) => pending("authorization_pending", "the user has not finished logging in"),
+        Ok(DevicePoll::SlowDown) => pending("slow_down", "poll no faster than the interval"),
+        Ok(DevicePoll::Expired) => pending("expired_token", "the device code expired or was used; start again"),
+        Ok(DevicePoll::Denied) => pending("access_denied", "the user refused access at the provider"),
+        Ok(DevicePoll::Invalid) => pending("invalid_grant", "unknown device code"),
+        Err(e) => error(Surface::V1, &Failure::from(&e)),
+    }
+}
+
+fn services(state: State) -> Response {
+    let list: Vec<Value> = state
+        .broker
+        .catalogue()
+        .listed_services()
+        .map(|s| json!({ "id": s.id, "display_name": s.display_name, "login_url": state.login_link(&s.id) }))
+        .collect();
+    json_reply(StatusCode::OK, &json!({ "services": list }))
+}
+
+async fn oauth2_token(body: Vec<u8>, ip: IpAddr, state: State) -> Response {
+    let form = fields(&body);
+    match form.get("grant_type").map(String::as_str) {
+        Some("refresh_token") => {}
+        Some(_) => {
+            return json_reply(
+                StatusCode::BAD_REQUEST,
+                &json!({ "error": "unsupported_grant_type", "error_description": "only refresh_token is supported" }),
+            );
+        }
+        None => return error(Surface::OAuth2, &Failure::bad_request("grant_type is missing")),
+    }
+    let raw = form.get("refresh_token").map(String::as_str).unwrap_or_default();
+    let parsed = AuthId::parse(raw);
+    if let Err(wait) = state.limiter.token_request(parsed.as_ref().ok().map(AuthId::keyid), ip, Instant::now()) {
+        return error(Surface::OAuth2, &Failure::rate_limited(wait));
+    }
+    let authid = match parsed {
+        Ok(a) => a,
+        Err(e) => return error(Surface::OAuth2, &Failure::from(&EngineError::from(e))),
+    };
+    match state.broker.token(&authid, None).await {
+        Ok(token) => {
+            state.limiter.succeeded(&authid.keyid());
+            let mut body = json!({
+                "access_token": token.access_token.expose_secret(),
+                "token_type": "Bearer",
+                "refresh_token": authid.expose_text().as_str(),
+                "scope": token.scopes.join(" "),
+            });
+            if let Some(secs) = seconds_left(&token) {
+                body["expires_in"] = json!(secs);
+            }
+            json_reply(StatusCode::OK, &body)
+        }
+        Err(e) => refused(&state, &authid, &e, Surface::OAuth2),
+    }
+}

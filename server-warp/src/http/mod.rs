@@ -1,0 +1,288 @@
+//! The HTTP surface: Duplicati's helper protocol at the root, the `/v1` JSON
+//! API, the RFC 6749 facade, pages, and operations endpoints.
+//!
+//! Every handler answers a response: errors are explicit, in the vocabulary
+//! of the surface they happen on. Warp's own rejections (no route, wrong
+//! method, body too large) are turned into JSON errors by [`recover`], so no
+//! request ever gets an HTML error page or a stack trace.
+
+mod api;
+mod duplicati;
+mod metrics;
+pub mod pages;
+pub mod reply;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use latchkey_core::{AuthId, Broker, EngineError, Store};
+use warp::Filter;
+use warp::http::StatusCode;
+use warp::reply::Response;
+
+pub use self::metrics::HttpMetrics;
+use self::reply::{Failure, Surface};
+use crate::config::Cidr;
+use crate::limits::Limiter;
+
+/// Request bodies larger than this are refused.
+pub const MAX_BODY: u64 = 16 * 1024;
+
+/// What every handler can reach.
+pub struct AppState {
+    /// The engine.
+    pub broker: Broker,
+    /// The store, for `/readyz`.
+    pub store: Arc<dyn Store>,
+    /// The public base URL, without a trailing slash.
+    pub public_url: String,
+    /// Origins the AuthID page posts its message to.
+    pub openers: Vec<String>,
+    /// Rate limits.
+    pub limiter: Limiter,
+    /// Proxies whose `X-Forwarded-For` counts.
+    pub proxies: Vec<Cidr>,
+    /// Request counters.
+    pub metrics: HttpMetrics,
+    /// The pages' Content-Security-Policy.
+    pub csp: String,
+    /// Services logged into with a pasted login token instead of a browser redirect.
+    pub login_token_services: std::collections::HashSet<String>,
+}
+
+impl AppState {
+    /// State for a broker; the CSP allows forms to go to this broker and to
+    /// the providers' authorization endpoints, and nothing else.
+    pub fn new(broker: Broker, store: Arc<dyn Store>, config: &crate::config::Config, limiter: Limiter) -> Self {
+        let csp = format!(
+            "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self'; connect-src 'none'; \
+             base-uri 'none'; frame-ancestors 'none'; form-action 'self'{}",
+            form_action_origins(config)
+        );
+        let catalogue = config.catalogue();
+        let login_token_services = catalogue
+            .services
+            .iter()
+            .filter(|(_, s)| {
+                s.provider.as_ref().and_then(|p| catalogue.providers.get(p)).and_then(|p| p.login_token) == Some(true)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        AppState {
+            login_token_services,
+            broker,
+            store,
+            public_url: config.public_url(),
+            openers: config.allowed_opener_origins.clone(),
+            limiter,
+            proxies: config.trusted_proxies(),
+            metrics: HttpMetrics::default(),
+            csp,
+        }
+    }
+
+    /// The login link for a service (what Duplicati shows its user).
+    pub fn login_link(&self, service: &str) -> String {
+        format!("{}/?type={}", self.public_url, pages::q(service))
+    }
+
+    /// A refused token request: counts a failed secret against the keyid.
+    fn note_failure(&self, authid: &AuthId, error: &EngineError) {
+        if matches!(error, EngineError::AuthIdInvalid) {
+            self.limiter.failed_secret(authid.keyid(), Instant::now());
+        }
+        tracing::info!(keyid = %authid.keyid(), code = error.code().as_str(), "token request refused");
+    }
+}
+
+fn form_action_origins(config: &crate::config::Config) -> String {
+    let mut origins: Vec<String> = config
+        .catalogue()
+        .providers
+        .values()
+        .filter_map(|p| p.authorize_url.as_deref())
+        .filter_map(|u| url::Url::parse(u).ok())
+        .map(|u| u.origin().ascii_serialization())
+        .filter(|o| o != "null")
+        .collect();
+    origins.sort();
+    origins.dedup();
+    origins.iter().map(|o| format!(" {o}")).collect()
+}
+
+/// Shared state as a filter.
+pub type State = Arc<AppState>;
+
+fn with_state(state: State) -> impl Filter<Extract = (State,), Error = Infallible> + Clone {
+    warp::any().map(move || Arc::clone(&state))
+}
+
+/// The client's address: the peer, or — only when the peer is a trusted
+/// proxy — the last address in `X-Forwarded-For` that is not one.
+pub fn client_address(peer: Option<SocketAddr>, forwarded: Option<&str>, proxies: &[Cidr]) -> IpAddr {
+    let peer = peer.map(|p| p.ip()).unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    let trusted = |ip: IpAddr| proxies.iter().any(|c| c.contains(ip));
+    if !trusted(peer) {
+        return peer;
+    }
+    let Some(chain) = forwarded else { return peer };
+    let mut client = peer;
+    for hop in chain.rsplit(',') {
+        match hop.trim().parse::<IpAddr>() {
+            Ok(ip) if trusted(ip) => client = ip,
+            Ok(ip) => return ip,
+            Err(_) => return client,
+        }
+    }
+    client
+}
+
+fn client_ip(state: State) -> impl Filter<Extract = (IpAddr,), Error = warp::Rejection> + Clone {
+    warp::addr::remote()
+        .and(warp::header::optional::<String>("x-forwarded-for"))
+        .map(move |peer: Option<SocketAddr>, xff: Option<String>| client_address(peer, xff.as_deref(), &state.proxies))
+}
+
+/// Query parameters as a map (the first value of each name).
+fn query() -> impl Filter<Extract = (HashMap<String, String>,), Error = Infallible> + Clone {
+    warp::query::raw().or(warp::any().map(String::new)).unify().map(|raw: String| {
+        let mut map = HashMap::new();
+        for (k, v) in form_urlencoded::parse(raw.as_bytes()) {
+            map.entry(k.into_owned()).or_insert_with(|| v.into_owned());
+        }
+        map
+    })
+}
+
+/// A body over [`MAX_BODY`].
+#[derive(Debug)]
+struct TooLarge;
+
+impl warp::reject::Reject for TooLarge {}
+
+/// The request body, at most [`MAX_BODY`] bytes, with or without a
+/// `Content-Length`; empty when there is none.
+fn body() -> impl Filter<Extract = (Vec<u8>,), Error = warp::Rejection> + Clone {
+    warp::header::optional::<u64>("content-length")
+        .and_then(|length: Option<u64>| async move {
+            match length {
+                Some(length) if length > MAX_BODY => Err(warp::reject::custom(TooLarge)),
+                _ => Ok(()),
+            }
+        })
+        .untuple_one()
+        .and(warp::body::stream())
+        .and_then(collect_limited)
+}
+
+async fn collect_limited<S, B>(stream: S) -> Result<Vec<u8>, warp::Rejection>
+where
+    S: futures_util::Stream<Item = Result<B, warp::Error>>,
+    B: warp::Buf,
+{
+    use futures_util::StreamExt;
+    let mut stream = std::pin::pin!(stream);
+    let mut body = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let mut chunk = chunk.map_err(|_| warp::reject::reject())?;
+        if body.len() + chunk.remaining() > MAX_BODY as usize {
+            return Err(warp::reject::custom(TooLarge));
+        }
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            let n = part.len();
+            body.extend_from_slice(part);
+            chunk.advance(n);
+        }
+    }
+    Ok(body)
+}
+
+/// Body fields: a JSON object's string and number members, or form fields.
+pub fn fields(body: &[u8]) -> HashMap<String, String> {
+    let mut map = HashMap::new();
+    if let Ok(serde_json::Value::Object(object)) = serde_json::from_slice::<serde_json::Value>(body) {
+        for (k, v) in object {
+            match v {
+                serde_json::Value::String(s) => {
+                    map.insert(k, s);
+                }
+                serde_json::Value::Number(n) => {
+                    map.insert(k, n.to_string());
+                }
+                _ => {}
+            }
+        }
+        return map;
+    }
+    for (k, v) in form_urlencoded::parse(body) {
+        map.entry(k.into_owned()).or_insert_with(|| v.into_owned());
+    }
+    map
+}
+
+/// Every route.
+pub fn routes(state: State) -> impl Filter<Extract = (impl warp::Reply,), Error = Infallible> + Clone {
+    let metrics_state = Arc::clone(&state);
+    let api = api::routes(Arc::clone(&state));
+    let duplicati = duplicati::routes(Arc::clone(&state));
+    let ops = metrics::routes(Arc::clone(&state));
+    let statics = warp::get()
+        .and(warp::path!("static" / "style.css"))
+        .map(|| asset("text/css; charset=utf-8", pages::STYLE_CSS))
+        .or(warp::get()
+            .and(warp::path!("static" / "authid.js"))
+            .map(|| asset("text/javascript; charset=utf-8", pages::AUTHID_JS)))
+        .unify();
+    api.or(duplicati)
+        .unify()
+        .or(ops)
+        .unify()
+        .or(statics)
+        .unify()
+        .recover(recover)
+        .unify()
+        .or(warp::path::full().map(|path: warp::path::FullPath| unmatched(path.as_str())))
+        .unify()
+        .with(warp::log::custom(move |info| metrics_state.metrics.observe(info)))
+}
+
+/// No route took the request: 405 for a known path, 404 otherwise.
+fn unmatched(path: &str) -> Response {
+    let (status, text) = match metrics::route_label(path) {
+        "other" | "/static" => (StatusCode::NOT_FOUND, "no such endpoint"),
+        _ => (StatusCode::METHOD_NOT_ALLOWED, "this endpoint does not take that method"),
+    };
+    let mut response = reply::error(Surface::V1, &Failure::bad_request(text));
+    *response.status_mut() = status;
+    response
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    let mut response = reply::with_body(StatusCode::OK, content_type, body);
+    response
+        .headers_mut()
+        .insert(warp::http::header::CACHE_CONTROL, warp::http::HeaderValue::from_static("public, max-age=3600"));
+    response
+}
+
+/// Turns the rejections of a route that matched (body too large, a body
+/// without length) into JSON errors; the rest fall through to [`unmatched`].
+async fn recover(rejection: warp::Rejection) -> Result<Response, warp::Rejection> {
+    let (status, text) =
+        if rejection.find::<TooLarge>().is_some() || rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
+            (StatusCode::PAYLOAD_TOO_LARGE, "the request body is larger than 16 KiB")
+        } else if rejection.find::<warp::reject::LengthRequired>().is_some() {
+            (StatusCode::LENGTH_REQUIRED, "the request body needs a Content-Length")
+        } else if rejection.find::<warp::reject::InvalidHeader>().is_some() {
+            (StatusCode::BAD_REQUEST, "a request header is malformed")
+        } else {
+            return Err(rejection);
+        };
+    let mut response = reply::error(Surface::V1, &Failure::bad_request(text));
+    *response.status_mut() = status;
+    Ok(response)
+}

@@ -1,0 +1,182 @@
+//! Server-rendered pages: a little CSS, one small script (served as a file,
+//! so the Content-Security-Policy needs no inline allowance), and the
+//! security headers on every page.
+
+use warp::http::StatusCode;
+use warp::http::header::{HeaderName, HeaderValue};
+use warp::reply::Response;
+
+use super::reply::with_body;
+
+/// The stylesheet.
+pub const STYLE_CSS: &str = include_str!("../../static/style.css");
+/// The AuthID page's script.
+pub const AUTHID_JS: &str = include_str!("../../static/authid.js");
+
+/// Escapes text for HTML content and attribute values.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Percent-encodes a query value.
+pub fn q(value: &str) -> String {
+    form_urlencoded::byte_serialize(value.as_bytes()).collect()
+}
+
+/// Adds the page security headers to a response.
+pub fn secure(mut response: Response, csp: &str) -> Response {
+    let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(csp) {
+        headers.insert(HeaderName::from_static("content-security-policy"), value);
+    }
+    headers.insert(HeaderName::from_static("x-frame-options"), HeaderValue::from_static("DENY"));
+    headers.insert(HeaderName::from_static("referrer-policy"), HeaderValue::from_static("no-referrer"));
+    headers.insert(HeaderName::from_static("x-content-type-options"), HeaderValue::from_static("nosniff"));
+    response
+}
+
+/// A whole page.
+pub fn page(status: StatusCode, csp: &str, title: &str, body: &str, script: bool) -> Response {
+    let script = if script { r#"<script src="/static/authid.js" defer></script>"# } else { "" };
+    let html = format!(
+        "<!doctype html><html lang=en><head><meta charset=utf-8>\
+         <meta name=viewport content=\"width=device-width, initial-scale=1\">\
+         <title>{title} · latchkey</title><link rel=stylesheet href=\"/static/style.css\">{script}</head>\
+         <body><main>{body}<footer>latchkey OAuth broker · <a href=\"/privacy-policy\">privacy</a></footer></main></body></html>",
+        title = escape(title),
+    );
+    secure(with_body(status, "text/html; charset=utf-8", html), csp)
+}
+
+/// An error page: what happened and what to do, never a provider's raw body.
+pub fn error_page(status: StatusCode, csp: &str, title: &str, message: &str) -> Response {
+    let body = format!(
+        "<div class=\"card error\"><h1>{}</h1><p>{}</p><p><a href=\"/\">Start again</a></p></div>",
+        escape(title),
+        escape(message)
+    );
+    page(status, csp, title, &body, false)
+}
+
+/// The service picker.
+pub fn picker(csp: &str, services: &[(String, String)], token: Option<&str>) -> Response {
+    let token_param = token.map(|t| format!("&token={}", q(t))).unwrap_or_default();
+    let items: String = services
+        .iter()
+        .map(|(id, name)| format!("<li><a href=\"/login?id={}{token_param}\">{}</a></li>", q(id), escape(name)))
+        .collect();
+    let list = if items.is_empty() {
+        "<p>No service is configured on this broker yet.</p>".to_owned()
+    } else {
+        format!("<ul class=services>{items}</ul>")
+    };
+    let body = format!(
+        "<div class=card><h1>Connect a storage account</h1>\
+         <p>Pick the service your backup or sync program should reach. You will log in at the provider; \
+         this broker never sees your password.</p>{list}</div>\
+         <p class=muted>A program that cannot show a browser can use the <a href=\"/device\">device page</a>.</p>"
+    );
+    page(StatusCode::OK, csp, "Connect", &body, false)
+}
+
+/// The AuthID page, shown once after a login.
+pub fn authid_page(csp: &str, authid: &str, service: &str, openers: &[String], handed_off: bool) -> Response {
+    let handed =
+        if handed_off { "<p>Your program has been sent this AuthID and will pick it up by itself.</p>" } else { "" };
+    let body = format!(
+        "<div class=card><h1>Your AuthID for {service}</h1>{handed}\
+         <p>Paste this AuthID into your backup or sync program (in Duplicati: the <em>AuthID</em> field of the \
+         storage settings). Keep it secret: it is the key to this login, and this page is the only time it is shown.</p>\
+         <code id=authid data-authid=\"{id}\" data-openers=\"{openers}\">{id}</code>\
+         <button id=copy type=button>Copy AuthID</button> <span id=copy-status class=muted role=status></span></div>\
+         <div class=card><p class=muted>Lost it, or no longer need it? <a href=\"/revoke\">Revoke an AuthID</a>. \
+         Programs can also use it as an OAuth2 refresh token at <code>/oauth2/token</code>.</p></div>",
+        service = escape(service),
+        id = escape(authid),
+        openers = escape(&openers.join(" ")),
+    );
+    page(StatusCode::OK, csp, "Your AuthID", &body, true)
+}
+
+/// The revoke form.
+pub fn revoke_form(csp: &str) -> Response {
+    let body = "<div class=card><h1>Revoke an AuthID</h1>\
+        <p>Paste the AuthID to revoke. Programs using it stop working at once; other AuthIDs of the same login keep working. \
+        Revoking the last AuthID of a login also revokes the login at the provider where it allows that.</p>\
+        <form method=post action=\"/revoked\"><label for=authid-input>AuthID</label>\
+        <input type=text id=authid-input name=authid autocomplete=off required>\
+        <input type=submit value=\"Revoke\"></form></div>";
+    page(StatusCode::OK, csp, "Revoke", body, false)
+}
+
+/// The result of a revocation.
+pub fn revoked_page(csp: &str, grant_revoked: Option<&str>) -> Response {
+    let extra = match grant_revoked {
+        Some(provider) => format!(
+            "<p>That was the last AuthID of its login, so the login was revoked too ({}).</p>",
+            escape(provider)
+        ),
+        None => String::new(),
+    };
+    let body = format!("<div class=card><h1>Revoked</h1><p>The AuthID no longer works.</p>{extra}</div>");
+    page(StatusCode::OK, csp, "Revoked", &body, false)
+}
+
+/// The device page: where a user types the code a headless program shows.
+pub fn device_form(csp: &str, prefill: Option<&str>) -> Response {
+    let body = format!(
+        "<div class=card><h1>Connect a device</h1><p>Type the code your program shows.</p>\
+         <form method=post action=\"/device\"><label for=user-code>Code</label>\
+         <input type=text id=user-code name=user_code value=\"{}\" autocomplete=off autocapitalize=characters required>\
+         <input type=submit value=\"Continue\"></form></div>",
+        escape(prefill.unwrap_or_default())
+    );
+    page(StatusCode::OK, csp, "Connect a device", &body, false)
+}
+
+/// The personal-login-token form (Jottacloud).
+pub fn login_token_form(csp: &str, service: &str, display: &str, token: Option<&str>) -> Response {
+    let token_field =
+        token.map(|t| format!("<input type=hidden name=token value=\"{}\">", escape(t))).unwrap_or_default();
+    let body = format!(
+        "<div class=card><h1>Log in to {display}</h1><p>Create a personal login token in your {display} account settings \
+         and paste it here. It is used once to log in and is not kept.</p>\
+         <form method=post action=\"/cli-token-login\"><input type=hidden name=id value=\"{service}\">{token_field}\
+         <label for=login-token>Personal login token</label><textarea id=login-token name=login_token required></textarea>\
+         <input type=submit value=\"Log in\"></form></div>",
+        display = escape(display),
+        service = escape(service),
+    );
+    page(StatusCode::OK, csp, "Log in", &body, false)
+}
+
+/// The privacy policy, as plain text.
+pub const PRIVACY_POLICY: &str = "latchkey privacy policy
+
+This broker stores, for each login you make through it:
+- the refresh token and the latest access token the provider issued, encrypted
+  under a key that only your AuthID unlocks (and, again, under the operator's
+  master key);
+- the service name, timestamps of creation and last use, and the labels you
+  give your AuthIDs (encrypted).
+
+It never sees or stores your provider password, and it does not keep your
+AuthID: only you hold it. The operator cannot read your tokens from the
+database alone.
+
+Your tokens are used only to obtain fresh access tokens for the program that
+presents your AuthID. Revoke an AuthID at /revoke at any time; revoking the
+last AuthID of a login deletes the tokens and, where the provider supports it,
+revokes them at the provider. Logins unused for a long time are deleted.
+";

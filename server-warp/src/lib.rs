@@ -1,0 +1,139 @@
+//! The latchkey broker: turns HTTP into engine calls.
+//!
+//! Duplicati clients use the helper protocol at the root (`/refresh`,
+//! `/login`, `/fetch`, …), standard OAuth2 clients the RFC 6749 facade at
+//! `/oauth2/token`, and scripts the `/v1` JSON API. Pages are rendered here;
+//! every decision about tokens is the engine's (`latchkey-core`).
+//!
+//! This crate is the one place that knows about configuration files, the
+//! network, signals and logs. Errors cross into HTTP in one module
+//! ([`http::reply`]) so the error vocabulary of DESIGN.md holds on every
+//! route.
+
+pub mod config;
+pub mod demo;
+pub mod http;
+pub mod limits;
+pub mod runtime;
+pub mod setup;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use latchkey_core::{Broker, EngineConfig, Store};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::http::AppState;
+use crate::limits::Limiter;
+
+/// How long a graceful shutdown waits for refreshes in flight.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A broker serving HTTP.
+pub struct Running {
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// The engine (tests read its metrics).
+    pub broker: Broker,
+    /// Services not offered, and why.
+    pub withheld: Vec<latchkey_providers::Withheld>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// `http://<addr>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting requests, lets those in flight finish, then waits for
+    /// refreshes in flight to store what they obtained.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.task).await;
+        drain(&self.broker).await;
+    }
+
+    /// Runs until `signal` completes, then stops gracefully.
+    pub async fn until(self, signal: impl std::future::Future<Output = ()>) {
+        signal.await;
+        tracing::info!("shutting down: finishing requests and refreshes in flight");
+        self.stop().await;
+    }
+}
+
+/// Waits (bounded) for refreshes in flight, then tries to store pending writes.
+pub async fn drain(broker: &Broker) {
+    let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+    while broker.refreshes_in_flight() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = broker.flush_pending().await;
+    if left > 0 {
+        tracing::error!(pending = left, "refreshed grants could not be stored before shutdown");
+    }
+}
+
+/// Builds the engine on `store` and serves on `config.listen`.
+pub async fn start(
+    config: &Config,
+    store: Arc<dyn Store>,
+    tune: impl FnOnce(&mut EngineConfig),
+) -> anyhow::Result<Running> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listen: cannot bind {}", config.listen))?;
+    serve(config, store, listener, tune).await
+}
+
+/// Builds the engine on `store` and serves on an already bound listener
+/// (tests bind port 0 first, to know the public URL).
+pub async fn serve(
+    config: &Config,
+    store: Arc<dyn Store>,
+    listener: tokio::net::TcpListener,
+    tune: impl FnOnce(&mut EngineConfig),
+) -> anyhow::Result<Running> {
+    let setup = setup::engine(config, Arc::clone(&store), tune).await?;
+    let addr = listener.local_addr()?;
+    let state = Arc::new(AppState::new(setup.broker.clone(), store, config, Limiter::new(&config.limits)));
+    let routes = http::routes(state);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(
+        warp::serve(routes)
+            .incoming(listener)
+            .graceful(async move {
+                let _ = stopped.await;
+            })
+            .run(),
+    );
+    Ok(Running { addr, broker: setup.broker, withheld: setup.withheld, stop: Some(stop), task })
+}
+
+/// Resolves when the process gets SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(_) => {
+                let _ = interrupt.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}

@@ -1,0 +1,246 @@
+//! The `latchkey` command.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use latchkey_core::OsRandom;
+use latchkey_core::keys::{MasterKey, MasterKeyId, MasterKeyring};
+use latchkey_server::config::{Config, parse_duration};
+use latchkey_server::setup;
+
+const USAGE: &str = "latchkey — an OAuth token broker for unattended software
+
+usage:
+  latchkey serve      [--config FILE]   run the broker (default: 127.0.0.1:8080, sled store in ./latchkey-data)
+  latchkey demo       [--listen ADDR]   run the broker with a fake provider on loopback, for a first look
+  latchkey check      [--config FILE]   validate the configuration and reach the store
+  latchkey services   [--config FILE]   list the services offered (and those withheld, with the reason)
+  latchkey stats      [--config FILE]   count grants by service and state
+  latchkey gc --unused-for DURATION [--dry-run] [--config FILE]
+                                        delete grants unused for DURATION (e.g. 365d) and expired records
+  latchkey master-key rotate [--config FILE]
+                                        re-seal every handle under the current master key
+
+The configuration file may also be named by LATCHKEY_CONFIG; LATCHKEY_* variables
+override its keys (LATCHKEY_STORE__KIND=postgres); LATCHKEY_LOG sets the log filter.";
+
+struct Args {
+    command: Vec<String>,
+    config: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    unused_for: Option<String>,
+    dry_run: bool,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut args = Args { command: Vec::new(), config: None, listen: None, unused_for: None, dry_run: false };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--config" | "-c" => args.config = Some(it.next().context("--config needs a file")?.into()),
+            "--listen" => args.listen = Some(it.next().context("--listen needs an address")?.parse()?),
+            "--unused-for" => args.unused_for = Some(it.next().context("--unused-for needs a duration")?),
+            "--dry-run" => args.dry_run = true,
+            "-h" | "--help" => args.command = vec!["help".into()],
+            "-V" | "--version" => args.command = vec!["version".into()],
+            flag if flag.starts_with('-') => bail!("unknown option {flag}; see latchkey --help"),
+            word => args.command.push(word.to_owned()),
+        }
+    }
+    if args.config.is_none() {
+        args.config = std::env::var_os("LATCHKEY_CONFIG").map(PathBuf::from);
+    }
+    Ok(args)
+}
+
+fn load_config(args: &Args) -> anyhow::Result<Config> {
+    Ok(Config::load(args.config.as_deref(), std::env::vars())?)
+}
+
+fn init_logging(config: Option<&Config>) {
+    let level = std::env::var("LATCHKEY_LOG").ok().or_else(|| config.map(|c| c.log.level.clone()));
+    let filter = tracing_subscriber::EnvFilter::try_new(level.as_deref().unwrap_or("info"))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    if config.is_some_and(|c| c.log.format == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[allow(clippy::print_stdout)]
+async fn run(args: Args) -> anyhow::Result<()> {
+    let words: Vec<&str> = args.command.iter().map(String::as_str).collect();
+    match words.as_slice() {
+        [] | ["help"] => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        ["version"] => {
+            println!("latchkey {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        ["serve"] => {
+            let config = load_config(&args)?;
+            init_logging(Some(&config));
+            let store = setup::open_store(&config).await?;
+            let running = latchkey_server::start(&config, store, |_| {}).await?;
+            for w in &running.withheld {
+                tracing::info!(service = %w.service, reason = %w.reason, "service not offered");
+            }
+            tracing::info!(addr = %running.addr, public_url = %config.public_url(), "latchkey is serving");
+            running.until(latchkey_server::shutdown_signal()).await;
+            Ok(())
+        }
+        ["demo"] => {
+            init_logging(None);
+            let fake = latchkey_server::demo::fake_provider().await?;
+            let listen = args.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+            let dir = std::env::temp_dir().join(format!("latchkey-demo-{}", std::process::id()));
+            let config = latchkey_server::demo::config(listen, &dir, &fake)?;
+            let store = setup::open_store(&config).await?;
+            let running = latchkey_server::start(&config, store, |_| {}).await?;
+            println!("{}", latchkey_server::demo::instructions(&running.url()));
+            running.until(latchkey_server::shutdown_signal()).await;
+            drop(fake);
+            let _ = std::fs::remove_dir_all(&dir);
+            Ok(())
+        }
+        ["check"] => {
+            let config = load_config(&args)?;
+            let store = setup::open_store(&config).await?;
+            store.ping().await.context("store: not reachable")?;
+            let built = setup::catalogue(&config)?;
+            setup::load_keyring(&config)?;
+            println!(
+                "configuration ok: {} service(s) offered, {} withheld, store reachable",
+                built.catalogue.listed_services().count(),
+                built.withheld.len()
+            );
+            Ok(())
+        }
+        ["services"] => {
+            let config = load_config(&args)?;
+            let built = setup::catalogue(&config)?;
+            for s in built.catalogue.listed_services() {
+                println!("{:<14} {}  (provider {})", s.id, s.display_name, s.provider);
+            }
+            for w in &built.withheld {
+                println!("{:<14} not offered: {}", w.service, w.reason);
+            }
+            Ok(())
+        }
+        ["stats"] => {
+            let config = load_config(&args)?;
+            let store = setup::open_store(&config).await?;
+            let setup = setup::engine(&config, store, |_| {}).await?;
+            let stats = setup.broker.stats().await?;
+            for ((service, state), n) in &stats.grants {
+                println!("grants{{service={service},state={state}}} {n}");
+            }
+            println!("handles_active {}\nhandles_revoked {}", stats.handles_active, stats.handles_revoked);
+            println!("logins_in_flight {}\nhandoffs_waiting {}", stats.logins_in_flight, stats.handoffs_waiting);
+            Ok(())
+        }
+        ["gc"] => {
+            let text = args.unused_for.as_deref().context("gc needs --unused-for DURATION (e.g. 365d)")?;
+            let unused_for =
+                parse_duration(text).with_context(|| format!("--unused-for: '{text}' is not like 365d"))?;
+            let config = load_config(&args)?;
+            let store = setup::open_store(&config).await?;
+            let setup = setup::engine(&config, store, |_| {}).await?;
+            let report = setup.broker.gc(unused_for, args.dry_run).await?;
+            let verb = if args.dry_run { "would delete" } else { "deleted" };
+            for g in &report.grants {
+                println!("{verb} grant {} ({}, {}, {} handle(s))", g.grant_id, g.service, g.state.as_str(), g.handles);
+            }
+            println!(
+                "{verb} {} grant(s), {} expired login(s), {} hand-off(s), {} device code(s), {} stale lease(s)",
+                report.grants.len(),
+                report.expired_logins,
+                report.expired_handoffs,
+                report.expired_devices,
+                report.stale_leases
+            );
+            Ok(())
+        }
+        ["master-key", "rotate"] => master_key_rotate(&args).await,
+        _ => bail!("unknown command '{}'; see latchkey --help", words.join(" ")),
+    }
+}
+
+/// Re-seals every handle under the current master key. With the generated
+/// key file of a sled store, first adds a new key as current, and removes
+/// the old ones once nothing needs them.
+#[allow(clippy::print_stdout)]
+async fn master_key_rotate(args: &Args) -> anyhow::Result<()> {
+    let config = load_config(args)?;
+    let generated = config.keys.master_keys.is_none()
+        && config.keys.master_passphrase_file.is_none()
+        && config.store.kind == "sled";
+    let key_file = config.store.path.join(setup::MASTER_KEY_FILE);
+    if generated {
+        // Creates the key file on a first run, and checks an existing one parses.
+        setup::load_keyring(&config)?;
+        let new = MasterKey::generate(MasterKeyId::new(&format!("k{}", setup::unix_now() + 1))?, &OsRandom);
+        let mut lines = vec![new.expose_config_text().as_str().to_owned()];
+        let old_text = std::fs::read_to_string(&key_file)?;
+        lines.extend(old_text.lines().filter(|l| !l.trim().is_empty()).map(str::to_owned));
+        write_key_file(&key_file, &lines)?;
+    }
+    let store = setup::open_store(&config).await?;
+    let setup = setup::engine(&config, Arc::clone(&store), |_| {}).await?;
+    let report = setup.broker.reseal().await?;
+    println!(
+        "re-sealed {} handle(s) and {} login(s); {} already current; {} could not be opened",
+        report.handles_resealed, report.logins_resealed, report.handles_current, report.failed
+    );
+    let current = setup.keyring.current().id().to_string();
+    if report.failed > 0 {
+        bail!("some records could not be opened with the configured keys; keep the old keys configured");
+    }
+    if generated {
+        let text = std::fs::read_to_string(&key_file)?;
+        let first: Vec<String> = text.lines().take(1).map(str::to_owned).collect();
+        write_key_file(&key_file, &first)?;
+        println!("old master keys removed from {}; current key is {current}", key_file.display());
+    } else {
+        println!("every record is under master key {current}; older keys can now be removed from the configuration");
+    }
+    Ok(())
+}
+
+fn write_key_file(path: &std::path::Path, lines: &[String]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    file.write_all(format!("{}\n", lines.join("\n")).as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    let _ = MasterKeyring::parse(lines).context("the rewritten key file does not parse")?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let result = match parse_args() {
+        Ok(args) => run(args).await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            #[allow(clippy::print_stderr)]
+            {
+                eprintln!("latchkey: {e:#}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! From configuration to a running engine: store, master keys, catalogue.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use latchkey_core::keys::{MasterKey, MasterKeyId, MasterKeyring, PassphraseParams};
+use latchkey_core::{Broker, BrokerParts, EngineConfig, OsRandom, Store};
+use latchkey_providers::{BuildOptions, BuiltCatalogue, build};
+use latchkey_storage_postgres::PostgresStore;
+use latchkey_storage_sled::SledStore;
+
+use crate::config::Config;
+use crate::runtime::TokioRuntime;
+
+/// The generated master key file in a sled data directory.
+pub const MASTER_KEY_FILE: &str = "master.key";
+/// Recorded Argon2id parameters for a passphrase, in a sled data directory.
+pub const PASSPHRASE_PARAMS_FILE: &str = "master-key.params";
+
+/// Everything `serve` and the maintenance commands need.
+pub struct Setup {
+    /// The engine.
+    pub broker: Broker,
+    /// The store (also for `/readyz`).
+    pub store: Arc<dyn Store>,
+    /// The catalogue as built, with withheld services.
+    pub withheld: Vec<latchkey_providers::Withheld>,
+    /// The keyring in use.
+    pub keyring: MasterKeyring,
+}
+
+/// Opens the configured store.
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    match config.store.kind.as_str() {
+        "postgres" => {
+            let url = config.store.url.as_deref().ok_or_else(|| anyhow!("store.url is not set"))?;
+            let store = PostgresStore::connect(url, &config.store.schema)
+                .await
+                .map_err(|e| anyhow!("store: cannot use PostgreSQL ({e}); check store.url and that the server runs"))?;
+            Ok(Arc::new(store))
+        }
+        _ => {
+            let store = SledStore::open(&config.store.path)
+                .await
+                .map_err(|e| anyhow!("store: cannot open the sled store at {} ({e})", config.store.path.display()))?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+/// Refuses a secret file other users may read.
+pub fn check_secret_file(key: &str, path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).with_context(|| format!("{key}: cannot read {}", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        bail!("{key}: {} is readable by other users; run chmod 600 on it", path.display());
+    }
+    Ok(())
+}
+
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    Ok(())
+}
+
+/// The master keyring: from configuration, from a passphrase, or (sled only)
+/// generated on first start into the data directory with mode 0600.
+pub fn load_keyring(config: &Config) -> anyhow::Result<MasterKeyring> {
+    if let Some(keys) = &config.keys.master_keys {
+        return MasterKeyring::parse(keys).map_err(|e| anyhow!("keys.master_keys: {e}"));
+    }
+    let sled_dir = (config.store.kind == "sled").then_some(config.store.path.as_path());
+    if let Some(file) = &config.keys.master_passphrase_file {
+        check_secret_file("keys.master_passphrase_file", file)?;
+        let passphrase = std::fs::read_to_string(file)?;
+        let passphrase = passphrase.trim_end_matches(['\n', '\r']);
+        if passphrase.len() < 12 {
+            bail!("keys.master_passphrase_file: the passphrase is shorter than 12 characters");
+        }
+        let params = match (&config.keys.master_passphrase_params, sled_dir) {
+            (Some(text), _) => {
+                PassphraseParams::parse(text).map_err(|e| anyhow!("keys.master_passphrase_params: {e}"))?
+            }
+            (None, Some(dir)) => {
+                std::fs::create_dir_all(dir)?;
+                let path = dir.join(PASSPHRASE_PARAMS_FILE);
+                match std::fs::read_to_string(&path) {
+                    Ok(text) => PassphraseParams::parse(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?,
+                    Err(_) => {
+                        let params = PassphraseParams::generate(&OsRandom);
+                        write_private(&path, &params.to_text())?;
+                        params
+                    }
+                }
+            }
+            (None, None) => bail!(
+                "keys.master_passphrase_params: a shared store needs the passphrase parameters in the configuration; use: {}",
+                PassphraseParams::generate(&OsRandom).to_text()
+            ),
+        };
+        let key = MasterKey::derive_from_passphrase(MasterKeyId::new("passphrase")?, passphrase.as_bytes(), &params)?;
+        return Ok(MasterKeyring::single(key));
+    }
+    let Some(dir) = sled_dir else {
+        bail!("keys: a shared store needs keys.master_keys (or keys.master_passphrase_file) in the configuration");
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join(MASTER_KEY_FILE);
+    if path.exists() {
+        check_secret_file(MASTER_KEY_FILE, &path)?;
+        let text = std::fs::read_to_string(&path)?;
+        let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+        return MasterKeyring::parse(&lines).map_err(|e| anyhow!("{}: {e}", path.display()));
+    }
+    let key = MasterKey::generate(MasterKeyId::new(&format!("k{}", unix_now()))?, &OsRandom);
+    write_private(&path, &format!("{}\n", key.expose_config_text().as_str()))?;
+    Ok(MasterKeyring::single(key))
+}
+
+/// Seconds since the epoch, for naming generated keys.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// The catalogue from configuration.
+pub fn catalogue(config: &Config) -> anyhow::Result<BuiltCatalogue> {
+    for (id, p) in &config.providers {
+        if let Some(file) = &p.client_secrets_file {
+            check_secret_file(&format!("providers.{id}.client_secrets_file"), file)?;
+        }
+    }
+    let options = BuildOptions {
+        redirect_uri: format!("{}/logged-in", config.public_url()),
+        default_timeout: Duration::from_secs(15),
+    };
+    build(&config.catalogue(), &options).map_err(|e| anyhow!("{e}"))
+}
+
+/// Builds the engine on an opened store.
+pub async fn engine(
+    config: &Config,
+    store: Arc<dyn Store>,
+    tune: impl FnOnce(&mut EngineConfig),
+) -> anyhow::Result<Setup> {
+    let keyring = load_keyring(config)?;
+    let built = catalogue(config)?;
+    let mut engine = EngineConfig { public_url: config.public_url(), ..EngineConfig::default() };
+    tune(&mut engine);
+    let broker = Broker::new(BrokerParts {
+        store: Arc::clone(&store),
+        catalogue: built.catalogue,
+        keyring: keyring.clone(),
+        runtime: Arc::new(TokioRuntime),
+        rng: Arc::new(OsRandom),
+        config: engine,
+    });
+    broker.start().await.map_err(|e| anyhow!("store: cannot subscribe to notices ({e})"))?;
+    Ok(Setup { broker, store, withheld: built.withheld, keyring })
+}

@@ -1,0 +1,195 @@
+// Duplicati's helper protocol end to end, page security headers, and the logs.
+
+use reqwest::header::{CACHE_CONTROL, CONTENT_TYPE};
+use serde_json::Value;
+
+use crate::support::{CLIENT_SECRET, authid_from_page, fake_config, harness, logs};
+
+#[tokio::test]
+async fn the_whole_duplicati_flow_with_hand_off_refresh_and_revoke() {
+    let h = harness(fake_config(), "").await;
+    let token = "duplicati-handoff-4f1c2a9e";
+    // The user opens the link Duplicati shows: the picker, starting a hand-off.
+    let picker = h.get(&format!("/?token={token}&type=fake")).await;
+    assert_eq!(picker.status(), 200);
+    let html = picker.text().await.unwrap();
+    assert!(
+        html.contains(&format!("/login?id=fake&amp;token={token}"))
+            || html.contains(&format!("/login?id=fake&token={token}")),
+        "{html}"
+    );
+    let wait: Value = h.get(&format!("/fetch?token={token}")).await.json().await.unwrap();
+    assert_eq!(wait, serde_json::json!({ "wait": "Not ready" }));
+    let state: Value = h.get(&format!("/token-state?token={token}")).await.json().await.unwrap();
+    assert_eq!(state["wait"], "Not ready");
+
+    let page = h.browser_login("fake", Some(token)).await;
+    let authid = authid_from_page(&page);
+    assert!(authid.contains(':'));
+    assert!(page.contains("will pick it up by itself"));
+
+    let state: Value = h.get(&format!("/token-state?token={token}")).await.json().await.unwrap();
+    assert_eq!(state["success"], true);
+    let fetched = h.get(&format!("/fetch?token={token}")).await;
+    assert_eq!(fetched.headers()[CACHE_CONTROL], "no-store");
+    let fetched: Value = fetched.json().await.unwrap();
+    assert_eq!(fetched["authid"], authid.as_str());
+    let again = h.get(&format!("/fetch?token={token}")).await;
+    assert_eq!(again.status(), 404, "released once");
+    assert!(again.headers().contains_key("x-reason"));
+
+    // Duplicati refreshes with the AuthID in X-AuthID.
+    let refresh = h
+        .http
+        .get(format!("{}/refresh", h.url))
+        .header("X-AuthID", &authid)
+        .header("User-Agent", "Duplicati v2.1.0.5")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refresh.status(), 200);
+    assert_eq!(refresh.headers()[CACHE_CONTROL], "no-store");
+    let body: Value = refresh.json().await.unwrap();
+    let access = body["access_token"].as_str().unwrap().to_owned();
+    assert!(h.fake.is_active(&access));
+    assert!(body["expires"].as_u64().unwrap() > 3000, "integer seconds left: {body}");
+    assert_eq!(body["type"], "fake");
+    // Form field and query parameter work too (old clients).
+    let form = h.http.post(format!("{}/refresh", h.url)).form(&[("authid", authid.as_str())]).send().await.unwrap();
+    assert_eq!(form.status(), 200);
+    let query = h.get(&format!("/refresh?authid={}", authid.replace(':', "%3A"))).await;
+    assert_eq!(query.status(), 200);
+
+    // The user revokes it; Duplicati now gets a clear one-line reason.
+    let revoke_form = h.get("/revoke").await;
+    assert_eq!(revoke_form.status(), 200);
+    let revoked = h.http.post(format!("{}/revoked", h.url)).form(&[("authid", authid.as_str())]).send().await.unwrap();
+    assert_eq!(revoked.status(), 200);
+    assert!(revoked.text().await.unwrap().contains("revoked too"), "the last AuthID revokes the login");
+    let refused = h.http.get(format!("{}/refresh", h.url)).header("X-AuthID", &authid).send().await.unwrap();
+    assert_eq!(refused.status(), 401);
+    assert_eq!(refused.headers()["x-reason"], "this AuthID has been revoked");
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["code"], "authid_revoked");
+
+    // Nothing secret reached the logs.
+    let logs = logs();
+    assert!(logs.contains("route=\"/refresh\""), "requests are logged");
+    for secret in [authid.split(':').nth(1).unwrap(), &access, CLIENT_SECRET, token] {
+        assert!(!logs.contains(secret), "the logs contain a secret");
+    }
+    h.server.stop().await;
+}
+
+#[tokio::test]
+async fn every_page_carries_the_security_headers() {
+    let h = harness(fake_config(), "").await;
+    let authid_page = h.browser_login("fake", None).await;
+    assert!(authid_page.contains("/static/authid.js"));
+    for path in [
+        "/",
+        "/?type=fake",
+        "/revoke",
+        "/device",
+        "/device?user_code=BCDF-GHJK",
+        "/?type=nope",
+        "/login?id=nope",
+        "/logged-in?state=forged&code=x",
+    ] {
+        let response = h.get(path).await;
+        let headers = response.headers();
+        let csp = headers.get("content-security-policy").unwrap_or_else(|| panic!("{path}: no CSP")).to_str().unwrap();
+        assert!(csp.contains("default-src 'none'") && csp.contains("script-src 'self'"), "{path}: {csp}");
+        assert!(!csp.contains("unsafe-inline"), "{path}");
+        assert!(csp.contains(&h.fake.base_url()), "forms may go to the provider: {csp}");
+        assert_eq!(headers["x-frame-options"], "DENY", "{path}");
+        assert_eq!(headers["referrer-policy"], "no-referrer", "{path}");
+        assert_eq!(headers[CACHE_CONTROL], "no-store", "{path}");
+        assert!(headers[CONTENT_TYPE].to_str().unwrap().starts_with("text/html"), "{path}");
+        let body = response.text().await.unwrap();
+        assert!(!body.contains("<script>"), "{path}: no inline script");
+    }
+    let script = h.get("/static/authid.js").await;
+    assert_eq!(script.status(), 200);
+    assert!(script.headers()[CONTENT_TYPE].to_str().unwrap().starts_with("text/javascript"));
+    let privacy = h.get("/privacy-policy").await;
+    assert!(privacy.headers()[CONTENT_TYPE].to_str().unwrap().starts_with("text/plain"));
+}
+
+#[tokio::test]
+async fn the_authid_page_posts_only_to_allowed_openers() {
+    let h = harness(fake_config(), "allowed_opener_origins = [\"http://localhost:8200\", \"https://backup.example\"]")
+        .await;
+    let page = h.browser_login("fake", None).await;
+    assert!(page.contains("data-openers=\"http://localhost:8200 https://backup.example\""), "{page}");
+    let script = h.get("/static/authid.js").await.text().await.unwrap();
+    assert!(script.contains("postMessage(\"authid:\" + id, origin)"));
+    assert!(!script.contains("\"*\""), "never to any origin");
+}
+
+#[tokio::test]
+async fn a_refused_login_and_a_forged_callback_show_clear_pages() {
+    let h = harness(fake_config(), "").await;
+    h.fake.deny_logins(true);
+    let start = h.get("/login?id=fake").await;
+    let location = start.headers()["location"].to_str().unwrap().to_owned();
+    let page = h.follow(location).await;
+    assert_eq!(page.status(), 400);
+    let html = page.text().await.unwrap();
+    assert!(html.contains("did not grant access (access_denied)"), "{html}");
+    let forged = h.get("/logged-in?state=forged-state&code=abc").await;
+    assert_eq!(forged.status(), 400);
+    assert!(forged.text().await.unwrap().contains("start the login again"));
+}
+
+#[tokio::test]
+async fn a_personal_login_token_logs_in_without_a_browser_redirect() {
+    use base64::Engine;
+    let jotta = latchkey_testkit::FakeProvider::start(latchkey_testkit::FakeConfig {
+        client_id: "jottacli".into(),
+        client_secrets: vec![],
+        rotate: true,
+        password_logins: vec![("user@example.com".into(), "auth-token-value".into())],
+        ..latchkey_testkit::FakeConfig::default()
+    })
+    .await
+    .unwrap();
+    let extra = format!(
+        "[providers.jotta]\nlogin_token = true\ntoken_url = \"{}\"\nclient_auth = \"none\"\nclient_id = \"jottacli\"\n\
+         [services.jotta]\nprovider = \"jotta\"\ndisplay_name = \"Jotta\"\nscopes = [\"openid\", \"offline_access\"]",
+        jotta.token_url()
+    );
+    let h = harness(fake_config(), &extra).await;
+    let start = h.get("/login?id=jotta&token=cli-handoff-1").await;
+    assert_eq!(start.status(), 302);
+    assert_eq!(start.headers()["location"], "/cli-token?id=jotta&token=cli-handoff-1");
+    let form = h.get("/cli-token?id=jotta&token=cli-handoff-1").await;
+    assert_eq!(form.status(), 200);
+    assert!(form.text().await.unwrap().contains("name=login_token"));
+    let login_token = base64::engine::general_purpose::STANDARD
+        .encode(r#"{"username":"user@example.com","realm":"jottacloud","auth_token":"auth-token-value"}"#);
+    let page = h
+        .http
+        .post(format!("{}/cli-token-login", h.url))
+        .form(&[("id", "jotta"), ("login_token", login_token.as_str()), ("token", "cli-handoff-1")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let authid = authid_from_page(&page.text().await.unwrap());
+    let fetched: Value = h.get("/fetch?token=cli-handoff-1").await.json().await.unwrap();
+    assert_eq!(fetched["authid"], authid.as_str());
+    let refresh = h.http.get(format!("{}/refresh", h.url)).header("X-AuthID", &authid).send().await.unwrap();
+    assert_eq!(refresh.status(), 200);
+    let request = jotta.token_requests().pop().unwrap();
+    assert_eq!((request.form("grant_type"), request.form("client_id")), (Some("password"), Some("jottacli")));
+    let wrong = h
+        .http
+        .post(format!("{}/cli-token-login", h.url))
+        .form(&[("id", "jotta"), ("login_token", "not-a-token")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 400);
+    assert!(!logs().contains("auth-token-value"), "the pasted token is not logged");
+}

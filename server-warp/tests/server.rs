@@ -1,0 +1,8 @@
+//! The broker over real HTTP: the server on a random port, the testkit's fake
+//! provider behind it.
+
+mod api;
+mod bad_input;
+mod config;
+mod duplicati;
+mod support;

@@ -1,0 +1,154 @@
+// Shared set-up: a fake provider, a broker on port 0, an HTTP client, captured logs.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use latchkey_core::{MemoryStore, Store};
+use latchkey_server::Running;
+use latchkey_server::config::Config;
+use latchkey_testkit::{FakeConfig, FakeProvider};
+use reqwest::header::LOCATION;
+
+pub(crate) const CLIENT_SECRET: &str = "fake-client-secret-value";
+
+/// Every log line the broker wrote in this test process.
+static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+
+#[derive(Clone)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Installs a subscriber that keeps every log line (debug and up).
+pub(crate) fn capture_logs() {
+    LOGS.get_or_init(|| {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let writer = Capture(buffer.clone());
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter("debug")
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _ = tracing::subscriber::set_global_default(subscriber);
+        buffer
+    });
+}
+
+pub(crate) fn logs() -> String {
+    LOGS.get().map(|b| String::from_utf8_lossy(&b.lock().unwrap()).into_owned()).unwrap_or_default()
+}
+
+pub(crate) struct Harness {
+    pub(crate) fake: FakeProvider,
+    pub(crate) server: Running,
+    pub(crate) url: String,
+    pub(crate) http: reqwest::Client,
+}
+
+pub(crate) fn fake_config() -> FakeConfig {
+    FakeConfig { client_secrets: vec![CLIENT_SECRET.into()], rotate: true, strict_reuse: true, ..FakeConfig::default() }
+}
+
+/// A broker on a MemoryStore, with a `fake` service at the fake provider.
+pub(crate) async fn harness(fake: FakeConfig, extra: &str) -> Harness {
+    harness_on(fake, extra, Arc::new(MemoryStore::new())).await
+}
+
+pub(crate) async fn harness_on(fake: FakeConfig, extra: &str, store: Arc<dyn Store>) -> Harness {
+    harness_tuned(fake, extra, store, |_| {}).await
+}
+
+pub(crate) async fn harness_tuned(
+    fake: FakeConfig,
+    extra: &str,
+    store: Arc<dyn Store>,
+    tune: impl FnOnce(&mut latchkey_core::EngineConfig),
+) -> Harness {
+    capture_logs();
+    let fake = FakeProvider::start(fake).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let keys = "k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    // Top-level keys go first, tables last.
+    let (top, tables) = if extra.trim_start().starts_with('[') { ("", extra) } else { (extra, "") };
+    let text = format!(
+        r#"
+        {top}
+        public_url = "{url}"
+        [keys]
+        master_keys = ["{keys}"]
+        [providers.fake]
+        authorize_url = "{authorize}"
+        token_url = "{token}"
+        revocation_url = "{revoke}"
+        client_auth = "basic"
+        client_id = "latchkey-test"
+        client_secrets = ["{CLIENT_SECRET}"]
+        rotates_refresh_tokens = true
+        [services.fake]
+        provider = "fake"
+        display_name = "Fake storage"
+        scopes = ["files", "offline_access"]
+        [services.jottacloud]
+        enabled = false
+        {tables}
+        "#,
+        authorize = fake.authorize_url(),
+        token = fake.token_url(),
+        revoke = fake.revocation_url(),
+    );
+    let config = Config::parse(&text).unwrap();
+    let server = latchkey_server::serve(&config, store, listener, tune).await.unwrap();
+    let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    Harness { fake, server, url, http }
+}
+
+impl Harness {
+    pub(crate) async fn get(&self, path: &str) -> reqwest::Response {
+        self.http.get(format!("{}{path}", self.url)).send().await.unwrap()
+    }
+
+    /// Follows a redirect chain by hand until it leaves for `stop_prefix` or ends.
+    pub(crate) async fn follow(&self, mut location: String) -> reqwest::Response {
+        loop {
+            let response = self.http.get(&location).send().await.unwrap();
+            match response.headers().get(LOCATION) {
+                Some(next) if response.status().is_redirection() => location = next.to_str().unwrap().to_owned(),
+                _ => return response,
+            }
+        }
+    }
+
+    /// A whole browser login for `service`, optionally with a hand-off token;
+    /// answers the AuthID page's HTML.
+    pub(crate) async fn browser_login(&self, service: &str, token: Option<&str>) -> String {
+        let mut path = format!("/login?id={service}");
+        if let Some(token) = token {
+            path.push_str(&format!("&token={token}"));
+        }
+        let start = self.get(&path).await;
+        assert_eq!(start.status(), 302);
+        let location = start.headers()[LOCATION].to_str().unwrap().to_owned();
+        assert!(location.starts_with(&self.fake.authorize_url()), "{location}");
+        let page = self.follow(location).await;
+        assert_eq!(page.status(), 200);
+        page.text().await.unwrap()
+    }
+
+    pub(crate) async fn login(&self) -> String {
+        authid_from_page(&self.browser_login("fake", None).await)
+    }
+}
+
+/// The AuthID in an AuthID page.
+pub(crate) fn authid_from_page(html: &str) -> String {
+    html.split("data-authid=\"").nth(1).and_then(|s| s.split('"').next()).expect("an AuthID on the page").to_owned()
+}
