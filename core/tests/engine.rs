@@ -567,7 +567,7 @@ async fn handles_mint_revoke_rotate_and_the_last_revoke_revokes_the_grant() {
     }
     assert!(world.provider.revoked().is_empty());
     let outcome = broker.revoke_handle(&last, last.keyid()).await.unwrap();
-    assert_eq!(outcome, Some(GrantRevocation { handles_revoked: 0, provider: ProviderRevocation::Revoked }));
+    assert_eq!(outcome, Some(GrantRevocation { handles_revoked: 1, provider: ProviderRevocation::Revoked }));
     assert_eq!(world.provider.revoked(), vec![refresh_token]);
     assert_eq!(world.grant(&login.grant_id).await.state, GrantState::Revoked);
     assert_eq!(broker.token(&last, None).await.unwrap_err(), EngineError::AuthIdRevoked);

@@ -1,5 +1,7 @@
 //! Handles: more AuthIDs for one grant, listing, revocation, rotation.
 
+use secrecy::{ExposeSecret, SecretString};
+
 use crate::authid::{AuthId, KeyId};
 use crate::envelope::SealedBlob;
 use crate::keys::DataKey;
@@ -8,7 +10,7 @@ use crate::records::{Grant, GrantId, GrantState, Handle, Lease, Record};
 use crate::store::{StoreError, StoreExt};
 use crate::time::Timestamp;
 
-use super::{Broker, EngineError, Inner, lock};
+use super::{Broker, EngineError, Inner};
 
 /// One AuthID of a grant, as its holders may see it (never a secret).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,10 +113,18 @@ impl Broker {
                 _ => return Err(EngineError::bad_request("this login has no AuthID with that key id")),
             }
         };
+        // Revoking the last live handle revokes the grant, and the grant goes
+        // first: if that fails, the caller's AuthID still works to retry.
+        let live = |handles: &[Handle]| handles.iter().filter(|h| h.revoked_at.is_none()).map(|h| h.keyid).collect::<Vec<_>>();
+        let before: Vec<Handle> = inner.store.load_group(caller.grant_id.as_bytes()).await?;
+        if live(&before) == [handle.keyid] {
+            return inner.revoke_grant(caller.grant_id, &data_key).await.map(Some);
+        }
         inner.revoke_one(handle).await?;
         inner.grant_changed(&caller.grant_id).await;
-        let handles: Vec<Handle> = inner.store.load_group(caller.grant_id.as_bytes()).await?;
-        if handles.iter().any(|h| h.revoked_at.is_none()) {
+        // Two handles revoked at once may each have seen the other live.
+        let after: Vec<Handle> = inner.store.load_group(caller.grant_id.as_bytes()).await?;
+        if !live(&after).is_empty() {
             return Ok(None);
         }
         inner.revoke_grant(caller.grant_id, &data_key).await.map(Some)
@@ -210,7 +220,8 @@ impl Inner {
                 Err(e) => return Err(e.into()),
             }
         }
-        lock(&self.pending).remove(&grant_id);
+        // A refreshed token this instance could not store yet is the live one.
+        let pending = self.take_pending_token(&grant_id);
         let _ = self.store.delete(Lease::KIND, grant_id.as_bytes(), None).await;
         let mut handles_revoked = 0;
         for handle in self.store.load_group::<Handle>(grant_id.as_bytes()).await? {
@@ -220,14 +231,23 @@ impl Inner {
         }
         self.grant_changed(&grant_id).await;
         let entry = service.as_deref().and_then(|s| self.catalogue.provider_for(s));
-        let provider = match (refresh_token, entry) {
+        let mut tokens: Vec<SecretString> = pending.into_iter().chain(refresh_token).collect();
+        tokens.dedup_by(|a, b| a.expose_secret() == b.expose_secret());
+        let provider = match (tokens.first(), entry) {
             (None, _) => ProviderRevocation::NoToken,
             (Some(_), None) => ProviderRevocation::Failed("the service is no longer configured".into()),
-            (Some(token), Some(entry)) => match entry.client.revoke(&token, TokenKind::Refresh).await {
-                Ok(()) => ProviderRevocation::Revoked,
-                Err(ProviderError::Unsupported(_)) => ProviderRevocation::Unsupported,
-                Err(e) => ProviderRevocation::Failed(e.to_string()),
-            },
+            (Some(live), Some(entry)) => {
+                // The live token decides the report; a rotated-out one is revoked for good measure.
+                let outcome = match entry.client.revoke(live, TokenKind::Refresh).await {
+                    Ok(()) => ProviderRevocation::Revoked,
+                    Err(ProviderError::Unsupported(_)) => ProviderRevocation::Unsupported,
+                    Err(e) => ProviderRevocation::Failed(e.to_string()),
+                };
+                for older in &tokens[1..] {
+                    let _ = entry.client.revoke(older, TokenKind::Refresh).await;
+                }
+                outcome
+            }
         };
         Ok(GrantRevocation { handles_revoked, provider })
     }

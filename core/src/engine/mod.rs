@@ -94,6 +94,10 @@ pub struct EngineConfig {
     pub persist_attempts: u32,
     /// How often a pending write is retried in the background.
     pub pending_retry: Duration,
+    /// How long the lease is held (and renewed on each retry) while a
+    /// rotated token waits to be stored: long enough to outlast a store
+    /// outage, so no other instance refreshes with the rotated-away token.
+    pub pending_lease_ttl: Duration,
     /// A handle's last-used time is written at most this often.
     pub touch_interval: Duration,
 }
@@ -119,6 +123,7 @@ impl Default for EngineConfig {
             breaker: BreakerPolicy::default(),
             persist_attempts: 3,
             pending_retry: Duration::from_secs(1),
+            pending_lease_ttl: Duration::from_secs(600),
             touch_interval: Duration::from_secs(3600),
         }
     }

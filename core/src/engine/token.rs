@@ -36,6 +36,7 @@ pub(crate) struct PendingWrite {
     payload: GrantPayload,
     data_key: DataKey,
     used: Option<SecretString>,
+    service: String,
 }
 
 enum LeaseStep {
@@ -425,7 +426,9 @@ impl Inner {
             Persisted::Failed if rotated => {
                 // The rotated token exists only here now. Keep it, keep the
                 // lease (nobody may refresh with the old token), keep trying.
-                lock(&self.pending).insert(grant_id, PendingWrite { payload, data_key: data_key.clone(), used });
+                let service = grant.service.clone();
+                lock(&self.pending).insert(grant_id, PendingWrite { payload, data_key: data_key.clone(), used, service });
+                self.hold_lease_for_pending(&grant_id).await;
                 self.spawn_pending_flusher(grant_id);
                 Attempt::Done(Err(EngineError::StoreUnavailable { retry_after: STORE_RETRY_AFTER }))
             }
@@ -524,16 +527,30 @@ impl Inner {
     }
 
     /// Stores a pending write if there is one for the grant.
+    ///
+    /// The lease is renewed first: while the rotated token exists only here,
+    /// no other instance may refresh with the old one. A pending write whose
+    /// grant was revoked (or replaced) meanwhile is dropped, and its token is
+    /// revoked at the provider, so no live token outlives its grant.
     pub(super) async fn flush_pending(&self, grant_id: &GrantId) -> Result<(), EngineError> {
         let Some(pending) = lock(&self.pending).get(grant_id).cloned() else { return Ok(()) };
         let unavailable = EngineError::StoreUnavailable { retry_after: STORE_RETRY_AFTER };
+        self.hold_lease_for_pending(grant_id).await;
         let grant = match self.store.load::<Grant>(grant_id.as_bytes()).await {
-            Ok(Some(grant)) => grant,
-            Ok(None) => {
-                lock(&self.pending).remove(grant_id);
-                return Ok(());
-            }
+            Ok(grant) => grant,
             Err(_) => return Err(unavailable),
+        };
+        let current = grant.as_ref().filter(|g| g.state != GrantState::Revoked).and_then(|g| {
+            let stored = g.open_payload(&pending.data_key).ok()?;
+            decide::same_refresh_token(stored.refresh_token.as_ref(), pending.used.as_ref()).then_some(g.clone())
+        });
+        let Some(grant) = current else {
+            lock(&self.pending).remove(grant_id);
+            let revoked = grant.is_none_or(|g| g.state == GrantState::Revoked);
+            if revoked {
+                self.revoke_pending_token(&pending).await;
+            }
+            return Ok(());
         };
         match self.persist(grant, &pending.payload, &pending.data_key, pending.used.as_ref()).await {
             Persisted::Failed => Err(unavailable),
@@ -547,6 +564,28 @@ impl Inner {
                 Ok(())
             }
         }
+    }
+
+    /// Extends this instance's lease while it holds a pending write (best
+    /// effort: a store that refuses writes refuses this one too).
+    async fn hold_lease_for_pending(&self, grant_id: &GrantId) {
+        let now = self.now();
+        let deadline = now.saturating_add(self.config.pending_lease_ttl);
+        let _ = self.store.acquire_lease(grant_id, &self.config.instance_id, deadline, now).await;
+    }
+
+    /// Revokes a dropped pending write's refresh token at the provider (best effort).
+    async fn revoke_pending_token(&self, pending: &PendingWrite) {
+        let Some(token) = &pending.payload.refresh_token else { return };
+        if let Some(entry) = self.catalogue.provider_for(&pending.service) {
+            let _ = entry.client.revoke(token, crate::provider::TokenKind::Refresh).await;
+        }
+    }
+
+    /// Takes the pending write of a grant being revoked: its refresh token is
+    /// the live one and must be revoked at the provider too.
+    pub(super) fn take_pending_token(&self, grant_id: &GrantId) -> Option<SecretString> {
+        lock(&self.pending).remove(grant_id).and_then(|p| p.payload.refresh_token)
     }
 
     fn spawn_pending_flusher(self: &Arc<Self>, grant_id: GrantId) {
