@@ -32,6 +32,10 @@ pub struct Config {
     /// Proxies whose `X-Forwarded-For` is believed (CIDRs).
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// This instance's name in refresh leases. Defaults to `<hostname>:<port>`,
+    /// stable across restarts, so a restarted broker takes back its own
+    /// leases at once instead of waiting for them to lapse.
+    pub instance_id: Option<String>,
     /// Origins the AuthID page posts its message to when opened as a popup.
     #[serde(default = "default_openers")]
     pub allowed_opener_origins: Vec<String>,
@@ -360,6 +364,19 @@ impl Config {
     pub fn catalogue(&self) -> CatalogueConfig {
         let over = CatalogueConfig { providers: self.providers.clone(), services: self.services.clone() };
         CatalogueConfig::built_in().map(|c| c.with_overrides(&over)).unwrap_or(over)
+    }
+
+    /// This instance's lease owner name.
+    pub fn instance_id(&self) -> String {
+        if let Some(id) = &self.instance_id {
+            return id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".to_owned());
+        format!("{host}:{}", self.listen.port())
     }
 
     /// The parsed trusted proxy ranges.

@@ -156,7 +156,8 @@ pub async fn engine(
 ) -> anyhow::Result<Setup> {
     let keyring = load_keyring(config)?;
     let built = catalogue(config)?;
-    let mut engine = EngineConfig { public_url: config.public_url(), ..EngineConfig::default() };
+    let mut engine =
+        EngineConfig { public_url: config.public_url(), instance_id: config.instance_id(), ..EngineConfig::default() };
     tune(&mut engine);
     let broker = Broker::new(BrokerParts {
         store: Arc::clone(&store),

@@ -3,6 +3,9 @@
 
 mod api;
 mod bad_input;
+mod browser;
 mod config;
 mod duplicati;
+mod interop;
+mod processes;
 mod support;

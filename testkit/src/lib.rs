@@ -274,6 +274,18 @@ impl FakeProvider {
         self.shared.state().is_active(token)
     }
 
+    /// `(grant, generation)` of a token this provider issued: the login it
+    /// belongs to, and which token response issued it (1 = the login, +1 per
+    /// refresh). Tests use it to check that no acknowledged rotation was lost.
+    pub fn lineage(&self, token: &str) -> Option<(u64, u64)> {
+        self.shared.state().lineage(token)
+    }
+
+    /// The latest generation issued for a grant (see [`FakeProvider::lineage`]).
+    pub fn latest_generation(&self, grant: u64) -> Option<u64> {
+        self.shared.state().latest_generation(grant)
+    }
+
     /// Approves a device authorization by its user code. `false` if unknown.
     pub fn approve_device(&self, user_code: &str) -> bool {
         self.shared.state().approve_device(user_code)

@@ -28,11 +28,14 @@ pub(crate) struct PendingLogin {
 #[derive(Debug, Default)]
 struct Family {
     revoked: bool,
+    /// Token responses issued so far for this grant (1 = the login).
+    generation: u64,
 }
 
 #[derive(Debug)]
 struct RefreshEntry {
     family: u64,
+    generation: u64,
     rotated_out: bool,
     scope: String,
 }
@@ -70,7 +73,7 @@ pub(crate) struct State {
     pub(crate) logins: HashMap<String, PendingLogin>,
     families: HashMap<u64, Family>,
     refresh: HashMap<String, RefreshEntry>,
-    access: HashMap<String, u64>,
+    access: HashMap<String, (u64, u64)>,
     devices: HashMap<String, Device>,
 }
 
@@ -101,11 +104,19 @@ impl State {
     }
 
     fn issue(&mut self, family: u64, scope: &str, with_refresh: bool) -> Issued {
+        let generation = match self.families.get_mut(&family) {
+            Some(f) => {
+                f.generation += 1;
+                f.generation
+            }
+            None => 0,
+        };
         let access_token = self.fresh("at");
-        self.access.insert(access_token.clone(), family);
+        self.access.insert(access_token.clone(), (family, generation));
         let refresh_token = with_refresh.then(|| {
             let token = self.fresh("rt");
-            self.refresh.insert(token.clone(), RefreshEntry { family, rotated_out: false, scope: scope.to_owned() });
+            let entry = RefreshEntry { family, generation, rotated_out: false, scope: scope.to_owned() };
+            self.refresh.insert(token.clone(), entry);
             token
         });
         Issued { access_token, refresh_token, scope: scope.to_owned(), family }
@@ -148,13 +159,27 @@ impl State {
         if let Some(entry) = self.refresh.get(token) {
             return !entry.rotated_out && !self.family_revoked(entry.family);
         }
-        self.access.get(token).is_some_and(|family| !self.family_revoked(*family))
+        self.access.get(token).is_some_and(|(family, _)| !self.family_revoked(*family))
+    }
+
+    /// `(grant, generation)` of a refresh or access token: which login it
+    /// belongs to and which token response (1 = the login) issued it.
+    pub(crate) fn lineage(&self, token: &str) -> Option<(u64, u64)> {
+        if let Some(entry) = self.refresh.get(token) {
+            return Some((entry.family, entry.generation));
+        }
+        self.access.get(token).copied()
+    }
+
+    /// The latest generation issued for a grant.
+    pub(crate) fn latest_generation(&self, family: u64) -> Option<u64> {
+        self.families.get(&family).map(|f| f.generation)
     }
 
     /// Revokes the grant a refresh or access token belongs to. RFC 7009 says
     /// an unknown token is not an error, so this answers nothing.
     pub(crate) fn revoke(&mut self, token: &str) {
-        let family = self.refresh.get(token).map(|e| e.family).or_else(|| self.access.get(token).copied());
+        let family = self.refresh.get(token).map(|e| e.family).or_else(|| self.access.get(token).map(|(f, _)| *f));
         if let Some(family) = family.and_then(|f| self.families.get_mut(&f)) {
             family.revoked = true;
         }

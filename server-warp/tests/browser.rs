@@ -1,0 +1,1 @@
+// (in progress) A real browser: headless Chromium over WebDriver.

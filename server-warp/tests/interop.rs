@@ -1,0 +1,197 @@
+// Interop with a real, certified authorization server: panva's oidc-provider
+// on loopback, standing in for Microsoft's identity platform.
+
+use std::sync::Arc;
+
+use latchkey_core::MemoryStore;
+use latchkey_server::Running;
+use latchkey_server::config::Config;
+use latchkey_testkit::oidc::{ClientAuthMethod, OidcOptions, OidcProvider};
+use serde_json::Value;
+
+pub(crate) const CLIENT_ID: &str = "latchkey-interop";
+/// Needs form-urlencoding in HTTP Basic, which oidc-provider checks.
+pub(crate) const CLIENT_SECRET: &str = "s:e/c+r%t interop";
+pub(crate) const MASTER_KEY: &str = "k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+/// The broker's provider and service entries for an oidc-provider.
+pub(crate) fn provider_toml(oidc: &OidcProvider) -> String {
+    format!(
+        r#"
+        [providers.oidc]
+        authorize_url = "{}"
+        token_url = "{}"
+        revocation_url = "{}"
+        issuer = "{}"
+        client_auth = "basic"
+        client_id = "{CLIENT_ID}"
+        client_secrets = ["{CLIENT_SECRET}"]
+        pkce = true
+        rotates_refresh_tokens = true
+        account_id = "id_token"
+        [services.oidc]
+        provider = "oidc"
+        display_name = "OIDC storage"
+        scopes = ["openid", "offline_access", "files"]
+        [services.jottacloud]
+        enabled = false
+        "#,
+        oidc.authorization_endpoint(),
+        oidc.token_endpoint(),
+        oidc.revocation_endpoint(),
+        oidc.issuer(),
+    )
+}
+
+pub(crate) fn oidc_options(redirect_uris: Vec<String>, access_ttl_secs: u64) -> OidcOptions {
+    OidcOptions {
+        client_id: CLIENT_ID.into(),
+        client_secret: CLIENT_SECRET.into(),
+        redirect_uris,
+        access_ttl_secs,
+        rotate_refresh_tokens: true,
+        client_auth: ClientAuthMethod::Basic,
+    }
+}
+
+pub(crate) fn http() -> reqwest::Client {
+    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
+}
+
+/// Logs in through the broker at `url` as `user` at the provider; answers the AuthID.
+pub(crate) async fn login(http: &reqwest::Client, url: &str, oidc: &OidcProvider, user: &str, path: &str) -> String {
+    let start = http.get(format!("{url}{path}")).send().await.unwrap();
+    assert_eq!(start.status(), 302, "{path}");
+    let to_provider = start.headers()["location"].to_str().unwrap().to_owned();
+    let back = oidc.login(&to_provider, user).await.expect("login and consent at the provider");
+    assert!(back.starts_with(&format!("{url}/logged-in?")), "{back}");
+    assert!(back.contains("iss="), "RFC 9207 iss comes back: {back}");
+    let page = http.get(&back).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    crate::support::authid_from_page(&page.text().await.unwrap())
+}
+
+struct Interop {
+    oidc: OidcProvider,
+    server: Running,
+    url: String,
+    http: reqwest::Client,
+}
+
+async fn interop(access_ttl_secs: u64) -> Interop {
+    crate::support::capture_logs();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let oidc = OidcProvider::start(oidc_options(vec![format!("{url}/logged-in")], access_ttl_secs)).await.unwrap();
+    let text = format!("public_url = \"{url}\"\n[keys]\nmaster_keys = [\"{MASTER_KEY}\"]\n{}", provider_toml(&oidc));
+    let config = Config::parse(&text).unwrap();
+    let server = latchkey_server::serve(&config, Arc::new(MemoryStore::new()), listener, |c| {
+        c.device_interval = std::time::Duration::ZERO;
+    })
+    .await
+    .unwrap();
+    Interop { oidc, server, url, http: http() }
+}
+
+#[tokio::test]
+async fn a_login_at_oidc_provider_then_tokens_through_every_surface() {
+    let t = interop(3600).await;
+    let authid = login(&t.http, &t.url, &t.oidc, "alice", "/login?id=oidc").await;
+    let refresh = t.http.get(format!("{}/refresh", t.url)).header("X-AuthID", &authid).send().await.unwrap();
+    assert_eq!(refresh.status(), 200);
+    let refresh: Value = refresh.json().await.unwrap();
+    let access = refresh["access_token"].as_str().unwrap().to_owned();
+    let introspection = t.oidc.introspection(&access).await.unwrap();
+    assert_eq!(introspection["active"], true);
+    assert_eq!(introspection["sub"], "alice");
+    let v1: Value =
+        t.http.post(format!("{}/v1/token", t.url)).bearer_auth(&authid).send().await.unwrap().json().await.unwrap();
+    assert_eq!(v1["access_token"], access.as_str());
+    assert!(v1["scope"].as_str().unwrap().contains("offline_access"));
+    let oauth2: Value = t
+        .http
+        .post(format!("{}/oauth2/token", t.url))
+        .form(&[("grant_type", "refresh_token"), ("refresh_token", authid.as_str())])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(oauth2["access_token"], access.as_str());
+    assert_eq!(oauth2["refresh_token"], authid.as_str());
+    t.server.stop().await;
+}
+
+#[tokio::test]
+async fn revoking_the_grant_revokes_it_at_the_provider() {
+    let t = interop(3600).await;
+    let authid = login(&t.http, &t.url, &t.oidc, "bob", "/login?id=oidc").await;
+    let v1: Value =
+        t.http.post(format!("{}/v1/token", t.url)).bearer_auth(&authid).send().await.unwrap().json().await.unwrap();
+    let access = v1["access_token"].as_str().unwrap().to_owned();
+    assert!(t.oidc.introspect(&access).await.unwrap());
+    let report: Value = t
+        .http
+        .post(format!("{}/v1/grant/revoke", t.url))
+        .bearer_auth(&authid)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(report["provider"], "revoked", "{report}");
+    assert!(!t.oidc.introspect(&access).await.unwrap(), "RFC 7009 revocation of the refresh token ended the grant");
+    let after = t.http.get(format!("{}/refresh", t.url)).header("X-AuthID", &authid).send().await.unwrap();
+    assert_eq!(after.status(), 401);
+}
+
+#[tokio::test]
+async fn the_device_flow_end_to_end_against_oidc_provider() {
+    let t = interop(3600).await;
+    let start: Value = t
+        .http
+        .post(format!("{}/v1/device/code", t.url))
+        .form(&[("service", "oidc")])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let device_code = start["device_code"].as_str().unwrap().to_owned();
+    let poll = || async {
+        t.http
+            .post(format!("{}/v1/device/token", t.url))
+            .form(&[("device_code", device_code.as_str())])
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    };
+    assert_eq!(poll().await["error"], "authorization_pending");
+    // The user types the code on the broker's device page and logs in at the provider.
+    let user_code = start["user_code"].as_str().unwrap();
+    let go = t.http.post(format!("{}/device", t.url)).form(&[("user_code", user_code)]).send().await.unwrap();
+    assert_eq!(go.status(), 302);
+    let back = t.oidc.login(go.headers()["location"].to_str().unwrap(), "carol").await.unwrap();
+    let page = t.http.get(&back).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let polled = poll().await;
+    let authid = polled["authid"].as_str().unwrap_or_else(|| panic!("{polled}")).to_owned();
+    let refresh: Value = t
+        .http
+        .get(format!("{}/refresh", t.url))
+        .header("X-AuthID", &authid)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let introspection = t.oidc.introspection(refresh["access_token"].as_str().unwrap()).await.unwrap();
+    assert_eq!((introspection["active"].as_bool(), introspection["sub"].as_str()), (Some(true), Some("carol")));
+}
