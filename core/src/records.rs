@@ -103,6 +103,22 @@ pub trait Record: Sized + Send + Sync {
     fn decode(bytes: &[u8], version: u64) -> Result<Self, DecodeError>;
 }
 
+/// The part of a [`Record`] impl every record writes the same way: its store
+/// key, and the store-managed `version` field.
+macro_rules! record_basics {
+    ($self:ident => $key:expr) => {
+        fn key(&$self) -> Vec<u8> {
+            $key
+        }
+        fn version(&self) -> u64 {
+            self.version
+        }
+        fn set_version(&mut self, version: u64) {
+            self.version = version;
+        }
+    };
+}
+
 macro_rules! byte_id {
     ($(#[$doc:meta])* $name:ident, $len:expr) => {
         $(#[$doc])*
@@ -375,15 +391,7 @@ impl Record for Grant {
     const KIND: RecordKind = RecordKind::Grant;
     const FORMAT: u8 = 1;
 
-    fn key(&self) -> Vec<u8> {
-        self.id.0.to_vec()
-    }
-    fn version(&self) -> u64 {
-        self.version
-    }
-    fn set_version(&mut self, version: u64) {
-        self.version = version;
-    }
+    record_basics!(self => self.id.0.to_vec());
 
     fn encode(&self) -> Vec<u8> {
         Writer::new(Self::KIND as u8, Self::FORMAT)
@@ -510,17 +518,10 @@ impl Record for Handle {
     const KIND: RecordKind = RecordKind::Handle;
     const FORMAT: u8 = 1;
 
-    fn key(&self) -> Vec<u8> {
-        self.keyid.as_bytes().to_vec()
-    }
+    record_basics!(self => self.keyid.as_bytes().to_vec());
+
     fn group(&self) -> Option<Vec<u8>> {
         Some(self.grant_id.0.to_vec())
-    }
-    fn version(&self) -> u64 {
-        self.version
-    }
-    fn set_version(&mut self, version: u64) {
-        self.version = version;
     }
 
     fn encode(&self) -> Vec<u8> {
@@ -612,15 +613,7 @@ impl Record for LoginTransaction {
     const KIND: RecordKind = RecordKind::LoginTransaction;
     const FORMAT: u8 = 1;
 
-    fn key(&self) -> Vec<u8> {
-        self.id.0.to_vec()
-    }
-    fn version(&self) -> u64 {
-        self.version
-    }
-    fn set_version(&mut self, version: u64) {
-        self.version = version;
-    }
+    record_basics!(self => self.id.0.to_vec());
 
     fn encode(&self) -> Vec<u8> {
         Writer::new(Self::KIND as u8, Self::FORMAT)
@@ -750,15 +743,7 @@ impl Record for Handoff {
     const KIND: RecordKind = RecordKind::Handoff;
     const FORMAT: u8 = 1;
 
-    fn key(&self) -> Vec<u8> {
-        self.id.0.to_vec()
-    }
-    fn version(&self) -> u64 {
-        self.version
-    }
-    fn set_version(&mut self, version: u64) {
-        self.version = version;
-    }
+    record_basics!(self => self.id.0.to_vec());
 
     fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new(Self::KIND as u8, Self::FORMAT);
@@ -814,15 +799,7 @@ impl Record for DeviceGrant {
     const KIND: RecordKind = RecordKind::DeviceGrant;
     const FORMAT: u8 = 1;
 
-    fn key(&self) -> Vec<u8> {
-        self.id.0.to_vec()
-    }
-    fn version(&self) -> u64 {
-        self.version
-    }
-    fn set_version(&mut self, version: u64) {
-        self.version = version;
-    }
+    record_basics!(self => self.id.0.to_vec());
 
     fn encode(&self) -> Vec<u8> {
         Writer::new(Self::KIND as u8, Self::FORMAT)
@@ -867,15 +844,7 @@ impl Record for Lease {
     const KIND: RecordKind = RecordKind::Lease;
     const FORMAT: u8 = 1;
 
-    fn key(&self) -> Vec<u8> {
-        self.grant_id.0.to_vec()
-    }
-    fn version(&self) -> u64 {
-        self.version
-    }
-    fn set_version(&mut self, version: u64) {
-        self.version = version;
-    }
+    record_basics!(self => self.grant_id.0.to_vec());
 
     fn encode(&self) -> Vec<u8> {
         Writer::new(Self::KIND as u8, Self::FORMAT)
