@@ -5,12 +5,8 @@
 
 use std::time::Duration;
 
-use async_trait::async_trait;
 use futures_util::StreamExt;
-use latchkey_core::{
-    GrantId, LeaseOutcome, ListQuery, Notice, NoticeStream, OsRandom, Page, Random, RecordKind, Store, StoreError,
-    StoredRecord, Timestamp,
-};
+use latchkey_core::{GrantId, Notice, NoticeStream, OsRandom, Random};
 use latchkey_storage_postgres::PostgresStore;
 use tokio_postgres::NoTls;
 
@@ -67,63 +63,13 @@ async fn raw_client() -> tokio_postgres::Client {
     client
 }
 
-/// A store in a fresh schema that drops the schema after the store closes.
-struct TestStore {
-    // Declared first: the store's connections close before the schema is dropped.
-    store: PostgresStore,
-    _schema: Schema,
-}
+/// A store in a fresh schema that drops the schema after the store closes
+/// (fields drop in order: the connections close before the schema goes).
+type TestStore = latchkey_core::testing::Guarded<PostgresStore, Schema>;
 
 async fn fresh_store() -> TestStore {
     let schema = Schema::fresh();
-    TestStore { store: schema.open().await, _schema: schema }
-}
-
-#[async_trait]
-impl Store for TestStore {
-    async fn get(&self, kind: RecordKind, id: &[u8]) -> Result<Option<StoredRecord>, StoreError> {
-        self.store.get(kind, id).await
-    }
-    async fn insert(&self, kind: RecordKind, id: &[u8], group: Option<&[u8]>, body: &[u8]) -> Result<(), StoreError> {
-        self.store.insert(kind, id, group, body).await
-    }
-    async fn compare_and_swap(
-        &self,
-        kind: RecordKind,
-        id: &[u8],
-        expected: u64,
-        group: Option<&[u8]>,
-        body: &[u8],
-    ) -> Result<u64, StoreError> {
-        self.store.compare_and_swap(kind, id, expected, group, body).await
-    }
-    async fn delete(&self, kind: RecordKind, id: &[u8], expected: Option<u64>) -> Result<(), StoreError> {
-        self.store.delete(kind, id, expected).await
-    }
-    async fn list(&self, query: &ListQuery) -> Result<Page, StoreError> {
-        self.store.list(query).await
-    }
-    async fn publish(&self, notice: Notice) -> Result<(), StoreError> {
-        self.store.publish(notice).await
-    }
-    async fn subscribe(&self) -> Result<NoticeStream, StoreError> {
-        self.store.subscribe().await
-    }
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.store.ping().await
-    }
-    async fn acquire_lease(
-        &self,
-        grant: &GrantId,
-        owner: &str,
-        deadline: Timestamp,
-        now: Timestamp,
-    ) -> Result<LeaseOutcome, StoreError> {
-        self.store.acquire_lease(grant, owner, deadline, now).await
-    }
-    async fn release_lease(&self, grant: &GrantId, owner: &str) -> Result<bool, StoreError> {
-        self.store.release_lease(grant, owner).await
-    }
+    TestStore::new(schema.open().await, schema)
 }
 
 /// The next notice on `stream`, or a failure if none arrives within a second.

@@ -1,56 +1,16 @@
 //! latchkey-storage-sled's integration tests: one binary, one module per concern.
 
-use async_trait::async_trait;
-use latchkey_core::records::RecordKind;
-use latchkey_core::store::{ListQuery, Notice, NoticeStream, Page, Store, StoreError, StoredRecord};
 use latchkey_storage_sled::SledStore;
 use tempfile::TempDir;
 
-/// A store in its own temporary directory, removed after the store closes.
-struct TempStore {
-    // Declared first so it is dropped (and the database closed) before the directory goes.
-    store: SledStore,
-    _dir: TempDir,
-}
+/// A store in its own temporary directory, removed after the store closes
+/// (fields drop in order: the database closes before the directory goes).
+type TempStore = latchkey_core::testing::Guarded<SledStore, TempDir>;
 
-impl TempStore {
-    async fn fresh() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = SledStore::open(dir.path()).await.expect("open fresh store");
-        TempStore { store, _dir: dir }
-    }
-}
-
-#[async_trait]
-impl Store for TempStore {
-    async fn get(&self, kind: RecordKind, id: &[u8]) -> Result<Option<StoredRecord>, StoreError> {
-        self.store.get(kind, id).await
-    }
-    async fn insert(&self, kind: RecordKind, id: &[u8], group: Option<&[u8]>, body: &[u8]) -> Result<(), StoreError> {
-        self.store.insert(kind, id, group, body).await
-    }
-    async fn compare_and_swap(
-        &self,
-        kind: RecordKind,
-        id: &[u8],
-        expected: u64,
-        group: Option<&[u8]>,
-        body: &[u8],
-    ) -> Result<u64, StoreError> {
-        self.store.compare_and_swap(kind, id, expected, group, body).await
-    }
-    async fn delete(&self, kind: RecordKind, id: &[u8], expected: Option<u64>) -> Result<(), StoreError> {
-        self.store.delete(kind, id, expected).await
-    }
-    async fn list(&self, query: &ListQuery) -> Result<Page, StoreError> {
-        self.store.list(query).await
-    }
-    async fn publish(&self, notice: Notice) -> Result<(), StoreError> {
-        self.store.publish(notice).await
-    }
-    async fn subscribe(&self) -> Result<NoticeStream, StoreError> {
-        self.store.subscribe().await
-    }
+async fn fresh_store() -> TempStore {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SledStore::open(dir.path()).await.expect("open fresh store");
+    TempStore::new(store, dir)
 }
 
 /// A small seeded xorshift64* generator: reproducible test inputs and kill timings.
@@ -71,7 +31,7 @@ impl XorShift {
 
 // The shared Store conformance suite, every case on a fresh store in its own directory.
 mod conformance {
-    latchkey_core::store_conformance_tests!(async { super::TempStore::fresh().await });
+    latchkey_core::store_conformance_tests!(async { super::fresh_store().await });
 }
 
 // The same operations on SledStore and MemoryStore give the same answers (listing edge cases above all).
@@ -80,7 +40,7 @@ mod differential {
     use latchkey_core::records::RecordKind;
     use latchkey_core::store::{ListQuery, Store, StoreError};
 
-    use super::{TempStore, XorShift};
+    use super::{XorShift, fresh_store};
 
     /// Errors compared by meaning; backend sources differ by design.
     fn outcome<T: std::fmt::Debug>(result: Result<T, StoreError>) -> String {
@@ -119,7 +79,7 @@ mod differential {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sled_answers_like_the_memory_store() {
-        let sled = TempStore::fresh().await;
+        let sled = fresh_store().await;
         let memory = MemoryStore::new();
         let mut rng = XorShift(0x5EED_1234_ABCD_0001);
         for step in 0..400 {

@@ -152,3 +152,72 @@ impl Random for SeqRandom {
         }
     }
 }
+
+/// A store that keeps something alive for as long as it lives — a temporary
+/// directory, a database schema dropped on `Drop` — and otherwise delegates
+/// every method (the provided ones too, so an adapter's overrides are used).
+pub struct Guarded<S, G> {
+    /// The store.
+    pub store: S,
+    _guard: G,
+}
+
+impl<S, G> Guarded<S, G> {
+    /// `store`, keeping `guard` until it is dropped.
+    pub fn new(store: S, guard: G) -> Self {
+        Guarded { store, _guard: guard }
+    }
+}
+
+#[async_trait::async_trait]
+impl<S: crate::Store, G: Send + Sync> crate::Store for Guarded<S, G> {
+    async fn get(&self, kind: crate::RecordKind, id: &[u8]) -> Result<Option<crate::StoredRecord>, crate::StoreError> {
+        self.store.get(kind, id).await
+    }
+    async fn insert(
+        &self,
+        kind: crate::RecordKind,
+        id: &[u8],
+        group: Option<&[u8]>,
+        body: &[u8],
+    ) -> Result<(), crate::StoreError> {
+        self.store.insert(kind, id, group, body).await
+    }
+    async fn compare_and_swap(
+        &self,
+        kind: crate::RecordKind,
+        id: &[u8],
+        expected: u64,
+        group: Option<&[u8]>,
+        body: &[u8],
+    ) -> Result<u64, crate::StoreError> {
+        self.store.compare_and_swap(kind, id, expected, group, body).await
+    }
+    async fn delete(&self, kind: crate::RecordKind, id: &[u8], expected: Option<u64>) -> Result<(), crate::StoreError> {
+        self.store.delete(kind, id, expected).await
+    }
+    async fn list(&self, query: &crate::ListQuery) -> Result<crate::Page, crate::StoreError> {
+        self.store.list(query).await
+    }
+    async fn publish(&self, notice: crate::Notice) -> Result<(), crate::StoreError> {
+        self.store.publish(notice).await
+    }
+    async fn subscribe(&self) -> Result<crate::NoticeStream, crate::StoreError> {
+        self.store.subscribe().await
+    }
+    async fn ping(&self) -> Result<(), crate::StoreError> {
+        self.store.ping().await
+    }
+    async fn acquire_lease(
+        &self,
+        grant: &crate::GrantId,
+        owner: &str,
+        deadline: Timestamp,
+        now: Timestamp,
+    ) -> Result<crate::LeaseOutcome, crate::StoreError> {
+        self.store.acquire_lease(grant, owner, deadline, now).await
+    }
+    async fn release_lease(&self, grant: &crate::GrantId, owner: &str) -> Result<bool, crate::StoreError> {
+        self.store.release_lease(grant, owner).await
+    }
+}
