@@ -2,6 +2,7 @@
 
 mod dependencies;
 mod engine;
+mod engine_model;
 mod engine_world;
 mod envelope_props;
 mod key_rotation;

@@ -115,7 +115,8 @@ impl Broker {
         };
         // Revoking the last live handle revokes the grant, and the grant goes
         // first: if that fails, the caller's AuthID still works to retry.
-        let live = |handles: &[Handle]| handles.iter().filter(|h| h.revoked_at.is_none()).map(|h| h.keyid).collect::<Vec<_>>();
+        let live =
+            |handles: &[Handle]| handles.iter().filter(|h| h.revoked_at.is_none()).map(|h| h.keyid).collect::<Vec<_>>();
         let before: Vec<Handle> = inner.store.load_group(caller.grant_id.as_bytes()).await?;
         if live(&before) == [handle.keyid] {
             return inner.revoke_grant(caller.grant_id, &data_key).await.map(Some);

@@ -255,6 +255,9 @@ impl Inner {
         data_key: &DataKey,
         min_validity: Duration,
     ) -> Result<LeaseStep, EngineError> {
+        // A request waits at most one lease period for another instance's
+        // refresh (or its pending write) before telling its client to retry.
+        let give_up = self.now().saturating_add(self.config.lease_ttl);
         loop {
             // Registered before the read, so a notice between read and wait is not lost.
             let woken = self.waiter(grant_id);
@@ -279,6 +282,9 @@ impl Inner {
                             Ok(LeaseStep::Adopted(fresh))
                         }
                     };
+                }
+                LeaseOutcome::Held { .. } if now >= give_up => {
+                    return Err(EngineError::StoreUnavailable { retry_after: STORE_RETRY_AFTER });
                 }
                 LeaseOutcome::Held { deadline, .. } => {
                     Metrics::bump(&self.metrics.lease_waits);
@@ -420,14 +426,21 @@ impl Inner {
                 Attempt::Again
             }
             Persisted::Revoked => {
+                // Revoked while we refreshed: the token just obtained must not outlive it.
                 self.release(&grant_id).await;
+                if rotated {
+                    let pending =
+                        PendingWrite { payload, data_key: data_key.clone(), used, service: grant.service.clone() };
+                    self.revoke_pending_token(&pending).await;
+                }
                 Attempt::Done(Err(EngineError::AuthIdRevoked))
             }
             Persisted::Failed if rotated => {
                 // The rotated token exists only here now. Keep it, keep the
                 // lease (nobody may refresh with the old token), keep trying.
                 let service = grant.service.clone();
-                lock(&self.pending).insert(grant_id, PendingWrite { payload, data_key: data_key.clone(), used, service });
+                lock(&self.pending)
+                    .insert(grant_id, PendingWrite { payload, data_key: data_key.clone(), used, service });
                 self.hold_lease_for_pending(&grant_id).await;
                 self.spawn_pending_flusher(grant_id);
                 Attempt::Done(Err(EngineError::StoreUnavailable { retry_after: STORE_RETRY_AFTER }))
@@ -556,6 +569,10 @@ impl Inner {
             Persisted::Failed => Err(unavailable),
             outcome => {
                 lock(&self.pending).remove(grant_id);
+                if matches!(outcome, Persisted::Revoked) {
+                    // Revoked between the check above and the write.
+                    self.revoke_pending_token(&pending).await;
+                }
                 if matches!(outcome, Persisted::Stored(_)) {
                     self.release(grant_id).await;
                     self.wake(grant_id);
