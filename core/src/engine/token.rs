@@ -559,6 +559,7 @@ impl Inner {
         });
         let Some(grant) = current else {
             lock(&self.pending).remove(grant_id);
+            self.release(grant_id).await;
             let revoked = grant.is_none_or(|g| g.state == GrantState::Revoked);
             if revoked {
                 self.revoke_pending_token(&pending).await;
@@ -569,12 +570,12 @@ impl Inner {
             Persisted::Failed => Err(unavailable),
             outcome => {
                 lock(&self.pending).remove(grant_id);
+                self.release(grant_id).await;
                 if matches!(outcome, Persisted::Revoked) {
                     // Revoked between the check above and the write.
                     self.revoke_pending_token(&pending).await;
                 }
                 if matches!(outcome, Persisted::Stored(_)) {
-                    self.release(grant_id).await;
                     self.wake(grant_id);
                     let _ = self.store.publish(Notice::TokenRefreshed(*grant_id)).await;
                 }
