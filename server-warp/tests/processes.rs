@@ -415,3 +415,71 @@ async fn stopping_postgres_fails_fast_serves_the_cache_and_recovers_postgres() {
     drop(broker);
     drop_schema(&schema).await;
 }
+
+/// SIGTERM in the middle of a refresh storm: the broker stops accepting,
+/// finishes what is in flight, and exits cleanly with every rotation it
+/// obtained stored — the provider's latest rotation of each grant is the one
+/// in the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_refreshes_in_flight_and_stores_every_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeProvider::start(FakeConfig {
+        client_secrets: vec!["term-secret".into()],
+        rotate: true,
+        strict_reuse: true,
+        access_lifetime: Some(Duration::ZERO),
+        latency: Duration::from_millis(20),
+        ..FakeConfig::default()
+    })
+    .await
+    .unwrap();
+    let port = free_port();
+    let path = dir.path().join("data");
+    let store = format!("[store]\npath = {:?}", path.display().to_string());
+    let rest = format!(
+        "[providers.fake]\nauthorize_url = \"{}\"\ntoken_url = \"{}\"\nclient_auth = \"basic\"\nclient_id = \"latchkey-test\"\n\
+         client_secrets = [\"term-secret\"]\nrotates_refresh_tokens = true\n[services.fake]\nprovider = \"fake\"\n\
+         [services.jottacloud]\nenabled = false",
+        fake.authorize_url(),
+        fake.token_url()
+    );
+    let mut broker = Broker::start(&write_config(dir.path(), "term", port, &store, &rest), port).await;
+    let client = http();
+    let mut authids = Vec::new();
+    for _ in 0..3 {
+        authids.push(fake_login(&client, &broker.url).await);
+    }
+    let mut storm = Vec::new();
+    for t in 0..12 {
+        let (client, url, id) = (client.clone(), broker.url.clone(), authids[t % 3].clone());
+        storm.push(tokio::spawn(async move {
+            while refresh(&client, &url, &id).await.0 != 0 {}
+        }));
+    }
+    // Every token expires at once: refreshes are in flight all the time.
+    let started = fake.refreshes();
+    let give_up = Instant::now() + Duration::from_secs(20);
+    while fake.refreshes() < started + 30 {
+        assert!(Instant::now() < give_up, "the storm is refreshing");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let pid = broker.child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = tokio::time::timeout(Duration::from_secs(30), broker.child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "a clean exit: {status:?}");
+    for task in storm {
+        task.abort();
+    }
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(&path).await.unwrap());
+    for authid in &authids {
+        let stored = stored_refresh_token(store.as_ref(), authid).await;
+        let (grant, generation) = fake.lineage(&stored).unwrap();
+        assert_eq!(fake.latest_generation(grant), Some(generation), "the last rotation obtained is the one stored");
+    }
+    drop(store);
+    broker.restart().await;
+    for authid in &authids {
+        assert_eq!(refresh(&client, &broker.url, authid).await.0, 200);
+    }
+    assert_eq!(fake.reuse_attempts(), 0);
+}
