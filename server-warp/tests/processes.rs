@@ -452,9 +452,7 @@ async fn sigterm_finishes_refreshes_in_flight_and_stores_every_rotation() {
     let mut storm = Vec::new();
     for t in 0..12 {
         let (client, url, id) = (client.clone(), broker.url.clone(), authids[t % 3].clone());
-        storm.push(tokio::spawn(async move {
-            while refresh(&client, &url, &id).await.0 != 0 {}
-        }));
+        storm.push(tokio::spawn(async move { while refresh(&client, &url, &id).await.0 != 0 {} }));
     }
     // Every token expires at once: refreshes are in flight all the time.
     let started = fake.refreshes();
