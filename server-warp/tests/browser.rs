@@ -1,1 +1,747 @@
-// (in progress) A real browser: headless Chromium over WebDriver.
+// A real browser: headless Chromium driven over WebDriver (chromedriver),
+// through the broker's pages and the login and consent forms of a real
+// authorization server (panva's oidc-provider, via the testkit).
+//
+// Needs Debian's `chromium` and `chromium-driver` (/usr/bin/chromium,
+// /usr/bin/chromedriver) and `npm ci --prefix interop/oidc`. Every process
+// and server listens on 127.0.0.1; Chromium resolves no other host name.
+//
+// The browser console is read through chromedriver's log endpoint
+// (`POST /session/{id}/se/log` with `{"type": "browser"}`; the session asks
+// for it with `goog:loggingPrefs`). Each read drains what was logged since the
+// previous one.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fantoccini::elements::Element;
+use fantoccini::wd::{Capabilities, WebDriverCompatibleCommand, WindowHandle};
+use fantoccini::{Client, ClientBuilder, Locator};
+use latchkey_core::MemoryStore;
+use latchkey_server::Running;
+use latchkey_server::config::Config;
+use latchkey_testkit::oidc::{ClientAuthMethod, OidcOptions, OidcProvider};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use warp::Filter;
+use warp::http::Method;
+
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// The longest any one step (a page load, a form, a message) may take.
+const WAIT: Duration = Duration::from_secs(20);
+/// How often a bounded wait looks again.
+const POLL_EVERY: Duration = Duration::from_millis(50);
+/// How long a message that must not arrive is waited for.
+const ABSENCE: Duration = Duration::from_secs(2);
+
+const CLIENT_ID: &str = "latchkey-browser";
+const CLIENT_SECRET: &str = "browser-test-secret";
+const MASTER_KEY: &str = "k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+const DISPLAY_NAME: &str = "OIDC storage";
+
+/// Desktop and phone window sizes.
+const DESKTOP: (u32, u32) = (1280, 900);
+const PHONE: (u32, u32) = (390, 844);
+
+// ------------------------------------------------------------------ chromedriver
+
+/// chromedriver on a free loopback port, killed on drop.
+struct Driver {
+    child: Child,
+    url: String,
+}
+
+impl Driver {
+    async fn start() -> Driver {
+        assert!(
+            std::path::Path::new(CHROMEDRIVER).is_file() && std::path::Path::new(CHROMIUM).is_file(),
+            "the browser tests need {CHROMIUM} and {CHROMEDRIVER}: apt-get install chromium chromium-driver"
+        );
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap();
+        // A port found free can be taken before chromedriver binds it: try a few.
+        for _ in 0..3 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let child = Command::new(CHROMEDRIVER)
+                .arg(format!("--port={port}"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {CHROMEDRIVER}: {e}"));
+            let mut driver = Driver { child, url: format!("http://127.0.0.1:{port}/") };
+            let status = format!("{}status", driver.url);
+            let deadline = Instant::now() + WAIT;
+            loop {
+                if let Ok(response) = http.get(&status).send().await {
+                    let body: Value = response.json().await.unwrap_or_default();
+                    if body["value"]["ready"] == true {
+                        return driver;
+                    }
+                }
+                if driver.child.try_wait().unwrap().is_some() || Instant::now() >= deadline {
+                    break; // exited (port taken?) or never answered: drop kills it
+                }
+                tokio::time::sleep(POLL_EVERY).await;
+            }
+        }
+        panic!("{CHROMEDRIVER} did not answer /status within {WAIT:?} (three tries)");
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A WebDriver command fantoccini has no method for: `path` is relative to
+/// the session (`se/log`, `permissions`).
+#[derive(Debug)]
+struct SessionCommand {
+    method: Method,
+    path: &'static str,
+    body: Option<Value>,
+}
+
+impl WebDriverCompatibleCommand for SessionCommand {
+    fn endpoint(&self, base: &url::Url, session: Option<&str>) -> Result<url::Url, url::ParseError> {
+        base.join(&format!("session/{}/{}", session.unwrap_or_default(), self.path))
+    }
+
+    fn method_and_body(&self, _url: &url::Url) -> (Method, Option<String>) {
+        (self.method.clone(), self.body.as_ref().map(Value::to_string))
+    }
+}
+
+// ------------------------------------------------------------------ the browser
+
+/// A headless Chromium session with a fresh profile. Dropped without
+/// [`close`](Browser::close) (a failing test), it kills the browser process.
+struct Browser {
+    client: Client,
+    /// The browser's main process (`goog:processID`).
+    pid: Option<u64>,
+    closed: bool,
+    /// Every console entry read so far.
+    console: Mutex<Vec<Value>>,
+    _driver: Driver,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    async fn start() -> Browser {
+        let driver = Driver::start().await;
+        let profile = tempfile::tempdir().unwrap();
+        let args = vec![
+            "--headless".to_owned(),
+            "--no-sandbox".into(),
+            "--disable-gpu".into(),
+            "--disable-dev-shm-usage".into(),
+            "--disable-quic".into(),
+            "--no-first-run".into(),
+            "--disable-background-networking".into(),
+            "--disable-component-update".into(),
+            "--disable-sync".into(),
+            "--disable-extensions".into(),
+            // Only loopback: every other host name fails to resolve.
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1".into(),
+            format!("--window-size={},{}", DESKTOP.0, DESKTOP.1),
+            format!("--user-data-dir={}", profile.path().display()),
+        ];
+        let capabilities = json!({
+            "browserName": "chrome",
+            "goog:chromeOptions": { "binary": CHROMIUM, "args": args },
+            "goog:loggingPrefs": { "browser": "ALL" },
+            "timeouts": { "implicit": 0, "pageLoad": WAIT.as_millis() as u64, "script": WAIT.as_millis() as u64 },
+        });
+        let capabilities: Capabilities = serde_json::from_value(capabilities).unwrap();
+        // chromedriver speaks plain HTTP on loopback: no TLS.
+        let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(capabilities)
+            .connect(&driver.url)
+            .await
+            .unwrap_or_else(|e| panic!("chromedriver could not start {CHROMIUM}: {e}"));
+        let pid = client.capabilities().and_then(|c| c.get("goog:processID")).and_then(Value::as_u64);
+        Browser { client, pid, closed: false, console: Mutex::default(), _driver: driver, _profile: profile }
+    }
+
+    async fn goto(&self, url: &str) {
+        self.client.goto(url).await.unwrap_or_else(|e| panic!("loading {url}: {e}"));
+    }
+
+    /// The element `css` selects, waiting for it (bounded).
+    async fn find(&self, css: &str) -> Element {
+        match self.client.wait().at_most(WAIT).every(POLL_EVERY).for_element(Locator::Css(css)).await {
+            Ok(element) => element,
+            Err(e) => panic!("no `{css}` within {WAIT:?} ({e}) on {}:\n{}", self.url().await, self.body_text().await),
+        }
+    }
+
+    /// The element `css` selects, if it is there now.
+    async fn find_now(&self, css: &str) -> Option<Element> {
+        self.client.find(Locator::Css(css)).await.ok()
+    }
+
+    async fn url(&self) -> String {
+        self.client.current_url().await.map(String::from).unwrap_or_default()
+    }
+
+    async fn body_text(&self) -> String {
+        match self.client.find(Locator::Css("body")).await {
+            Ok(body) => body.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+
+    async fn script(&self, script: &str) -> Value {
+        self.client.execute(script, vec![]).await.unwrap_or_else(|e| panic!("running `{script}`: {e}"))
+    }
+
+    /// Clicks `element` (a link or a submit button) and waits until the page
+    /// it was on is gone.
+    async fn click_away(&self, element: &Element) {
+        element.click().await.unwrap();
+        self.until("the next page", || async { element.tag_name().await.is_err().then_some(()) }).await;
+    }
+
+    /// The console entries logged since the previous read; all of them are
+    /// kept for [`console`](Browser::console).
+    async fn read_console(&self) -> Vec<Value> {
+        let command = SessionCommand { method: Method::POST, path: "se/log", body: Some(json!({ "type": "browser" })) };
+        let entries = self.client.issue_cmd(command).await.expect("chromedriver's browser log");
+        let entries = entries.as_array().cloned().unwrap_or_else(|| panic!("a log is a list: {entries}"));
+        self.console.lock().unwrap().extend(entries.iter().cloned());
+        entries
+    }
+
+    /// Every console message so far.
+    async fn console(&self) -> Vec<String> {
+        self.read_console().await;
+        let console = self.console.lock().unwrap();
+        messages(&console).into_iter().map(str::to_owned).collect()
+    }
+
+    /// Polls `probe` until it answers `Some`, at most [`WAIT`]; a timeout
+    /// shows where the browser is and what its console says.
+    async fn until<T, F, Fut>(&self, what: &str, mut probe: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Option<T>>,
+    {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(value) = probe().await {
+                return value;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "waited {WAIT:?} for {what} in vain; at {}:\n{}\nconsole: {:#?}",
+                    self.url().await,
+                    self.body_text().await,
+                    self.console().await
+                );
+            }
+            tokio::time::sleep(POLL_EVERY).await;
+        }
+    }
+
+    async fn resize(&self, (width, height): (u32, u32)) {
+        self.client.set_window_size(width, height).await.unwrap();
+    }
+
+    /// Saves a PNG of the window as `target/screenshots/<name>.png`.
+    async fn screenshot(&self, name: &str) {
+        let png = self.client.screenshot().await.unwrap();
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "a PNG");
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("target").join("screenshots");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{name}.png"));
+        std::fs::write(&path, png).unwrap();
+    }
+
+    /// Ends the session: chromedriver closes the browser.
+    async fn close(mut self) {
+        self.client.clone().close().await.unwrap();
+        self.closed = true;
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if let (false, Some(pid)) = (self.closed, self.pid) {
+            // chromedriver, killed next, would leave it running.
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).stderr(Stdio::null()).status();
+        }
+    }
+}
+
+/// The messages of `entries`.
+fn messages(entries: &[Value]) -> Vec<&str> {
+    entries.iter().filter_map(|e| e["message"].as_str()).collect()
+}
+
+/// Whether a console message reports a Content-Security-Policy violation.
+fn is_csp_violation(message: &str) -> bool {
+    message.contains("Content Security Policy")
+        || message.contains("Content-Security-Policy")
+        || message.contains("Refused to")
+}
+
+// ------------------------------------------------------------------ the provider's pages
+
+/// Which forms the provider showed on the way back to the broker.
+#[derive(Debug, Default)]
+struct Steps {
+    login: bool,
+    consent: bool,
+}
+
+enum Here {
+    AuthId,
+    Login,
+    Consent,
+    Error,
+}
+
+/// From a page on the way to the provider, through its login (as `user`) and
+/// consent forms, to the broker's AuthID page: the AuthID and what was shown.
+/// `at_login` runs once on the login page before it is filled.
+async fn through_provider<F, Fut>(b: &Browser, broker: &str, user: &str, at_login: F) -> (String, Steps)
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut steps = Steps::default();
+    let mut at_login = Some(at_login);
+    for _ in 0..6 {
+        let here = b
+            .until("a login or consent form or the AuthID page", || async {
+                for (css, here) in [
+                    ("#authid", Here::AuthId),
+                    ("#username", Here::Login),
+                    ("#allow", Here::Consent),
+                    (".error, #error", Here::Error),
+                ] {
+                    if b.find_now(css).await.is_some() {
+                        return Some(here);
+                    }
+                }
+                None
+            })
+            .await;
+        match here {
+            Here::AuthId => {
+                let url = b.url().await;
+                assert!(url.starts_with(&format!("{broker}/logged-in?")), "the AuthID page is the broker's: {url}");
+                // Its script (deferred) has run once the document is complete.
+                b.until("the AuthID page to finish loading", || async {
+                    (b.script("return document.readyState;").await == "complete").then_some(())
+                })
+                .await;
+                return (authid_on_page(b).await, steps);
+            }
+            Here::Login => {
+                assert!(!steps.login, "the login form came back: {}", b.body_text().await);
+                steps.login = true;
+                if let Some(at_login) = at_login.take() {
+                    at_login().await;
+                }
+                b.find("#username").await.send_keys(user).await.unwrap();
+                b.find("#password").await.send_keys("browser-password").await.unwrap();
+                b.click_away(&b.find("#submit").await).await;
+            }
+            Here::Consent => {
+                assert!(!steps.consent, "the consent form came back: {}", b.body_text().await);
+                steps.consent = true;
+                let scopes = b.find("#scopes").await.text().await.unwrap();
+                assert!(scopes.contains("offline_access") && scopes.contains("files"), "{scopes}");
+                b.click_away(&b.find("#allow").await).await;
+            }
+            Here::Error => panic!("an error page at {}:\n{}", b.url().await, b.body_text().await),
+        }
+    }
+    panic!("no AuthID page after six pages; at {}:\n{}", b.url().await, b.body_text().await);
+}
+
+/// The AuthID on the AuthID page: `#authid`'s text, equal to its `data-authid`.
+async fn authid_on_page(b: &Browser) -> String {
+    let code = b.find("#authid").await;
+    let text = code.text().await.unwrap();
+    let data = code.attr("data-authid").await.unwrap().unwrap_or_default();
+    assert_eq!(text.trim(), data, "the AuthID shown is the one the script uses");
+    assert!(data.len() > 40 && data.contains(':'), "an AuthID: {data}");
+    data
+}
+
+// ------------------------------------------------------------------ the world
+
+/// oidc-provider, the broker in process, and small page servers of our own
+/// on other ports (other origins): the first origin is the only opener the
+/// broker posts AuthIDs to.
+struct World {
+    oidc: OidcProvider,
+    broker: Running,
+    url: String,
+    pages: Vec<Pages>,
+    http: reqwest::Client,
+}
+
+async fn world(page_servers: usize) -> World {
+    crate::support::capture_logs();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let mut page_listeners = Vec::new();
+    for _ in 0..page_servers.max(1) {
+        page_listeners.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
+    }
+    let allowed = format!("http://{}", page_listeners[0].local_addr().unwrap());
+    let oidc = OidcProvider::start(OidcOptions {
+        client_id: CLIENT_ID.into(),
+        client_secret: CLIENT_SECRET.into(),
+        redirect_uris: vec![format!("{url}/logged-in")],
+        access_ttl_secs: 3600,
+        rotate_refresh_tokens: true,
+        client_auth: ClientAuthMethod::Basic,
+    })
+    .await
+    .expect("oidc-provider starts (npm ci --prefix interop/oidc)");
+    let text = format!(
+        r#"
+        public_url = "{url}"
+        allowed_opener_origins = ["{allowed}"]
+        [keys]
+        master_keys = ["{MASTER_KEY}"]
+        [providers.oidc]
+        authorize_url = "{authorize}"
+        token_url = "{token}"
+        revocation_url = "{revocation}"
+        issuer = "{issuer}"
+        client_auth = "basic"
+        client_id = "{CLIENT_ID}"
+        client_secrets = ["{CLIENT_SECRET}"]
+        pkce = true
+        rotates_refresh_tokens = true
+        account_id = "id_token"
+        [services.oidc]
+        provider = "oidc"
+        display_name = "{DISPLAY_NAME}"
+        scopes = ["openid", "offline_access", "files"]
+        [services.jottacloud]
+        enabled = false
+        "#,
+        authorize = oidc.authorization_endpoint(),
+        token = oidc.token_endpoint(),
+        revocation = oidc.revocation_endpoint(),
+        issuer = oidc.issuer(),
+    );
+    let config = Config::parse(&text).unwrap();
+    let broker = latchkey_server::serve(&config, Arc::new(MemoryStore::new()), listener, |c| {
+        c.device_interval = Duration::ZERO;
+    })
+    .await
+    .unwrap();
+    let pages = page_listeners.into_iter().map(|l| Pages::serve(l, &url)).collect();
+    let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    World { oidc, broker, url, pages, http }
+}
+
+impl World {
+    async fn refresh(&self, authid: &str) -> reqwest::Response {
+        self.http.get(format!("{}/refresh", self.url)).header("X-AuthID", authid).send().await.unwrap()
+    }
+
+    async fn stop(self) {
+        self.broker.stop().await;
+    }
+}
+
+/// A page server of the test's own: `/opener` opens the broker's login in a
+/// popup and writes every message it receives into `#messages`;
+/// `/csp-control` has an inline script its strict CSP blocks.
+struct Pages {
+    origin: String,
+    task: JoinHandle<()>,
+}
+
+const CSP_CONTROL_TITLE: &str = "CSP control";
+
+impl Pages {
+    fn serve(listener: TcpListener, broker: &str) -> Pages {
+        let origin = format!("http://{}", listener.local_addr().unwrap());
+        let login = serde_json::to_string(&format!("{broker}/login?id=oidc")).unwrap();
+        let opener = format!(
+            r#"<!doctype html><html lang=en><head><meta charset=utf-8><title>Opener</title></head><body>
+<button id=open type=button>Log in</button>
+<ol id=messages></ol>
+<script>
+document.getElementById("open").addEventListener("click", function () {{
+  window.open({login}, "latchkey-login", "popup,width=480,height=720");
+}});
+window.addEventListener("message", function (event) {{
+  var item = document.createElement("li");
+  item.setAttribute("data-data", typeof event.data === "string" ? event.data : JSON.stringify(event.data));
+  item.setAttribute("data-origin", event.origin);
+  item.textContent = event.origin + " " + event.data;
+  document.getElementById("messages").appendChild(item);
+}});
+</script></body></html>"#
+        );
+        let control = format!(
+            "<!doctype html><html lang=en><head><meta charset=utf-8><title>{CSP_CONTROL_TITLE}</title></head>\
+             <body><p>The inline script below must not run.</p>\
+             <script>document.title = \"inline script ran\";</script></body></html>"
+        );
+        let opener = warp::path!("opener").map(move || warp::reply::html(opener.clone()));
+        let control = warp::path!("csp-control").map(move || {
+            warp::reply::with_header(
+                warp::reply::html(control.clone()),
+                "content-security-policy",
+                "default-src 'none'",
+            )
+        });
+        let routes = warp::get().and(opener.or(control));
+        let task = tokio::spawn(warp::serve(routes).incoming(listener).run());
+        Pages { origin, task }
+    }
+}
+
+impl Drop for Pages {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+// ------------------------------------------------------------------ 1: picker to refresh
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_logs_in_from_the_picker_copies_the_authid_and_it_refreshes_without_csp_violations() {
+    let w = world(1).await;
+    let b = Browser::start().await;
+
+    // The picker lists the service; its link starts the login.
+    b.goto(&format!("{}/", w.url)).await;
+    let link = b.find("ul.services a[href^='/login?id=oidc']").await;
+    assert_eq!(link.text().await.unwrap(), DISPLAY_NAME);
+    b.click_away(&link).await;
+
+    // The provider's own login and consent pages, then the broker's AuthID page.
+    let (authid, steps) = through_provider(&b, &w.url, "alice", || async {}).await;
+    assert!(steps.login && steps.consent, "a fresh browser sees both forms: {steps:?}");
+    assert_eq!(b.client.title().await.unwrap(), "Your AuthID · latchkey");
+
+    // The copy button's handler runs (the Clipboard API, or the fallback).
+    b.find("#copy").await.click().await.unwrap();
+    let copied = b
+        .until("the copy handler to set #copy[data-copied]", || async {
+            b.find_now("#copy").await?.attr("data-copied").await.ok().flatten()
+        })
+        .await;
+    let status = b.find("#copy-status").await.text().await.unwrap();
+    match copied.as_str() {
+        "yes" => {
+            assert_eq!(status, "Copied.");
+            // What was copied is the AuthID (reading needs a permission).
+            let grant = json!({ "descriptor": { "name": "clipboard-read" }, "state": "granted" });
+            let grant = SessionCommand { method: Method::POST, path: "permissions", body: Some(grant) };
+            b.client.issue_cmd(grant).await.expect("chromedriver grants clipboard-read");
+            let read = "var done = arguments[arguments.length - 1];\
+                        navigator.clipboard.readText().then(done, function (e) { done('refused: ' + e); });";
+            let clipboard = b.client.execute_async(read, vec![]).await.unwrap();
+            assert_eq!(clipboard, authid.as_str(), "the clipboard holds the AuthID");
+        }
+        "no" => assert_eq!(status, "Select the AuthID above and copy it."),
+        other => panic!("data-copied={other:?}"),
+    }
+
+    // The AuthID read off the page works at /refresh, as Duplicati sends it.
+    let refresh = w.refresh(&authid).await;
+    assert_eq!(refresh.status(), 200);
+    let body: Value = refresh.json().await.unwrap();
+    let access = body["access_token"].as_str().expect("an access token");
+    assert!(w.oidc.introspect(access).await.unwrap(), "the provider issued it: {body}");
+    assert_eq!(body["type"], "oidc");
+
+    // The console: the control page's inline script is refused, which proves
+    // violations reach this log; nothing before it (the picker, the
+    // provider's pages, the AuthID page and its script) was refused anything.
+    let control = format!("{}/csp-control", w.pages[0].origin);
+    b.goto(&control).await;
+    assert_eq!(b.client.title().await.unwrap(), CSP_CONTROL_TITLE, "the control's inline script was blocked");
+    b.until("the control page's CSP violation in the console", || async {
+        let entries = b.read_console().await;
+        messages(&entries).iter().any(|m| m.starts_with(control.as_str()) && is_csp_violation(m)).then_some(())
+    })
+    .await;
+    let console = b.console().await;
+    let violations: Vec<&String> =
+        console.iter().filter(|m| !m.starts_with(control.as_str()) && is_csp_violation(m)).collect();
+    assert!(violations.is_empty(), "CSP violations on the way: {violations:#?}");
+    b.close().await;
+    w.stop().await;
+}
+
+// ------------------------------------------------------------------ 2: postMessage to openers
+
+/// The messages the opener page in the current window received: (data, origin).
+async fn received(b: &Browser) -> Vec<(String, String)> {
+    let list = b
+        .script(
+            "return Array.from(document.querySelectorAll('#messages li'))\
+             .map(function (li) { return [li.getAttribute('data-data'), li.getAttribute('data-origin')]; });",
+        )
+        .await;
+    serde_json::from_value(list).unwrap()
+}
+
+/// Clicks the opener's button, logs in in the popup, and comes back to the
+/// opener's window: the AuthID the popup showed, and the provider's steps.
+async fn log_in_through_popup(b: &Browser, broker: &str, user: &str) -> (String, Steps) {
+    let opener = b.client.window().await.unwrap();
+    let before = b.client.windows().await.unwrap();
+    b.find("#open").await.click().await.unwrap();
+    let popup: WindowHandle = b
+        .until("the popup window", || async {
+            b.client.windows().await.unwrap().into_iter().find(|w| !before.contains(w))
+        })
+        .await;
+    b.client.switch_to_window(popup).await.unwrap();
+    let done = through_provider(b, broker, user, || async {}).await;
+    b.client.close_window().await.unwrap();
+    b.client.switch_to_window(opener).await.unwrap();
+    done
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_authid_page_posts_the_authid_to_an_allowed_opener_only() {
+    let w = world(2).await;
+    let (allowed, other) = (w.pages[0].origin.clone(), w.pages[1].origin.clone());
+    let b = Browser::start().await;
+
+    // The allowed opener gets exactly `authid:<AuthID>`, from the broker's origin.
+    b.goto(&format!("{allowed}/opener")).await;
+    let allowed_window = b.client.window().await.unwrap();
+    let (first, steps) = log_in_through_popup(&b, &w.url, "alice").await;
+    assert!(steps.login && steps.consent, "{steps:?}");
+    let got = b
+        .until("a message at the allowed opener", || async {
+            let got = received(&b).await;
+            (!got.is_empty()).then_some(got)
+        })
+        .await;
+    assert_eq!(got, vec![(format!("authid:{first}"), w.url.clone())]);
+
+    // Another origin opens the same login in a new tab: the popup shows an
+    // AuthID, and the opener receives nothing.
+    let tab = b.client.new_window(true).await.unwrap();
+    b.client.switch_to_window(tab.handle).await.unwrap();
+    b.goto(&format!("{other}/opener")).await;
+    b.client.delete_all_cookies().await.unwrap();
+    let (second, steps) = log_in_through_popup(&b, &w.url, "bob").await;
+    assert!(steps.login && steps.consent, "without its cookies the provider asks again: {steps:?}");
+    assert_ne!(first, second);
+    let deadline = Instant::now() + ABSENCE;
+    while Instant::now() < deadline {
+        let got = received(&b).await;
+        assert!(got.is_empty(), "an opener the broker does not allow received {got:?}");
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+    // The popup did try: Chromium refused to deliver to the wrong origin.
+    let console = b.console().await;
+    assert!(
+        console.iter().any(|m| m.contains("postMessage") && m.contains(&allowed) && m.contains(&other)),
+        "the AuthID page addressed its message to {allowed} only: {console:#?}"
+    );
+    // And the allowed opener still has its one message.
+    b.client.switch_to_window(allowed_window).await.unwrap();
+    assert_eq!(received(&b).await.len(), 1);
+    let violations: Vec<&String> = console.iter().filter(|m| is_csp_violation(m)).collect();
+    assert!(violations.is_empty(), "CSP violations: {violations:#?}");
+    b.close().await;
+    w.stop().await;
+}
+
+// ------------------------------------------------------------------ 3: screenshots
+
+/// Screenshots of the current page at desktop and phone width, after
+/// checking that nothing is wider than the phone's viewport.
+async fn shoot(b: &Browser, name: &str) {
+    b.resize(DESKTOP).await;
+    b.screenshot(name).await;
+    b.resize(PHONE).await;
+    let width = b.script("return window.innerWidth;").await.as_u64().unwrap();
+    assert!(width <= u64::from(PHONE.0), "a phone-sized viewport, not {width}px");
+    let overflow = b.script("return document.documentElement.scrollWidth - window.innerWidth;").await;
+    assert!(overflow.as_i64().unwrap() <= 0, "{name} scrolls sideways on a phone by {overflow}px");
+    b.screenshot(&format!("{name}-phone")).await;
+    b.resize(DESKTOP).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pages_render_on_desktop_and_phone_and_their_forms_work() {
+    let w = world(1).await;
+    let b = Browser::start().await;
+
+    b.goto(&format!("{}/", w.url)).await;
+    b.find("ul.services a").await;
+    shoot(&b, "picker").await;
+    b.click_away(&b.find("ul.services a[href^='/login?id=oidc']").await).await;
+    let (authid, _) = through_provider(&b, &w.url, "carol", || shoot(&b, "provider-login")).await;
+    shoot(&b, "authid").await;
+
+    // The device page: a code from the API, typed in, the provider, the
+    // AuthID page saying it was handed over, and the device gets its AuthID.
+    let start: Value = w
+        .http
+        .post(format!("{}/v1/device/code", w.url))
+        .form(&[("service", "oidc")])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let user_code = start["user_code"].as_str().expect("a user code");
+    b.goto(&format!("{}/device", w.url)).await;
+    b.find("#user-code").await;
+    shoot(&b, "device").await;
+    b.find("#user-code").await.send_keys(user_code).await.unwrap();
+    b.click_away(&b.find("input[type=submit]").await).await;
+    let (shown, _) = through_provider(&b, &w.url, "carol", || async {}).await;
+    assert!(b.body_text().await.contains("will pick it up by itself"));
+    let poll_token: Value = w
+        .http
+        .post(format!("{}/v1/device/token", w.url))
+        .form(&[("device_code", start["device_code"].as_str().unwrap())])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(poll_token["authid"], shown.as_str(), "the device receives the AuthID the page showed");
+
+    // The revoke page: the form revokes the first AuthID.
+    b.goto(&format!("{}/revoke", w.url)).await;
+    b.find("#authid-input").await;
+    shoot(&b, "revoke").await;
+    b.find("#authid-input").await.send_keys(&authid).await.unwrap();
+    b.click_away(&b.find("input[type=submit]").await).await;
+    let h1 = b.find("h1").await.text().await.unwrap();
+    assert_eq!(h1, "Revoked", "{}", b.body_text().await);
+    shoot(&b, "revoked").await;
+    assert_eq!(w.refresh(&authid).await.status(), 401);
+    assert_eq!(w.refresh(&shown).await.status(), 200, "the device's AuthID is another grant");
+
+    let console = b.console().await;
+    let violations: Vec<&String> = console.iter().filter(|m| is_csp_violation(m)).collect();
+    assert!(violations.is_empty(), "CSP violations: {violations:#?}");
+    b.close().await;
+    w.stop().await;
+}

@@ -216,6 +216,7 @@ async fn stored_refresh_token(store: &dyn Store, authid: &str) -> String {
 /// works — except one whose rotation the provider committed in the instant
 /// between its answer and the store's commit, which no client saw; the
 /// provider then sees that one reuse, and nothing else.
+#[allow(clippy::print_stderr)] // the one line of evidence the storm prints
 async fn sigkill_storm(store_toml: String, open: impl AsyncFn() -> Arc<dyn Store>) {
     let dir = tempfile::tempdir().unwrap();
     let fake = FakeProvider::start(FakeConfig {

@@ -273,7 +273,7 @@ async fn revoked(body: Vec<u8>, ip: IpAddr, state: State) -> Response {
     match state.broker.revoke_handle(&authid, authid.keyid()).await {
         Ok(grant) => {
             let provider = grant.map(|g| match g.provider {
-                latchkey_core::engine::ProviderRevocation::Revoked => "revoked at the provider too",
+                latchkey_core::engine::ProviderRevocation::Revoked => "at the provider as well",
                 latchkey_core::engine::ProviderRevocation::Unsupported => "the provider offers no revocation",
                 latchkey_core::engine::ProviderRevocation::NoToken => "there was no token to revoke",
                 latchkey_core::engine::ProviderRevocation::Failed(_) => "the provider could not be reached",

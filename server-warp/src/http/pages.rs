@@ -124,7 +124,7 @@ pub fn revoke_form(csp: &str) -> Response {
 pub fn revoked_page(csp: &str, grant_revoked: Option<&str>) -> Response {
     let extra = match grant_revoked {
         Some(provider) => format!(
-            "<p>That was the last AuthID of its login, so the login was revoked too ({}).</p>",
+            "<p>That was the last AuthID of its login, so the login itself was revoked ({}).</p>",
             escape(provider)
         ),
         None => String::new(),
