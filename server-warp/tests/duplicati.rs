@@ -115,6 +115,7 @@ async fn every_page_carries_the_security_headers() {
     let script = h.get("/static/authid.js").await;
     assert_eq!(script.status(), 200);
     assert!(script.headers()[CONTENT_TYPE].to_str().unwrap().starts_with("text/javascript"));
+    assert_eq!(h.get("/favicon.ico").await.status(), 200, "no 404 in browser consoles");
     let privacy = h.get("/privacy-policy").await;
     assert!(privacy.headers()[CONTENT_TYPE].to_str().unwrap().starts_with("text/plain"));
 }

@@ -53,7 +53,7 @@ pub(crate) fn route_label(path: &str) -> &'static str {
     }
     if path.starts_with("/v1/handles/") {
         "/v1/handles/{keyid}"
-    } else if path.starts_with("/static/") {
+    } else if path.starts_with("/static/") || path == "/favicon.ico" {
         "/static"
     } else {
         "other"

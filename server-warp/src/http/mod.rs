@@ -236,6 +236,9 @@ pub fn routes(state: State) -> impl Filter<Extract = (impl warp::Reply,), Error 
         .or(warp::get()
             .and(warp::path!("static" / "authid.js"))
             .map(|| asset("text/javascript; charset=utf-8", pages::AUTHID_JS)))
+        .unify()
+        // Browsers ask for it on every first visit; an empty answer keeps their consoles clean.
+        .or(warp::get().and(warp::path!("favicon.ico")).map(|| asset("image/x-icon", "")))
         .unify();
     api.or(duplicati)
         .unify()
