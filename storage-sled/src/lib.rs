@@ -55,6 +55,8 @@ use latchkey_core::store::{ListQuery, Notice, NoticeStream, Page, Store, StoreEr
 
 /// The sled tree holding every record.
 const TREE: &str = "records";
+/// sled's page cache size.
+const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// The value format this build writes and reads.
 const VALUE_FORMAT: u8 = 1;
 
@@ -82,7 +84,15 @@ impl SledStore {
         let path = path.as_ref().to_path_buf();
         let dir = path.clone();
         let inner = blocking(move || {
-            let db = sled::Config::new().path(dir).flush_every_ms(None).open().map_err(backend)?;
+            // sled's page cache defaults to 1 GiB; the broker's working set is
+            // small (hot grants are in the token cache), so a modest cache keeps
+            // memory flat however many grants are stored.
+            let db = sled::Config::new()
+                .path(dir)
+                .flush_every_ms(None)
+                .cache_capacity(CACHE_BYTES)
+                .open()
+                .map_err(backend)?;
             let records = db.open_tree(TREE).map_err(backend)?;
             db.flush().map_err(backend)?;
             Ok(Inner { db, records })

@@ -15,23 +15,36 @@ use warp::reply::Response;
 use super::reply::{Failure, Surface, error, json_reply};
 use super::{State, body, client_ip, fields, with_state};
 
-pub(super) fn routes(state: State) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+pub(super) fn routes(state: State) -> warp::filters::BoxedFilter<(Response,)> {
     let s = || with_state(state.clone());
     let ip = || client_ip(state.clone());
     let bearer = || warp::header::optional::<String>("authorization");
-    let token =
-        warp::post().and(warp::path!("v1" / "token")).and(bearer()).and(body()).and(ip()).and(s()).then(v1_token);
+    let token = warp::post()
+        .and(warp::path!("v1" / "token"))
+        .and(bearer())
+        .and(body())
+        .and(ip())
+        .and(s())
+        .then(v1_token)
+        .boxed();
     let list = warp::get().and(warp::path!("v1" / "handles")).and(bearer()).and(ip()).and(s()).then(list_handles);
-    let mint = warp::post().and(warp::path!("v1" / "handles")).and(bearer()).and(body()).and(ip()).and(s()).then(mint);
+    let mint =
+        warp::post().and(warp::path!("v1" / "handles")).and(bearer()).and(body()).and(ip()).and(s()).then(mint).boxed();
     let rotate =
         warp::post().and(warp::path!("v1" / "handles" / "rotate")).and(bearer()).and(ip()).and(s()).then(rotate);
-    let delete =
-        warp::delete().and(warp::path!("v1" / "handles" / String)).and(bearer()).and(ip()).and(s()).then(delete_handle);
+    let delete = warp::delete()
+        .and(warp::path!("v1" / "handles" / String))
+        .and(bearer())
+        .and(ip())
+        .and(s())
+        .then(delete_handle)
+        .boxed();
     let revoke = warp::post().and(warp::path!("v1" / "grant" / "revoke")).and(bearer()).and(ip()).and(s()).then(revoke);
-    let device_code = warp::post().and(warp::path!("v1" / "device" / "code")).and(body()).and(s()).then(device_code);
+    let device_code =
+        warp::post().and(warp::path!("v1" / "device" / "code")).and(body()).and(s()).then(device_code).boxed();
     let device_token =
         warp::post().and(warp::path!("v1" / "device" / "token")).and(body()).and(ip()).and(s()).then(device_token);
-    let services = warp::get().and(warp::path!("v1" / "services")).and(s()).map(services);
+    let services = warp::get().and(warp::path!("v1" / "services")).and(s()).map(services).boxed();
     let oauth2 = warp::post().and(warp::path!("oauth2" / "token")).and(body()).and(ip()).and(s()).then(oauth2_token);
     token
         .or(list)
@@ -52,6 +65,7 @@ pub(super) fn routes(state: State) -> impl Filter<Extract = (Response,), Error =
         .unify()
         .or(oauth2)
         .unify()
+        .boxed()
 }
 
 fn unix(t: Timestamp) -> u64 {

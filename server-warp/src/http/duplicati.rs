@@ -21,12 +21,12 @@ use super::{State, body, client_ip, fields, query, with_state};
 /// Seconds reported for access tokens that never expire.
 const NEVER_EXPIRES_SECS: u64 = 365 * 86_400;
 
-pub(super) fn routes(state: State) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+pub(super) fn routes(state: State) -> warp::filters::BoxedFilter<(Response,)> {
     let s = || with_state(state.clone());
     let ip = || client_ip(state.clone());
-    let index = warp::get().and(warp::path::end()).and(query()).and(s()).then(index);
+    let index = warp::get().and(warp::path::end()).and(query()).and(s()).then(index).boxed();
     let login = warp::get().and(warp::path!("login")).and(query()).and(s()).then(login);
-    let logged_in = warp::get().and(warp::path!("logged-in")).and(query()).and(s()).then(logged_in);
+    let logged_in = warp::get().and(warp::path!("logged-in")).and(query()).and(s()).then(logged_in).boxed();
     let refresh = warp::get()
         .or(warp::post())
         .unify()
@@ -37,20 +37,23 @@ pub(super) fn routes(state: State) -> impl Filter<Extract = (Response,), Error =
         .and(ip())
         .and(s())
         .then(refresh);
-    let fetch = warp::get().and(warp::path!("fetch")).and(query()).and(ip()).and(s()).then(fetch);
+    let fetch = warp::get().and(warp::path!("fetch")).and(query()).and(ip()).and(s()).then(fetch).boxed();
     let token_state = warp::get().and(warp::path!("token-state")).and(query()).and(ip()).and(s()).then(token_state);
-    let revoke = warp::get().and(warp::path!("revoke")).and(s()).map(|s: State| pages::revoke_form(&s.csp));
+    let revoke = warp::get().and(warp::path!("revoke")).and(s()).map(|s: State| pages::revoke_form(&s.csp)).boxed();
     let revoked = warp::post().and(warp::path!("revoked")).and(body()).and(ip()).and(s()).then(revoked);
-    let cli_token = warp::get().and(warp::path!("cli-token")).and(query()).and(s()).then(cli_token);
+    let cli_token = warp::get().and(warp::path!("cli-token")).and(query()).and(s()).then(cli_token).boxed();
     let cli_login = warp::post().and(warp::path!("cli-token-login")).and(body()).and(s()).then(cli_token_login);
-    let device =
-        warp::get().and(warp::path!("device")).and(query()).and(s()).map(|q: HashMap<String, String>, s: State| {
-            pages::device_form(&s.csp, q.get("user_code").map(String::as_str))
-        });
+    let device = warp::get()
+        .and(warp::path!("device"))
+        .and(query())
+        .and(s())
+        .map(|q: HashMap<String, String>, s: State| pages::device_form(&s.csp, q.get("user_code").map(String::as_str)))
+        .boxed();
     let device_post = warp::post().and(warp::path!("device")).and(body()).and(s()).then(device_login);
     let privacy = warp::get()
         .and(warp::path!("privacy-policy"))
-        .map(|| with_body(StatusCode::OK, "text/plain; charset=utf-8", pages::PRIVACY_POLICY));
+        .map(|| with_body(StatusCode::OK, "text/plain; charset=utf-8", pages::PRIVACY_POLICY))
+        .boxed();
     index
         .or(login)
         .unify()
@@ -76,6 +79,7 @@ pub(super) fn routes(state: State) -> impl Filter<Extract = (Response,), Error =
         .unify()
         .or(privacy)
         .unify()
+        .boxed()
 }
 
 /// The status a page shows for an engine error.

@@ -81,12 +81,12 @@ impl HttpMetrics {
     }
 }
 
-pub(super) fn routes(state: State) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+pub(super) fn routes(state: State) -> warp::filters::BoxedFilter<(Response,)> {
     let healthz =
         warp::get().and(warp::path!("healthz")).map(|| json_reply(StatusCode::OK, &json!({ "status": "ok" })));
     let readyz = warp::get().and(warp::path!("readyz")).and(with_state(state.clone())).then(readyz);
     let metrics = warp::get().and(warp::path!("metrics")).and(with_state(state)).map(render);
-    healthz.or(readyz).unify().or(metrics).unify()
+    healthz.or(readyz).unify().or(metrics).unify().boxed()
 }
 
 async fn readyz(state: State) -> Response {
