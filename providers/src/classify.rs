@@ -133,13 +133,18 @@ pub fn classify_error(status: u16, retry_after_header: Option<&str>, body: &[u8]
     match status {
         500..=599 => ProviderError::Transient { detail: format!("the provider answered HTTP {status}"), source: None },
         401 | 403 => ProviderError::InvalidClient { description },
+        // Only codes RFC 6749 defines are named; anything else a provider put
+        // there is body content and is not repeated.
         _ => ProviderError::Protocol {
             detail: match error {
                 "" => format!("the provider answered HTTP {status} without an OAuth error"),
-                code => format!(
-                    "the provider answered HTTP {status} with error {}",
-                    sanitize(code, sent).unwrap_or_default()
-                ),
+                code @ ("invalid_request"
+                | "access_denied"
+                | "unsupported_response_type"
+                | "unsupported_token_type") => {
+                    format!("the provider answered HTTP {status} with error {code}")
+                }
+                _ => format!("the provider answered HTTP {status} with an unknown OAuth error"),
             },
             source: None,
         },
@@ -149,9 +154,12 @@ pub fn classify_error(status: u16, retry_after_header: Option<&str>, body: &[u8]
 /// One line of printable text, at most 200 characters, or nothing if it
 /// contains any of the secrets sent.
 pub fn sanitize(text: &str, sent: &[&str]) -> Option<String> {
-    if sent.iter().any(|s| !s.is_empty() && text.contains(s)) {
+    // Control characters go first, and the check runs on what remains: a
+    // secret split by a control character must not reappear whole.
+    let clean: String = text.chars().filter(|c| !c.is_control()).collect();
+    if sent.iter().any(|s| !s.is_empty() && (clean.contains(s) || text.contains(s))) {
         return None;
     }
-    let clean: String = text.chars().filter(|c| !c.is_control()).take(200).collect();
+    let clean: String = clean.chars().take(200).collect();
     (!clean.trim().is_empty()).then_some(clean)
 }

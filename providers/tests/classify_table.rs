@@ -63,6 +63,15 @@ fn descriptions_are_sanitised_and_dropped_when_they_echo_a_secret() {
         ProviderError::InvalidGrant { description: Some(d) } => assert!(!d.contains('\n') && !d.contains('\r'), "{d}"),
         other => panic!("{other:?}"),
     }
+    // A secret split by a control character must not come back whole once
+    // the control character is removed.
+    let split = "{\"error\":\"invalid_grant\",\"error_description\":\"token rt-sec\\u001cret-123 expired\"}";
+    match classify_error(400, None, split.as_bytes(), &["rt-secret-123"]) {
+        ProviderError::InvalidGrant { description } => assert_eq!(description, None),
+        other => panic!("{other:?}"),
+    }
+    let unknown = classify_error(400, None, br#"{"error":"rt-secret-123"}"#, &[]);
+    assert!(!unknown.to_string().contains("rt-secret-123"), "an unknown error code is not repeated: {unknown}");
     let long = format!(r#"{{"error":"invalid_grant","error_description":"{}"}}"#, "x".repeat(5000));
     match classify_error(400, None, long.as_bytes(), &[]) {
         ProviderError::InvalidGrant { description: Some(d) } => assert_eq!(d.len(), 200),
