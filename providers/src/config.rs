@@ -326,6 +326,11 @@ fn build_provider(
             _ => return Err(invalid("account_id", "must be id_token or field:<name>")),
         },
     };
+    let idle_lifetime = match p.refresh_idle_lifetime_days {
+        None => None,
+        Some(days) if days <= 36_500 => Some(Duration::from_secs(days * 86_400)),
+        Some(_) => return Err(invalid("refresh_idle_lifetime_days", "must be at most 36500 (100 years)")),
+    };
     if p.api_host_param.is_some() && p.api_hosts.as_ref().is_none_or(Vec::is_empty) {
         return Err(invalid("api_hosts", "api_host_param needs the list of hosts it may name"));
     }
@@ -368,7 +373,7 @@ fn build_provider(
         id: id.to_owned(),
         pkce: p.pkce.unwrap_or(true),
         issuer: p.issuer.clone(),
-        refresh_idle_lifetime: p.refresh_idle_lifetime_days.map(|d| Duration::from_secs(d * 86_400)),
+        refresh_idle_lifetime: idle_lifetime,
     };
     let client =
         OAuthProvider::new(settings).map_err(|e| invalid("client", &format!("cannot build the HTTP client: {e}")))?;

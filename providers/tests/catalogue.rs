@@ -131,6 +131,10 @@ fn invalid_configuration_gets_a_clear_error() {
             Box::new(|e| matches!(e, CatalogueError::Missing { field: "revocation_url", .. })),
         ),
         ("[services.x]\ndisplay_name = \"x\"", Box::new(|e| matches!(e, CatalogueError::NoProvider(_)))),
+        (
+            "[providers.p]\nauthorize_url = \"https://a.example/a\"\ntoken_url = \"https://a.example/t\"\nrefresh_idle_lifetime_days = 213503982334602",
+            Box::new(|e| matches!(e, CatalogueError::Invalid { field: "refresh_idle_lifetime_days", .. })),
+        ),
     ];
     for (text, check) in cases {
         let config = CatalogueConfig::parse(text).unwrap();
