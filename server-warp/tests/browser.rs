@@ -23,7 +23,7 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use latchkey_core::MemoryStore;
 use latchkey_server::Running;
 use latchkey_server::config::Config;
-use latchkey_testkit::oidc::{ClientAuthMethod, OidcOptions, OidcProvider};
+use latchkey_testkit::oidc::OidcProvider;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -40,9 +40,6 @@ const POLL_EVERY: Duration = Duration::from_millis(50);
 /// How long a message that must not arrive is waited for.
 const ABSENCE: Duration = Duration::from_secs(2);
 
-const CLIENT_ID: &str = "latchkey-browser";
-const CLIENT_SECRET: &str = "browser-test-secret";
-const MASTER_KEY: &str = "k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
 const DISPLAY_NAME: &str = "OIDC storage";
 
 /// Desktop and phone window sizes.
@@ -402,44 +399,14 @@ async fn world(page_servers: usize) -> World {
         page_listeners.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
     }
     let allowed = format!("http://{}", page_listeners[0].local_addr().unwrap());
-    let oidc = OidcProvider::start(OidcOptions {
-        client_id: CLIENT_ID.into(),
-        client_secret: CLIENT_SECRET.into(),
-        redirect_uris: vec![format!("{url}/logged-in")],
-        access_ttl_secs: 3600,
-        rotate_refresh_tokens: true,
-        client_auth: ClientAuthMethod::Basic,
-    })
-    .await
-    .expect("oidc-provider starts (npm ci --prefix interop/oidc)");
+    let oidc = OidcProvider::start(crate::interop::oidc_options(vec![format!("{url}/logged-in")], 3600))
+        .await
+        .expect("oidc-provider starts (npm ci --prefix interop/oidc)");
+    // The same broker entries as the interop tests, plus the allowed opener.
     let text = format!(
-        r#"
-        public_url = "{url}"
-        allowed_opener_origins = ["{allowed}"]
-        [keys]
-        master_keys = ["{MASTER_KEY}"]
-        [providers.oidc]
-        authorize_url = "{authorize}"
-        token_url = "{token}"
-        revocation_url = "{revocation}"
-        issuer = "{issuer}"
-        client_auth = "basic"
-        client_id = "{CLIENT_ID}"
-        client_secrets = ["{CLIENT_SECRET}"]
-        pkce = true
-        rotates_refresh_tokens = true
-        account_id = "id_token"
-        [services.oidc]
-        provider = "oidc"
-        display_name = "{DISPLAY_NAME}"
-        scopes = ["openid", "offline_access", "files"]
-        [services.jottacloud]
-        enabled = false
-        "#,
-        authorize = oidc.authorization_endpoint(),
-        token = oidc.token_endpoint(),
-        revocation = oidc.revocation_endpoint(),
-        issuer = oidc.issuer(),
+        "public_url = \"{url}\"\nallowed_opener_origins = [\"{allowed}\"]\n[keys]\nmaster_keys = [\"{}\"]\n{}",
+        crate::interop::MASTER_KEY,
+        crate::interop::provider_toml(&oidc)
     );
     let config = Config::parse(&text).unwrap();
     let broker = latchkey_server::serve(&config, Arc::new(MemoryStore::new()), listener, |c| {
