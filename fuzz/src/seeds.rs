@@ -313,6 +313,13 @@ hidden = true
         "LATCHKEY_PUBLIC_URL=https://env.example\nLATCHKEY_LIMITS__TOKEN_REQUESTS_PER_MINUTE_PER_KEYID=7\n\
          LATCHKEY_PROVIDERS__DROPBOX__CLIENT_ID=app\nLATCHKEY_PROVIDERS__DROPBOX__CLIENT_SECRETS=[\"s1\", \"s2\"]\n",
     );
+    add(
+        seeds,
+        T,
+        "idle_lifetime_bounds",
+        "[providers.jottacloud]\nrefresh_idle_lifetime_days = 36500\n\n[providers.google]\nclient_id = \"x\"\n\
+         client_secrets = [\"s\"]\nrefresh_idle_lifetime_days = 9223372036854775807\n",
+    );
     add(seeds, T, "durations_and_cidrs", "365d\n12h\n30m\n45s\n90\n2w\n10.0.0.0/8\n::1\nfd00::/8\n192.168.1.1/33\n");
 }
 
