@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -72,6 +73,9 @@ pub struct Limiter {
     per_address: Buckets<IpAddr>,
     fetch_per_address: Buckets<IpAddr>,
     failures: Mutex<HashMap<KeyId, Failures>>,
+    /// How many keyids `failures` holds, readable without its lock: the
+    /// common case (no failed secrets anywhere) takes no lock at all.
+    failing: AtomicUsize,
 }
 
 impl Limiter {
@@ -82,6 +86,7 @@ impl Limiter {
             per_address: Buckets::new(config.token_requests_per_minute_per_address),
             fetch_per_address: Buckets::new(config.fetch_requests_per_minute_per_address),
             failures: Mutex::default(),
+            failing: AtomicUsize::new(0),
         }
     }
 
@@ -102,6 +107,9 @@ impl Limiter {
     }
 
     fn backoff(&self, keyid: &KeyId, now: Instant) -> Result<(), Duration> {
+        if self.failing.load(Ordering::Acquire) == 0 {
+            return Ok(());
+        }
         let failures = lock(&self.failures);
         let Some(f) = failures.get(keyid) else { return Ok(()) };
         if f.count <= FREE_FAILURES || now.saturating_duration_since(f.last) >= FAILURE_MEMORY {
@@ -124,11 +132,17 @@ impl Limiter {
         }
         f.count += 1;
         f.last = now;
+        self.failing.store(failures.len(), Ordering::Release);
     }
 
     /// A request with this keyid succeeded: its failures are forgotten.
     pub fn succeeded(&self, keyid: &KeyId) {
-        lock(&self.failures).remove(keyid);
+        if self.failing.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut failures = lock(&self.failures);
+        failures.remove(keyid);
+        self.failing.store(failures.len(), Ordering::Release);
     }
 }
 
@@ -179,5 +193,9 @@ mod tests {
         assert_eq!(limiter.token_request(Some(key), addr, t0).unwrap_err(), MAX_BACKOFF, "capped");
         limiter.succeeded(&key);
         assert!(limiter.token_request(Some(key), addr, t0).is_ok());
+        for _ in 0..6 {
+            limiter.failed_secret(key, t0);
+        }
+        assert!(limiter.token_request(Some(key), addr, t0).is_err(), "failures after a reset count again");
     }
 }

@@ -70,15 +70,33 @@ impl TokenCache {
     }
 
     /// The purge epoch; pass it back to [`TokenCache::insert`].
+    #[cfg(test)]
     pub(crate) fn epoch(&self) -> u64 {
         self.lock().epoch
     }
 
     /// A cached token with at least the required validity left.
+    #[cfg(test)]
     pub(crate) fn get(&self, key: &CacheKey, now: Timestamp, min_validity: Duration) -> Option<TokenGrant> {
+        self.lookup(key, now, min_validity).ok()
+    }
+
+    /// [`TokenCache::get`] and, on a miss, the purge epoch to pass back to
+    /// [`TokenCache::insert`]: one lock for the hit path.
+    pub(crate) fn lookup(&self, key: &CacheKey, now: Timestamp, min_validity: Duration) -> Result<TokenGrant, u64> {
         let inner = self.lock();
+        Self::fresh(&inner, key, now, self.ttl, min_validity).ok_or(inner.epoch)
+    }
+
+    fn fresh(
+        inner: &Inner,
+        key: &CacheKey,
+        now: Timestamp,
+        ttl: Duration,
+        min_validity: Duration,
+    ) -> Option<TokenGrant> {
         let entry = inner.entries.get(key)?;
-        if now.duration_since(entry.inserted_at) >= self.ttl {
+        if now.duration_since(entry.inserted_at) >= ttl {
             return None;
         }
         let fresh_enough = match entry.token.expires_at {

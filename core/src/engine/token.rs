@@ -71,11 +71,13 @@ impl Broker {
         let inner = &self.inner;
         let min_validity = min_validity.unwrap_or(inner.config.min_validity);
         let key = inner.cache.key_for(authid);
-        let epoch = inner.cache.epoch();
-        if let Some(hit) = inner.cache.get(&key, inner.now(), min_validity) {
-            Metrics::bump(&inner.metrics.cache_hits);
-            return Ok(hit);
-        }
+        let epoch = match inner.cache.lookup(&key, inner.now(), min_validity) {
+            Ok(hit) => {
+                Metrics::bump(&inner.metrics.cache_hits);
+                return Ok(hit);
+            }
+            Err(epoch) => epoch,
+        };
         Metrics::bump(&inner.metrics.cache_misses);
         let (handle, data_key) = inner.authenticate(authid).await?;
         let grant_id = handle.grant_id;

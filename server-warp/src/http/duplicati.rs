@@ -21,22 +21,26 @@ use super::{State, body, client_ip, fields, query, with_state};
 /// Seconds reported for access tokens that never expire.
 const NEVER_EXPIRES_SECS: u64 = 365 * 86_400;
 
+/// `/refresh`, on its own: the busiest route, tried before every other.
+pub(super) fn refresh_route(state: State) -> warp::filters::BoxedFilter<(Response,)> {
+    warp::path!("refresh")
+        .and(warp::get().or(warp::post()).unify())
+        .and(warp::header::optional::<String>("x-authid"))
+        .and(query())
+        .and(body())
+        .and(client_ip(state.clone()))
+        .and(with_state(state))
+        .then(refresh)
+        .boxed()
+}
+
+/// Every other route of Duplicati's protocol and the pages.
 pub(super) fn routes(state: State) -> warp::filters::BoxedFilter<(Response,)> {
     let s = || with_state(state.clone());
     let ip = || client_ip(state.clone());
     let index = warp::get().and(warp::path::end()).and(query()).and(s()).then(index).boxed();
     let login = warp::get().and(warp::path!("login")).and(query()).and(s()).then(login);
     let logged_in = warp::get().and(warp::path!("logged-in")).and(query()).and(s()).then(logged_in).boxed();
-    let refresh = warp::get()
-        .or(warp::post())
-        .unify()
-        .and(warp::path!("refresh"))
-        .and(warp::header::optional::<String>("x-authid"))
-        .and(query())
-        .and(body())
-        .and(ip())
-        .and(s())
-        .then(refresh);
     let fetch = warp::get().and(warp::path!("fetch")).and(query()).and(ip()).and(s()).then(fetch).boxed();
     let token_state = warp::get().and(warp::path!("token-state")).and(query()).and(ip()).and(s()).then(token_state);
     let revoke = warp::get().and(warp::path!("revoke")).and(s()).map(|s: State| pages::revoke_form(&s.csp)).boxed();
@@ -58,8 +62,6 @@ pub(super) fn routes(state: State) -> warp::filters::BoxedFilter<(Response,)> {
         .or(login)
         .unify()
         .or(logged_in)
-        .unify()
-        .or(refresh)
         .unify()
         .or(fetch)
         .unify()

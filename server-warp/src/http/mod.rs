@@ -227,6 +227,8 @@ pub fn fields(body: &[u8]) -> HashMap<String, String> {
 /// Every route.
 pub fn routes(state: State) -> impl Filter<Extract = (impl warp::Reply,), Error = Infallible> + Clone {
     let metrics_state = Arc::clone(&state);
+    // The token routes first: they carry nearly all the traffic.
+    let refresh = duplicati::refresh_route(Arc::clone(&state));
     let api = api::routes(Arc::clone(&state));
     let duplicati = duplicati::routes(Arc::clone(&state));
     let ops = metrics::routes(Arc::clone(&state));
@@ -240,7 +242,10 @@ pub fn routes(state: State) -> impl Filter<Extract = (impl warp::Reply,), Error 
         // Browsers ask for it on every first visit; an empty answer keeps their consoles clean.
         .or(warp::get().and(warp::path!("favicon.ico")).map(|| asset("image/x-icon", "")))
         .unify();
-    api.or(duplicati)
+    refresh
+        .or(api)
+        .unify()
+        .or(duplicati)
         .unify()
         .or(ops)
         .unify()
