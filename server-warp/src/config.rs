@@ -82,6 +82,10 @@ pub struct StoreConfig {
     /// The PostgreSQL schema.
     #[serde(default = "default_schema")]
     pub schema: String,
+    /// A PEM file of CA certificates the PostgreSQL server's certificate may
+    /// chain to, besides Mozilla's roots; setting it asks for TLS (builds
+    /// with the `postgres-tls` feature). The URL's `sslmode` decides the rest.
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_kind() -> String {
@@ -96,7 +100,7 @@ fn default_schema() -> String {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { kind: default_kind(), path: default_path(), url: None, schema: default_schema() }
+        StoreConfig { kind: default_kind(), path: default_path(), url: None, schema: default_schema(), ca_file: None }
     }
 }
 

@@ -8,7 +8,7 @@ use anyhow::{Context, anyhow, bail};
 use latchkey_core::keys::{MasterKey, MasterKeyId, MasterKeyring, PassphraseParams};
 use latchkey_core::{Broker, BrokerParts, EngineConfig, OsRandom, Store};
 use latchkey_providers::{BuildOptions, BuiltCatalogue, build};
-use latchkey_storage_postgres::PostgresStore;
+use latchkey_storage_postgres::{PostgresStore, TlsOptions};
 use latchkey_storage_sled::SledStore;
 
 use crate::config::Config;
@@ -36,15 +36,18 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     match config.store.kind.as_str() {
         "postgres" => {
             let url = config.store.url.as_deref().ok_or_else(|| anyhow!("store.url is not set"))?;
-            let store = PostgresStore::connect(url, &config.store.schema)
-                .await
-                .map_err(|e| anyhow!("store: cannot use PostgreSQL ({e}); check store.url and that the server runs"))?;
+            let tls = TlsOptions { ca_file: config.store.ca_file.clone() };
+            // The context leads; `{:#}` (as `main` prints) adds the store's reasons after it.
+            let store = PostgresStore::connect_with(url, &config.store.schema, &tls).await.map_err(|e| {
+                anyhow::Error::new(e).context("store: cannot use PostgreSQL (check store.url and that the server runs)")
+            })?;
             Ok(Arc::new(store))
         }
         _ => {
-            let store = SledStore::open(&config.store.path)
-                .await
-                .map_err(|e| anyhow!("store: cannot open the sled store at {} ({e})", config.store.path.display()))?;
+            let store = SledStore::open(&config.store.path).await.map_err(|e| {
+                anyhow::Error::new(e)
+                    .context(format!("store: cannot open the sled store at {}", config.store.path.display()))
+            })?;
             Ok(Arc::new(store))
         }
     }

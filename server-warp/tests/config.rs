@@ -125,3 +125,21 @@ fn the_embedded_default_generates_a_private_master_key_once() {
     let shared = Config::parse("[store]\nkind = \"postgres\"\nurl = \"postgres://x@127.0.0.1/x\"").unwrap();
     assert!(latchkey_server::setup::load_keyring(&shared).err().unwrap().to_string().contains("keys.master_keys"));
 }
+
+#[tokio::test]
+async fn the_postgres_ca_file_setting_reaches_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("db-ca.pem");
+    let env = [
+        ("LATCHKEY_STORE__KIND", "postgres"),
+        ("LATCHKEY_STORE__URL", "postgres://latchkey@127.0.0.1/latchkey"),
+        ("LATCHKEY_STORE__CA_FILE", ca_file.to_str().unwrap()),
+    ]
+    .map(|(k, v)| (k.to_owned(), v.to_owned()));
+    let config = Config::load(None, env).unwrap();
+    assert_eq!(config.store.ca_file.as_deref(), Some(ca_file.as_path()));
+    // The file is read before any connection is tried: a missing one is named.
+    let error = latchkey_server::setup::open_store(&config).await.err().expect("refused");
+    let message = format!("{error:#}"); // as `latchkey` prints it
+    assert!(message.contains("CA file") && message.contains("db-ca.pem"), "{message}");
+}

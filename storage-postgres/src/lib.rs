@@ -41,27 +41,31 @@
 //!   drops it reconnects with backoff and LISTENs again. Notices published
 //!   while it is down are lost: they are hints (cache purges, wake-ups) the
 //!   engine also covers by polling and expiry.
-//! * **Plain TCP, no TLS.** Meant for a database on loopback or a private
-//!   network; TLS would need a TLS connector crate this build does not have.
+//! * **TLS by `sslmode`, behind the `tls` feature.** Plain on loopback;
+//!   rustls with a verified certificate where the URL (or a CA file) asks for
+//!   it; a build without the feature refuses `sslmode=require` at start
+//!   instead of silently connecting in the clear. The rules are in [`tls`].
 
 mod listener;
 mod schema;
+pub mod tls;
 
 use std::fmt;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime};
+use deadpool_postgres::{Object, Pool, PoolError, Runtime};
 use latchkey_core::{
     GrantId, Lease, LeaseOutcome, ListQuery, Notice, NoticeStream, Page, Record, RecordKind, Store, StoreError,
     StoredRecord, Timestamp,
 };
-use tokio_postgres::NoTls;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
 use crate::listener::Listener;
 pub use crate::schema::SetupError;
+pub use crate::tls::TlsOptions;
+use crate::tls::Transport;
 
 /// The schema used when a deployment names none.
 pub const DEFAULT_SCHEMA: &str = "latchkey";
@@ -84,6 +88,7 @@ pub struct PostgresStore {
     channel: String,
     sql: Sql,
     listener: Listener,
+    tls: bool,
 }
 
 /// The fixed statements, schema-qualified once at start.
@@ -139,6 +144,13 @@ impl PostgresStore {
     /// cannot be reached, not retryable with a [`SetupError`] source when the
     /// schema name is invalid or the schema is newer than this build.
     pub async fn connect(url: &str, schema: &str) -> Result<PostgresStore, StoreError> {
+        Self::connect_with(url, schema, &TlsOptions::default()).await
+    }
+
+    /// [`PostgresStore::connect`] with TLS options; how they combine with
+    /// the URL's `sslmode` is in [`tls`]. A TLS setup the build or the CA
+    /// file cannot meet is refused (not retryable, [`SetupError`] source).
+    pub async fn connect_with(url: &str, schema: &str, tls: &TlsOptions) -> Result<PostgresStore, StoreError> {
         if !schema::valid_schema_name(schema) {
             return Err(SetupError::InvalidSchemaName.into());
         }
@@ -156,11 +168,8 @@ impl PostgresStore {
             .keepalives_interval(Duration::from_secs(5))
             .keepalives_retries(3)
             .tcp_user_timeout(Duration::from_secs(30));
-        // `Fast` recycling drops connections the server closed (as on a
-        // restart); a connection that fails mid-query is closed by then.
-        let manager =
-            Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
-        let pool = Pool::builder(manager)
+        let transport = Transport::new(&config, tls)?;
+        let pool = Pool::builder(transport.manager(config.clone()))
             .max_size(POOL_SIZE)
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(TIMEOUT))
@@ -173,7 +182,8 @@ impl PostgresStore {
         Ok(PostgresStore {
             pool,
             sql: Sql::new(schema),
-            listener: Listener::new(config, &channel),
+            tls: transport.is_tls(),
+            listener: Listener::new(config, transport, &channel),
             schema: schema.to_owned(),
             channel,
         })
@@ -182,6 +192,12 @@ impl PostgresStore {
     /// The schema this store lives in.
     pub fn schema(&self) -> &str {
         &self.schema
+    }
+
+    /// Whether its connections use TLS (under `sslmode=prefer`: whenever the
+    /// server offers it).
+    pub fn uses_tls(&self) -> bool {
+        self.tls
     }
 
     /// The LISTEN/NOTIFY channel its notices travel on: `<schema>_notices`.
@@ -218,7 +234,7 @@ impl PostgresStore {
 
 impl fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PostgresStore").field("schema", &self.schema).finish_non_exhaustive()
+        f.debug_struct("PostgresStore").field("schema", &self.schema).field("tls", &self.tls).finish_non_exhaustive()
     }
 }
 

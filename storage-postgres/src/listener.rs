@@ -10,7 +10,9 @@ use futures_util::stream::poll_fn;
 use latchkey_core::{GrantId, Notice, NoticeStream, StoreError};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::{AsyncMessage, Client, Connection, NoTls};
+
+use crate::tls::Transport;
 
 /// How long `subscribe` waits for the listening connection.
 const LISTEN_WAIT: Duration = Duration::from_secs(5);
@@ -73,15 +75,17 @@ impl Shared {
 /// stops when the store is dropped.
 pub(crate) struct Listener {
     config: tokio_postgres::Config,
+    transport: Transport,
     listen_sql: String,
     shared: Arc<Shared>,
     task: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Listener {
-    pub(crate) fn new(config: tokio_postgres::Config, channel: &str) -> Self {
+    pub(crate) fn new(config: tokio_postgres::Config, transport: Transport, channel: &str) -> Self {
         Listener {
             config,
+            transport,
             listen_sql: format!("LISTEN \"{channel}\""),
             shared: Arc::new(Shared { subscribers: Mutex::default(), listening: watch::Sender::new(false) }),
             task: Mutex::default(),
@@ -112,7 +116,7 @@ impl Listener {
             let runtime = tokio::runtime::Handle::try_current()
                 .map_err(|e| StoreError::Unavailable { retryable: false, source: Some(Box::new(e)) })?;
             let (config, sql, shared) = (self.config.clone(), self.listen_sql.clone(), Arc::clone(&self.shared));
-            *task = Some(runtime.spawn(run(config, sql, shared)));
+            *task = Some(runtime.spawn(run(config, self.transport.clone(), sql, shared)));
         }
         Ok(())
     }
@@ -127,10 +131,15 @@ impl Drop for Listener {
 }
 
 /// Listens, and after every lost connection listens again, forever.
-async fn run(config: tokio_postgres::Config, listen_sql: String, shared: Arc<Shared>) {
+async fn run(config: tokio_postgres::Config, transport: Transport, listen_sql: String, shared: Arc<Shared>) {
     let mut backoff = BACKOFF.0;
     loop {
-        if listen_once(&config, &listen_sql, &shared).await {
+        let listened = match &transport {
+            Transport::Plain => listen_once(config.connect(NoTls).await, &listen_sql, &shared).await,
+            #[cfg(feature = "tls")]
+            Transport::Tls(tls) => listen_once(config.connect(tls.clone()).await, &listen_sql, &shared).await,
+        };
+        if listened {
             backoff = BACKOFF.0;
         }
         shared.listening.send_replace(false);
@@ -139,10 +148,18 @@ async fn run(config: tokio_postgres::Config, listen_sql: String, shared: Arc<Sha
     }
 }
 
-/// One connection's life: connect, LISTEN, deliver until it ends. Answers
-/// whether the LISTEN took effect.
-async fn listen_once(config: &tokio_postgres::Config, listen_sql: &str, shared: &Shared) -> bool {
-    let Ok((client, mut connection)) = config.connect(NoTls).await else { return false };
+/// One connection's life, from its connect result: LISTEN, deliver until it
+/// ends. Answers whether the LISTEN took effect.
+async fn listen_once<S, T>(
+    connected: Result<(Client, Connection<S, T>), tokio_postgres::Error>,
+    listen_sql: &str,
+    shared: &Shared,
+) -> bool
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let Ok((client, mut connection)) = connected else { return false };
     // The connection is polled here, not spawned, to see its notifications.
     let mut messages = poll_fn(move |cx| connection.poll_message(cx));
     {

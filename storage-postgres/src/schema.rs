@@ -44,6 +44,17 @@ pub enum SetupError {
         /// The newest version this build knows.
         supported: i32,
     },
+    /// The URL's `sslmode` or a CA file asks for TLS, and this build has none.
+    TlsNotBuilt,
+    /// The CA file cannot be used.
+    CaFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// TLS cannot be set up.
+    Tls(String),
 }
 
 impl fmt::Display for SetupError {
@@ -57,6 +68,12 @@ impl fmt::Display for SetupError {
                 "database schema version {found} is newer than this latchkey supports ({supported}): \
                  upgrade latchkey or point it at another schema"
             ),
+            SetupError::TlsNotBuilt => f.write_str(
+                "TLS to PostgreSQL was asked for (sslmode=require, or a ca_file), but this latchkey was built \
+                 without it: build with the `postgres-tls` feature, or use sslmode=disable on a trusted network",
+            ),
+            SetupError::CaFile { path, reason } => write!(f, "cannot use the CA file {}: {reason}", path.display()),
+            SetupError::Tls(reason) => write!(f, "cannot set up TLS to PostgreSQL: {reason}"),
         }
     }
 }

@@ -478,3 +478,7 @@ mod restart {
         );
     }
 }
+
+// (6) TLS, through a verifying front before the real server.
+#[cfg(feature = "tls")]
+mod tls;
