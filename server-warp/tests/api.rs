@@ -6,13 +6,13 @@ use oauth2::{ClientId, RefreshToken, TokenResponse, TokenUrl};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::support::{fake_config, harness};
+use crate::support::{fake_config, harness, refresh, v1_token};
 
 #[tokio::test]
 async fn one_grant_through_v1_and_through_a_standard_oauth2_client() {
     let h = harness(fake_config(), "").await;
     let authid = h.login().await;
-    let v1 = h.http.post(format!("{}/v1/token", h.url)).bearer_auth(&authid).send().await.unwrap();
+    let v1 = v1_token(&h.http, &h.url, &authid).await;
     assert_eq!(v1.status(), 200);
     assert_eq!(v1.headers()["cache-control"], "no-store");
     let v1: Value = v1.json().await.unwrap();
@@ -63,11 +63,9 @@ async fn min_validity_asks_for_a_fresher_token() {
     )
     .await;
     let authid = h.login().await;
-    let first: Value =
-        h.http.post(format!("{}/v1/token", h.url)).bearer_auth(&authid).send().await.unwrap().json().await.unwrap();
+    let first: Value = v1_token(&h.http, &h.url, &authid).await.json().await.unwrap();
     // 600 s tokens: 300 s wanted by default is within half the lifetime: cached.
-    let again: Value =
-        h.http.post(format!("{}/v1/token", h.url)).bearer_auth(&authid).send().await.unwrap().json().await.unwrap();
+    let again: Value = v1_token(&h.http, &h.url, &authid).await.json().await.unwrap();
     assert_eq!(first["access_token"], again["access_token"]);
     assert_eq!(h.fake.refreshes(), 0);
     let bad = h
@@ -102,21 +100,21 @@ async fn handles_are_minted_listed_rotated_and_revoked_over_http() {
     let rotated: Value =
         h.http.post(url("/v1/handles/rotate")).bearer_auth(&second).send().await.unwrap().json().await.unwrap();
     let third = rotated["authid"].as_str().unwrap().to_owned();
-    let dead = h.http.post(url("/v1/token")).bearer_auth(&second).send().await.unwrap();
+    let dead = v1_token(&h.http, &h.url, &second).await;
     assert_eq!(dead.status(), 401);
     assert_eq!(dead.json::<Value>().await.unwrap()["error"], "authid_revoked");
-    assert_eq!(h.http.post(url("/v1/token")).bearer_auth(&third).send().await.unwrap().status(), 200);
+    assert_eq!(v1_token(&h.http, &h.url, &third).await.status(), 200);
 
     let keyid = authid.split(':').next().unwrap();
     let deleted = h.http.delete(url(&format!("/v1/handles/{keyid}"))).bearer_auth(&third).send().await.unwrap();
     assert_eq!(deleted.status(), 200);
     assert_eq!(deleted.json::<Value>().await.unwrap()["grant_revoked"], false);
-    assert_eq!(h.http.post(url("/v1/token")).bearer_auth(&authid).send().await.unwrap().status(), 401);
+    assert_eq!(v1_token(&h.http, &h.url, &authid).await.status(), 401);
 
     let report: Value =
         h.http.post(url("/v1/grant/revoke")).bearer_auth(&third).send().await.unwrap().json().await.unwrap();
     assert_eq!(report["provider"], "revoked", "RFC 7009 at the fake provider: {report}");
-    assert_eq!(h.http.post(url("/v1/token")).bearer_auth(&third).send().await.unwrap().status(), 401);
+    assert_eq!(v1_token(&h.http, &h.url, &third).await.status(), 401);
 }
 
 #[tokio::test]
@@ -168,7 +166,7 @@ async fn the_device_flow_end_to_end_over_http() {
     let (status, body) = poll().await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["authid"], shown.as_str());
-    let refresh = h.http.get(format!("{}/refresh", h.url)).header("X-AuthID", &shown).send().await.unwrap();
+    let refresh = refresh(&h.http, &h.url, &shown).await;
     assert_eq!(refresh.status(), 200);
 }
 
@@ -184,7 +182,7 @@ async fn services_health_readiness_and_metrics() {
     assert_eq!(h.get("/readyz").await.json::<Value>().await.unwrap()["status"], "ready");
     let authid = h.login().await;
     for _ in 0..2 {
-        h.http.get(format!("{}/refresh", h.url)).header("X-AuthID", &authid).send().await.unwrap();
+        refresh(&h.http, &h.url, &authid).await;
     }
     let metrics = h.get("/metrics").await.text().await.unwrap();
     for line in [

@@ -6,7 +6,7 @@ use latchkey_testkit::{FakeConfig, Fault};
 use reqwest::Method;
 use serde_json::Value;
 
-use crate::support::{fake_config, harness, harness_on};
+use crate::support::{fake_config, harness, harness_on, refresh, v1_token};
 
 struct Case {
     name: &'static str,
@@ -162,16 +162,16 @@ async fn a_provider_that_is_down_gets_provider_unavailable_with_retry_after() {
     for n in 1..=3 {
         h.fake.inject_at(sent + n, Fault::ServerError);
     }
-    let response = h.http.get(format!("{}/refresh", h.url)).header("X-AuthID", &authid).send().await.unwrap();
+    let response = refresh(&h.http, &h.url, &authid).await;
     assert_eq!(response.status(), 502);
     assert_eq!(response.headers()["retry-after"], "30");
     assert!(response.headers()["x-reason"].to_str().unwrap().contains("provider is unavailable"));
     h.fake.inject(Fault::RateLimited { retry_after_secs: 120 });
-    let v1 = h.http.post(format!("{}/v1/token", h.url)).bearer_auth(&authid).send().await.unwrap();
+    let v1 = v1_token(&h.http, &h.url, &authid).await;
     assert_eq!(v1.status(), 503);
     assert_eq!(v1.headers()["retry-after"], "120");
     assert_eq!(v1.json::<Value>().await.unwrap()["error"], "provider_unavailable");
-    let ok = h.http.get(format!("{}/refresh", h.url)).header("X-AuthID", &authid).send().await.unwrap();
+    let ok = refresh(&h.http, &h.url, &authid).await;
     assert_eq!(ok.status(), 200, "the provider is back");
 }
 
@@ -181,16 +181,13 @@ async fn rate_limits_answer_503_to_duplicati_and_429_elsewhere() {
     let h = harness_on(fake_config(), "[limits]\ntoken_requests_per_minute_per_keyid = 2", store).await;
     let authid = h.login().await;
     for _ in 0..2 {
-        assert_eq!(
-            h.http.get(format!("{}/refresh", h.url)).header("X-AuthID", &authid).send().await.unwrap().status(),
-            200
-        );
+        assert_eq!(refresh(&h.http, &h.url, &authid).await.status(), 200);
     }
-    let limited = h.http.get(format!("{}/refresh", h.url)).header("X-AuthID", &authid).send().await.unwrap();
+    let limited = refresh(&h.http, &h.url, &authid).await;
     assert_eq!(limited.status(), 503);
     assert_eq!(limited.headers()["retry-after"], "30");
     assert!(limited.headers()["x-reason"].to_str().unwrap().contains("too many requests"));
-    let v1 = h.http.post(format!("{}/v1/token", h.url)).bearer_auth(&authid).send().await.unwrap();
+    let v1 = v1_token(&h.http, &h.url, &authid).await;
     assert_eq!(v1.status(), 429);
     let oauth = h
         .http

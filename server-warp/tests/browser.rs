@@ -421,7 +421,7 @@ async fn world(page_servers: usize) -> World {
 
 impl World {
     async fn refresh(&self, authid: &str) -> reqwest::Response {
-        self.http.get(format!("{}/refresh", self.url)).header("X-AuthID", authid).send().await.unwrap()
+        crate::support::refresh(&self.http, &self.url, authid).await
     }
 
     async fn stop(self) {

@@ -3,7 +3,7 @@
 use reqwest::header::{CACHE_CONTROL, CONTENT_TYPE};
 use serde_json::Value;
 
-use crate::support::{CLIENT_SECRET, authid_from_page, fake_config, harness, logs};
+use crate::support::{CLIENT_SECRET, authid_from_page, fake_config, harness, logs, refresh};
 
 #[tokio::test]
 async fn the_whole_duplicati_flow_with_hand_off_refresh_and_revoke() {
@@ -39,7 +39,7 @@ async fn the_whole_duplicati_flow_with_hand_off_refresh_and_revoke() {
     assert!(again.headers().contains_key("x-reason"));
 
     // Duplicati refreshes with the AuthID in X-AuthID.
-    let refresh = h
+    let answer = h
         .http
         .get(format!("{}/refresh", h.url))
         .header("X-AuthID", &authid)
@@ -47,9 +47,9 @@ async fn the_whole_duplicati_flow_with_hand_off_refresh_and_revoke() {
         .send()
         .await
         .unwrap();
-    assert_eq!(refresh.status(), 200);
-    assert_eq!(refresh.headers()[CACHE_CONTROL], "no-store");
-    let body: Value = refresh.json().await.unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.headers()[CACHE_CONTROL], "no-store");
+    let body: Value = answer.json().await.unwrap();
     let access = body["access_token"].as_str().unwrap().to_owned();
     assert!(h.fake.is_active(&access));
     assert!(body["expires"].as_u64().unwrap() > 3000, "integer seconds left: {body}");
@@ -69,7 +69,7 @@ async fn the_whole_duplicati_flow_with_hand_off_refresh_and_revoke() {
         revoked.text().await.unwrap().contains("the login itself was revoked"),
         "the last AuthID revokes the login"
     );
-    let refused = h.http.get(format!("{}/refresh", h.url)).header("X-AuthID", &authid).send().await.unwrap();
+    let refused = refresh(&h.http, &h.url, &authid).await;
     assert_eq!(refused.status(), 401);
     assert_eq!(refused.headers()["x-reason"], "this AuthID has been revoked");
     let body: Value = refused.json().await.unwrap();
@@ -183,7 +183,7 @@ async fn a_personal_login_token_logs_in_without_a_browser_redirect() {
     let authid = authid_from_page(&page.text().await.unwrap());
     let fetched: Value = h.get("/fetch?token=cli-handoff-1").await.json().await.unwrap();
     assert_eq!(fetched["authid"], authid.as_str());
-    let refresh = h.http.get(format!("{}/refresh", h.url)).header("X-AuthID", &authid).send().await.unwrap();
+    let refresh = refresh(&h.http, &h.url, &authid).await;
     assert_eq!(refresh.status(), 200);
     let request = jotta.token_requests().pop().unwrap();
     assert_eq!((request.form("grant_type"), request.form("client_id")), (Some("password"), Some("jottacli")));

@@ -9,6 +9,8 @@ use latchkey_server::config::Config;
 use latchkey_testkit::oidc::{ClientAuthMethod, OidcOptions, OidcProvider};
 use serde_json::Value;
 
+use crate::support::{refresh, v1_token};
+
 pub(crate) const CLIENT_ID: &str = "latchkey-interop";
 /// Needs form-urlencoding in HTTP Basic, which oidc-provider checks.
 pub(crate) const CLIENT_SECRET: &str = "s:e/c+r%t interop";
@@ -97,15 +99,14 @@ async fn interop(access_ttl_secs: u64) -> Interop {
 async fn a_login_at_oidc_provider_then_tokens_through_every_surface() {
     let t = interop(3600).await;
     let authid = login(&t.http, &t.url, &t.oidc, "alice", "/login?id=oidc").await;
-    let refresh = t.http.get(format!("{}/refresh", t.url)).header("X-AuthID", &authid).send().await.unwrap();
+    let refresh = refresh(&t.http, &t.url, &authid).await;
     assert_eq!(refresh.status(), 200);
     let refresh: Value = refresh.json().await.unwrap();
     let access = refresh["access_token"].as_str().unwrap().to_owned();
     let introspection = t.oidc.introspection(&access).await.unwrap();
     assert_eq!(introspection["active"], true);
     assert_eq!(introspection["sub"], "alice");
-    let v1: Value =
-        t.http.post(format!("{}/v1/token", t.url)).bearer_auth(&authid).send().await.unwrap().json().await.unwrap();
+    let v1: Value = v1_token(&t.http, &t.url, &authid).await.json().await.unwrap();
     assert_eq!(v1["access_token"], access.as_str());
     assert!(v1["scope"].as_str().unwrap().contains("offline_access"));
     let oauth2: Value = t
@@ -127,8 +128,7 @@ async fn a_login_at_oidc_provider_then_tokens_through_every_surface() {
 async fn revoking_the_grant_revokes_it_at_the_provider() {
     let t = interop(3600).await;
     let authid = login(&t.http, &t.url, &t.oidc, "bob", "/login?id=oidc").await;
-    let v1: Value =
-        t.http.post(format!("{}/v1/token", t.url)).bearer_auth(&authid).send().await.unwrap().json().await.unwrap();
+    let v1: Value = v1_token(&t.http, &t.url, &authid).await.json().await.unwrap();
     let access = v1["access_token"].as_str().unwrap().to_owned();
     assert!(t.oidc.introspect(&access).await.unwrap());
     let report: Value = t
@@ -143,7 +143,7 @@ async fn revoking_the_grant_revokes_it_at_the_provider() {
         .unwrap();
     assert_eq!(report["provider"], "revoked", "{report}");
     assert!(!t.oidc.introspect(&access).await.unwrap(), "RFC 7009 revocation of the refresh token ended the grant");
-    let after = t.http.get(format!("{}/refresh", t.url)).header("X-AuthID", &authid).send().await.unwrap();
+    let after = refresh(&t.http, &t.url, &authid).await;
     assert_eq!(after.status(), 401);
 }
 

@@ -152,3 +152,13 @@ impl Harness {
 pub(crate) fn authid_from_page(html: &str) -> String {
     html.split("data-authid=\"").nth(1).and_then(|s| s.split('"').next()).expect("an AuthID on the page").to_owned()
 }
+
+/// `GET /refresh` with the AuthID in `X-AuthID`, as Duplicati sends it.
+pub(crate) async fn refresh(http: &reqwest::Client, base: &str, authid: &str) -> reqwest::Response {
+    http.get(format!("{base}/refresh")).header("X-AuthID", authid).send().await.unwrap()
+}
+
+/// `POST /v1/token` with the AuthID as the bearer token.
+pub(crate) async fn v1_token(http: &reqwest::Client, base: &str, authid: &str) -> reqwest::Response {
+    http.post(format!("{base}/v1/token")).bearer_auth(authid).send().await.unwrap()
+}
