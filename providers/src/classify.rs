@@ -151,8 +151,13 @@ pub fn classify_error(status: u16, retry_after_header: Option<&str>, body: &[u8]
     }
 }
 
+/// The shortest run of a secret's bytes that counts as echoing it: a
+/// provider that quotes part of a token (truncated, or cut by its own
+/// formatting) must not get that part through either.
+const SECRET_PIECE: usize = 12;
+
 /// One line of printable text, at most 200 characters, or nothing if it
-/// contains any of the secrets sent.
+/// contains any of the secrets sent, or any [`SECRET_PIECE`] bytes of one.
 pub fn sanitize(text: &str, sent: &[&str]) -> Option<String> {
     // Control characters go first, and the check runs on what remains: a
     // secret split by a control character must not reappear whole.
@@ -161,5 +166,18 @@ pub fn sanitize(text: &str, sent: &[&str]) -> Option<String> {
         return None;
     }
     let clean: String = clean.chars().take(200).collect();
+    if sent.iter().any(|s| shares_a_piece(&clean, s)) {
+        return None;
+    }
     (!clean.trim().is_empty()).then_some(clean)
+}
+
+/// Whether `text` holds [`SECRET_PIECE`] consecutive bytes of `secret`
+/// (secrets shorter than that are checked whole, above).
+fn shares_a_piece(text: &str, secret: &str) -> bool {
+    if secret.len() < SECRET_PIECE {
+        return false;
+    }
+    let pieces: std::collections::HashSet<&[u8]> = text.as_bytes().windows(SECRET_PIECE).collect();
+    !pieces.is_empty() && secret.as_bytes().windows(SECRET_PIECE).any(|piece| pieces.contains(piece))
 }

@@ -70,6 +70,20 @@ fn descriptions_are_sanitised_and_dropped_when_they_echo_a_secret() {
         ProviderError::InvalidGrant { description } => assert_eq!(description, None),
         other => panic!("{other:?}"),
     }
+    // Part of a token is as bad as all of it: twelve bytes or more of a
+    // secret drop the description; shorter coincidences do not.
+    let token = "1//0gAbCdEfGhIjKlMnOpQrStUvWxYz0123456789";
+    let partial =
+        r#"{"error":"invalid_grant","error_description":"Token 1//0gAbCdEfGh... has been expired or revoked."}"#;
+    match classify_error(400, None, partial.as_bytes(), &[token]) {
+        ProviderError::InvalidGrant { description } => assert_eq!(description, None),
+        other => panic!("{other:?}"),
+    }
+    let coincidence = r#"{"error":"invalid_grant","error_description":"Token 1//0gAbC is bad."}"#;
+    match classify_error(400, None, coincidence.as_bytes(), &[token]) {
+        ProviderError::InvalidGrant { description: Some(d) } => assert_eq!(d, "Token 1//0gAbC is bad."),
+        other => panic!("{other:?}"),
+    }
     let unknown = classify_error(400, None, br#"{"error":"rt-secret-123"}"#, &[]);
     assert!(!unknown.to_string().contains("rt-secret-123"), "an unknown error code is not repeated: {unknown}");
     let long = format!(r#"{{"error":"invalid_grant","error_description":"{}"}}"#, "x".repeat(5000));
