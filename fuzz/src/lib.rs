@@ -11,7 +11,7 @@
 
 #![forbid(unsafe_code)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,7 +29,7 @@ use latchkey_providers::classify::{
 use latchkey_providers::{BuildOptions, CatalogueConfig};
 use latchkey_server::config::{Cidr, Config, parse_duration};
 use latchkey_server::http::reply::{Failure, Surface, error, one_line};
-use latchkey_server::http::{client_address, fields};
+use latchkey_server::http::{client_address, duplicati_authid, fields, query_map};
 use secrecy::{ExposeSecret, SecretString};
 
 pub mod seeds;
@@ -616,9 +616,9 @@ const PEERS: [Option<&str>; 8] = [
 /// `\n`-separated: the `X-Forwarded-For` value, the `X-AuthID` value (when
 /// flagged), the query string, and the rest is the body.
 ///
-/// Follows `/refresh`: `http::fields(body)`, the query map, the AuthID taken
-/// from header, then body, then query, `AuthId::parse`, and for a bad one the
-/// Duplicati error response. Checks `client_address` (a forwarded address is
+/// Follows `/refresh` with the server's own functions: `http::fields(body)`,
+/// `http::query_map`, `http::duplicati_authid` (header, then body, then
+/// query), `AuthId::parse`, and for a bad one the Duplicati error response. Checks `client_address` (a forwarded address is
 /// believed only through trusted proxies), `fields` (form round trip), and
 /// `reply::one_line` / `X-Reason` (one printable ASCII line, always set).
 pub fn duplicati_request(data: &[u8]) {
@@ -656,13 +656,7 @@ pub fn duplicati_request(data: &[u8]) {
         }
         assert_eq!(fields(encoded.finish().as_bytes()), form, "form fields do not survive re-encoding");
     }
-    let mut query: HashMap<String, String> = HashMap::new();
-    for (k, v) in form_urlencoded::parse(query_raw) {
-        query.entry(k.into_owned()).or_insert_with(|| v.into_owned());
-    }
-
-    let raw =
-        header.or_else(|| form.get("authid").cloned()).or_else(|| query.get("authid").cloned()).unwrap_or_default();
+    let raw = duplicati_authid(header, &form, &query_map(query_raw));
     match AuthId::parse(&raw) {
         Ok(id) => assert_eq!(AuthId::parse(&id.expose_text()).as_ref(), Ok(&id)),
         Err(e) => {

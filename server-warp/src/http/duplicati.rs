@@ -16,7 +16,7 @@ use warp::reply::Response;
 
 use super::pages;
 use super::reply::{Failure, Surface, error, json_reply, redirect, with_body};
-use super::{State, body, client_ip, fields, query, with_state};
+use super::{State, body, client_ip, duplicati_authid, fields, query, with_state};
 
 /// Seconds reported for access tokens that never expire.
 const NEVER_EXPIRES_SECS: u64 = 365 * 86_400;
@@ -200,8 +200,7 @@ async fn refresh(
     ip: IpAddr,
     state: State,
 ) -> Response {
-    let form = fields(&body);
-    let raw = header.or_else(|| form.get("authid").cloned()).or_else(|| q.get("authid").cloned()).unwrap_or_default();
+    let raw = duplicati_authid(header, &fields(&body), &q);
     let parsed = AuthId::parse(&raw);
     if let Err(wait) = state.limiter.token_request(parsed.as_ref().ok().map(AuthId::keyid), ip, Instant::now()) {
         return error(Surface::Duplicati, &Failure::rate_limited(wait));

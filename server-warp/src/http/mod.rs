@@ -148,13 +148,26 @@ fn client_ip(state: State) -> impl Filter<Extract = (IpAddr,), Error = warp::Rej
 
 /// Query parameters as a map (the first value of each name).
 fn query() -> impl Filter<Extract = (HashMap<String, String>,), Error = Infallible> + Clone {
-    warp::query::raw().or(warp::any().map(String::new)).unify().map(|raw: String| {
-        let mut map = HashMap::new();
-        for (k, v) in form_urlencoded::parse(raw.as_bytes()) {
-            map.entry(k.into_owned()).or_insert_with(|| v.into_owned());
-        }
-        map
-    })
+    warp::query::raw().or(warp::any().map(String::new)).unify().map(|raw: String| query_map(raw.as_bytes()))
+}
+
+/// A query string as a map: the first value of each name.
+pub fn query_map(raw: &[u8]) -> HashMap<String, String> {
+    let mut map = HashMap::new();
+    for (k, v) in form_urlencoded::parse(raw) {
+        map.entry(k.into_owned()).or_insert_with(|| v.into_owned());
+    }
+    map
+}
+
+/// Where a Duplicati request's AuthID comes from: the `X-AuthID` header,
+/// else the body's `authid` field, else the query's (older clients).
+pub fn duplicati_authid(
+    header: Option<String>,
+    form: &HashMap<String, String>,
+    query: &HashMap<String, String>,
+) -> String {
+    header.or_else(|| form.get("authid").cloned()).or_else(|| query.get("authid").cloned()).unwrap_or_default()
 }
 
 /// A body over [`MAX_BODY`].
