@@ -14,13 +14,15 @@
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use latchkey_core::envelope::{self, ALG_AES256GCM_HKDF, ENVELOPE_VERSION};
+// Core's deterministic random source (splitmix64): seeds are reproducible
+// and a crash replays exactly.
+use latchkey_core::testing::SeqRandom;
 use latchkey_core::{
     AuthId, AuthIdSecret, DataKey, DeviceGrant, EngineError, Field, Grant, GrantId, GrantPayload, GrantState, Handle,
-    Handoff, KeyId, Lease, LoginTransaction, MasterKey, MasterKeyId, MasterKeyring, PassphraseParams, Random, Record,
+    Handoff, KeyId, Lease, LoginTransaction, MasterKey, MasterKeyId, MasterKeyring, PassphraseParams, Record,
     RecordKind, SealContext, SealedBlob, SymmetricKey, Timestamp,
 };
 use latchkey_providers::classify::{
@@ -50,30 +52,6 @@ pub const TARGETS: [Target; 6] = [
 // ---------------------------------------------------------------------------
 // Fixtures shared by the targets and the seed generator.
 // ---------------------------------------------------------------------------
-
-/// A deterministic [`Random`] (splitmix64), so seeds are reproducible and a
-/// crash replays exactly.
-#[derive(Debug)]
-pub struct FixedRandom(AtomicU64);
-
-impl FixedRandom {
-    /// A generator starting at `seed`.
-    pub fn new(seed: u64) -> Self {
-        FixedRandom(AtomicU64::new(seed))
-    }
-}
-
-impl Random for FixedRandom {
-    fn fill(&self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let mut z = self.0.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed).wrapping_add(0x9E37_79B9_7F4A_7C15);
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            chunk.copy_from_slice(&z.to_be_bytes()[..chunk.len()]);
-        }
-    }
-}
 
 /// The data key every target opens grant payloads and labels with.
 pub const DATA_KEY: [u8; 32] = [0x11; 32];
@@ -141,8 +119,8 @@ pub fn payload_context() -> SealContext<'static> {
     }
 }
 
-fn rng(data: &[u8]) -> FixedRandom {
-    FixedRandom::new(data.iter().fold(data.len() as u64, |h, b| h.rotate_left(5) ^ u64::from(*b)))
+fn rng(data: &[u8]) -> SeqRandom {
+    SeqRandom::new(data.iter().fold(data.len() as u64, |h, b| h.rotate_left(5) ^ u64::from(*b)))
 }
 
 fn now() -> Timestamp {
@@ -356,7 +334,7 @@ fn payload_fields(p: &GrantPayload) -> impl PartialEq + Debug {
 
 fn check_payload_round_trip(grant: &Grant, payload: &GrantPayload) {
     let mut copy = grant.clone();
-    copy.seal_payload(payload, &data_key(), now(), &FixedRandom::new(9));
+    copy.seal_payload(payload, &data_key(), now(), &SeqRandom::new(9));
     let again = copy.open_payload(&data_key()).expect("a re-sealed payload opens");
     assert_eq!(payload_fields(&again), payload_fields(payload));
     // Debug does not depend on the tokens: it cannot show them.

@@ -4,7 +4,7 @@
 //!
 //! `tests/replay.rs` checks that `corpus/<target>/<name>` holds exactly these
 //! bytes, and writes them when `LATCHKEY_FUZZ_WRITE_SEEDS=1`. Generation is
-//! deterministic ([`FixedRandom`]), so the files only change when a stored
+//! deterministic (core's `SeqRandom`), so the files only change when a stored
 //! format does.
 
 use latchkey_core::envelope;
@@ -15,9 +15,10 @@ use latchkey_core::{
 use secrecy::SecretString;
 
 use crate::{
-    CURRENT_KEY, FixedRandom, GRANT_ID, HANDOFF_TOKEN, OLD_KEY_ID, PLANTED, authid, data_key, keyring, master_context,
-    old_keyring, payload_context,
+    CURRENT_KEY, GRANT_ID, HANDOFF_TOKEN, OLD_KEY_ID, PLANTED, authid, data_key, keyring, master_context, old_keyring,
+    payload_context,
 };
+use latchkey_core::testing::SeqRandom;
 
 /// One seed file: target, file name, contents.
 pub type Seed = (&'static str, String, Vec<u8>);
@@ -55,13 +56,13 @@ fn payload() -> GrantPayload {
     }
 }
 
-fn grant(rng: &FixedRandom) -> Grant {
+fn grant(rng: &SeqRandom) -> Grant {
     Grant::new(GrantId::from_bytes(GRANT_ID), "onedrivev2", &payload(), &data_key(), t(1_790_000_000_000), rng)
 }
 
 fn envelope_open(seeds: &mut Vec<Seed>) {
     const T: &str = "envelope_open";
-    let rng = FixedRandom::new(1);
+    let rng = SeqRandom::new(1);
     let dk = data_key();
     let payload = envelope::seal(&dk, &payload_context(), b"a grant payload", &rng);
     add(seeds, T, "data_key_blob", payload.as_bytes());
@@ -104,7 +105,7 @@ fn base64_std(bytes: &[u8]) -> String {
 
 fn record_decode(seeds: &mut Vec<Seed>) {
     const T: &str = "record_decode";
-    let rng = FixedRandom::new(2);
+    let rng = SeqRandom::new(2);
     let ring = keyring();
     let grant = grant(&rng);
     add(seeds, T, "grant", grant.encode());
@@ -164,7 +165,7 @@ fn authid_parse(seeds: &mut Vec<Seed>) {
     add(seeds, T, "percent_3a", format!("{k}%3a{s}"));
     add(seeds, T, "whitespace", format!("  {text}\r\n"));
     add(seeds, T, "keyid_only", k);
-    let generated = AuthId::generate(&FixedRandom::new(3)).expose_text();
+    let generated = AuthId::generate(&SeqRandom::new(3)).expose_text();
     add(seeds, T, "generated", generated.as_bytes());
     add(seeds, T, "duplicati_v2", "v2:eyJhbGciOiJIUzI1NiJ9.payload");
     add(seeds, T, "access_token", "ya29.a0AfH6SMBrawaccesstokenwithoutseparator");

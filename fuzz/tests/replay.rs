@@ -124,7 +124,7 @@ fn seeds_reach_the_paths_they_are_for() {
     assert!(keyring().open(&master_context(), &blob("master_blob_current_key")).is_ok());
     assert!(
         keyring()
-            .reseal(&master_context(), &blob("master_blob_old_key"), &latchkey_fuzz::FixedRandom::new(0))
+            .reseal(&master_context(), &blob("master_blob_old_key"), &latchkey_core::testing::SeqRandom::new(0))
             .unwrap()
             .is_some()
     );
