@@ -78,6 +78,11 @@ async fn the_whole_duplicati_flow_with_hand_off_refresh_and_revoke() {
     // Nothing secret reached the logs.
     let logs = logs();
     assert!(logs.contains("route=\"/refresh\""), "requests are logged");
+    let keyid = authid.split(':').next().unwrap();
+    assert!(
+        logs.lines().any(|l| l.contains("token served") && l.contains(&format!("keyid={keyid}"))),
+        "a served token's log line names the keyid"
+    );
     for secret in [authid.split(':').nth(1).unwrap(), &access, CLIENT_SECRET, token] {
         assert!(!logs.contains(secret), "the logs contain a secret");
     }

@@ -115,7 +115,7 @@ async fn v1_token(header: Option<String>, body: Vec<u8>, ip: IpAddr, state: Stat
     };
     match state.broker.token(&authid, min_validity).await {
         Ok(token) => {
-            state.limiter.succeeded(&authid.keyid());
+            state.note_success(&authid);
             json_reply(
                 StatusCode::OK,
                 &json!({
@@ -303,7 +303,7 @@ async fn oauth2_token(body: Vec<u8>, ip: IpAddr, state: State) -> Response {
     };
     match state.broker.token(&authid, None).await {
         Ok(token) => {
-            state.limiter.succeeded(&authid.keyid());
+            state.note_success(&authid);
             let mut body = json!({
                 "access_token": token.access_token.expose_secret(),
                 "token_type": "Bearer",

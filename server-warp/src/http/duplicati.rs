@@ -211,7 +211,7 @@ async fn refresh(
     };
     match state.broker.token(&authid, None).await {
         Ok(token) => {
-            state.limiter.succeeded(&authid.keyid());
+            state.note_success(&authid);
             let expires =
                 token.expires_at.map(|at| at.duration_since(SystemClock.now()).as_secs()).unwrap_or(NEVER_EXPIRES_SECS);
             json_reply(

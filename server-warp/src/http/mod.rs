@@ -89,6 +89,14 @@ impl AppState {
         format!("{}/?type={}", self.public_url, pages::q(service))
     }
 
+    /// A served token request: forgets the keyid's failed secrets. Logged
+    /// at debug level (`LATCHKEY_LOG=latchkey_server=debug`): the keyid names the
+    /// client, never its secret.
+    fn note_success(&self, authid: &AuthId) {
+        self.limiter.succeeded(&authid.keyid());
+        tracing::debug!(keyid = %authid.keyid(), "token served");
+    }
+
     /// A refused token request: counts a failed secret against the keyid.
     fn note_failure(&self, authid: &AuthId, error: &EngineError) {
         if matches!(error, EngineError::AuthIdInvalid) {
