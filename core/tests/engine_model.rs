@@ -328,6 +328,17 @@ impl Model {
         self.handles[handle].1
     }
 
+    /// What minting or rotating with a handle answers: the handle must be
+    /// live and its grant active.
+    fn handle_change(&self, handle: usize) -> Result<(), EngineError> {
+        match (self.live(handle), self.grant) {
+            (false, _) => Err(EngineError::AuthIdRevoked),
+            (true, GrantState::ReauthRequired) => Err(reauth()),
+            (true, GrantState::Revoked) => Err(EngineError::AuthIdRevoked),
+            (true, GrantState::Active) => Ok(()),
+        }
+    }
+
     fn live_count(&self) -> usize {
         self.handles.iter().filter(|(_, live)| *live).count()
     }
@@ -807,12 +818,7 @@ impl Harness {
         let by = self.model.resolve(by);
         let result = self.brokers[instance].mint_handle(&self.model.handles[by].0, "machine").await;
         self.note(format!("mint by h{by}@{}: {:?}", INSTANCES[instance], result.as_ref().map(|_| "minted")));
-        let want = match (self.model.live(by), self.model.grant) {
-            (false, _) => Err(EngineError::AuthIdRevoked),
-            (true, GrantState::ReauthRequired) => Err(reauth()),
-            (true, GrantState::Revoked) => Err(EngineError::AuthIdRevoked),
-            (true, GrantState::Active) => Ok(()),
-        };
+        let want = self.model.handle_change(by);
         match (want, result) {
             (Ok(()), Ok(minted)) => self.model.handles.push((minted.authid, true)),
             (Err(want), Err(got)) if same_error(&want, &got) => {}
@@ -828,12 +834,7 @@ impl Harness {
         let purges = self.model.purges;
         let result = self.brokers[instance].rotate_handle(&self.model.handles[handle].0).await;
         self.note(format!("rotate h{handle}@{}: {:?}", INSTANCES[instance], result.as_ref().map(|_| "rotated")));
-        let want = match (self.model.live(handle), self.model.grant) {
-            (false, _) => Err(EngineError::AuthIdRevoked),
-            (true, GrantState::ReauthRequired) => Err(reauth()),
-            (true, GrantState::Revoked) => Err(EngineError::AuthIdRevoked),
-            (true, GrantState::Active) => Ok(()),
-        };
+        let want = self.model.handle_change(handle);
         match (want, result) {
             (Ok(()), Ok(minted)) => {
                 self.model.handles.push((minted.authid, true));

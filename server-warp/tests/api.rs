@@ -6,7 +6,7 @@ use oauth2::{ClientId, RefreshToken, TokenResponse, TokenUrl};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::support::{fake_config, harness, refresh, v1_token};
+use crate::support::{device_code, device_token, fake_config, harness, refresh, v1_token};
 
 #[tokio::test]
 async fn one_grant_through_v1_and_through_a_standard_oauth2_client() {
@@ -123,30 +123,12 @@ async fn the_device_flow_end_to_end_over_http() {
     let store = std::sync::Arc::new(latchkey_core::MemoryStore::new());
     let h = crate::support::harness_tuned(fake_config(), "", store, |c| c.device_interval = std::time::Duration::ZERO)
         .await;
-    let start: Value = h
-        .http
-        .post(format!("{}/v1/device/code", h.url))
-        .form(&[("service", "fake")])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let device_code = start["device_code"].as_str().unwrap().to_owned();
+    let start = device_code(&h.http, &h.url, "fake").await;
+    let code = start["device_code"].as_str().unwrap().to_owned();
     let user_code = start["user_code"].as_str().unwrap().to_owned();
     assert_eq!(start["verification_uri"], format!("{}/device", h.url));
     assert_eq!(start["interval"], 0);
-    let poll = || async {
-        let response = h
-            .http
-            .post(format!("{}/v1/device/token", h.url))
-            .form(&[("device_code", device_code.as_str())])
-            .send()
-            .await
-            .unwrap();
-        (response.status(), response.json::<Value>().await.unwrap())
-    };
+    let poll = || device_token(&h.http, &h.url, &code);
     let (status, body) = poll().await;
     assert_eq!((status, body["error"].as_str()), (StatusCode::BAD_REQUEST, Some("authorization_pending")));
     // The user types the code on the device page and logs in.

@@ -6,7 +6,7 @@ use latchkey_testkit::{FakeConfig, Fault};
 use reqwest::Method;
 use serde_json::Value;
 
-use crate::support::{fake_config, harness, harness_on, refresh, v1_token};
+use crate::support::{fake_config, harness, harness_on, mint_handle, refresh, v1_token};
 
 struct Case {
     name: &'static str,
@@ -27,16 +27,7 @@ async fn bad_requests_get_exact_statuses_and_reasons() {
     let mut wrong = secret.to_owned();
     wrong.replace_range(0..1, if secret.starts_with('A') { "B" } else { "A" });
     let revoked = {
-        let extra: Value = h
-            .http
-            .post(format!("{}/v1/handles", h.url))
-            .bearer_auth(&authid)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let extra = mint_handle(&h.http, &h.url, &authid).await;
         let id = extra["authid"].as_str().unwrap().to_owned();
         h.http
             .delete(format!("{}/v1/handles/{}", h.url, id.split(':').next().unwrap()))

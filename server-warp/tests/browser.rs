@@ -664,16 +664,7 @@ async fn the_pages_render_on_desktop_and_phone_and_their_forms_work() {
 
     // The device page: a code from the API, typed in, the provider, the
     // AuthID page saying it was handed over, and the device gets its AuthID.
-    let start: Value = w
-        .http
-        .post(format!("{}/v1/device/code", w.url))
-        .form(&[("service", "oidc")])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let start = crate::support::device_code(&w.http, &w.url, "oidc").await;
     let user_code = start["user_code"].as_str().expect("a user code");
     b.goto(&format!("{}/device", w.url)).await;
     b.find("#user-code").await;
@@ -682,16 +673,7 @@ async fn the_pages_render_on_desktop_and_phone_and_their_forms_work() {
     b.click_away(&b.find("input[type=submit]").await).await;
     let (shown, _) = through_provider(&b, &w.url, "carol", || async {}).await;
     assert!(b.body_text().await.contains("will pick it up by itself"));
-    let poll_token: Value = w
-        .http
-        .post(format!("{}/v1/device/token", w.url))
-        .form(&[("device_code", start["device_code"].as_str().unwrap())])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, poll_token) = crate::support::device_token(&w.http, &w.url, start["device_code"].as_str().unwrap()).await;
     assert_eq!(poll_token["authid"], shown.as_str(), "the device receives the AuthID the page showed");
 
     // The revoke page: the form revokes the first AuthID.

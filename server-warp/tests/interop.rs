@@ -9,7 +9,7 @@ use latchkey_server::config::Config;
 use latchkey_testkit::oidc::{ClientAuthMethod, OidcOptions, OidcProvider};
 use serde_json::Value;
 
-use crate::support::{refresh, v1_token};
+use crate::support::{device_code, device_token, refresh, v1_token};
 
 pub(crate) const CLIENT_ID: &str = "latchkey-interop";
 /// Needs form-urlencoding in HTTP Basic, which oidc-provider checks.
@@ -150,28 +150,9 @@ async fn revoking_the_grant_revokes_it_at_the_provider() {
 #[tokio::test]
 async fn the_device_flow_end_to_end_against_oidc_provider() {
     let t = interop(3600).await;
-    let start: Value = t
-        .http
-        .post(format!("{}/v1/device/code", t.url))
-        .form(&[("service", "oidc")])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let device_code = start["device_code"].as_str().unwrap().to_owned();
-    let poll = || async {
-        t.http
-            .post(format!("{}/v1/device/token", t.url))
-            .form(&[("device_code", device_code.as_str())])
-            .send()
-            .await
-            .unwrap()
-            .json::<Value>()
-            .await
-            .unwrap()
-    };
+    let start = device_code(&t.http, &t.url, "oidc").await;
+    let code = start["device_code"].as_str().unwrap().to_owned();
+    let poll = || async { device_token(&t.http, &t.url, &code).await.1 };
     assert_eq!(poll().await["error"], "authorization_pending");
     // The user types the code on the broker's device page and logs in at the provider.
     let user_code = start["user_code"].as_str().unwrap();
@@ -182,16 +163,7 @@ async fn the_device_flow_end_to_end_against_oidc_provider() {
     assert_eq!(page.status(), 200);
     let polled = poll().await;
     let authid = polled["authid"].as_str().unwrap_or_else(|| panic!("{polled}")).to_owned();
-    let refresh: Value = t
-        .http
-        .get(format!("{}/refresh", t.url))
-        .header("X-AuthID", &authid)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let introspection = t.oidc.introspection(refresh["access_token"].as_str().unwrap()).await.unwrap();
+    let token: Value = refresh(&t.http, &t.url, &authid).await.json().await.unwrap();
+    let introspection = t.oidc.introspection(token["access_token"].as_str().unwrap()).await.unwrap();
     assert_eq!((introspection["active"].as_bool(), introspection["sub"].as_str()), (Some(true), Some("carol")));
 }

@@ -382,15 +382,7 @@ async fn stopping_postgres_fails_fast_serves_the_cache_and_recovers_postgres() {
     let client = http();
     let cached = fake_login(&client, &broker.url).await;
     assert_eq!(refresh(&client, &broker.url, &cached).await.0, 200);
-    let minted: Value = client
-        .post(format!("{}/v1/handles", broker.url))
-        .bearer_auth(&cached)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let minted = crate::support::mint_handle(&client, &broker.url, &cached).await;
     let uncached = minted["authid"].as_str().unwrap().to_owned();
 
     let back = PostgresBack;

@@ -162,3 +162,31 @@ pub(crate) async fn refresh(http: &reqwest::Client, base: &str, authid: &str) ->
 pub(crate) async fn v1_token(http: &reqwest::Client, base: &str, authid: &str) -> reqwest::Response {
     http.post(format!("{base}/v1/token")).bearer_auth(authid).send().await.unwrap()
 }
+
+/// `POST /v1/device/code` for `service`: the device flow's start.
+pub(crate) async fn device_code(http: &reqwest::Client, base: &str, service: &str) -> serde_json::Value {
+    http.post(format!("{base}/v1/device/code"))
+        .form(&[("service", service)])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// `POST /v1/device/token`: one poll of the device flow, its status and body.
+pub(crate) async fn device_token(
+    http: &reqwest::Client,
+    base: &str,
+    device_code: &str,
+) -> (reqwest::StatusCode, serde_json::Value) {
+    let response =
+        http.post(format!("{base}/v1/device/token")).form(&[("device_code", device_code)]).send().await.unwrap();
+    (response.status(), response.json().await.unwrap())
+}
+
+/// `POST /v1/handles` with the AuthID as bearer and no label: a new AuthID for the same grant.
+pub(crate) async fn mint_handle(http: &reqwest::Client, base: &str, authid: &str) -> serde_json::Value {
+    http.post(format!("{base}/v1/handles")).bearer_auth(authid).send().await.unwrap().json().await.unwrap()
+}
