@@ -166,18 +166,11 @@ pub fn sanitize(text: &str, sent: &[&str]) -> Option<String> {
         return None;
     }
     let clean: String = clean.chars().take(200).collect();
-    if sent.iter().any(|s| shares_a_piece(&clean, s)) {
+    // Every SECRET_PIECE-byte run of the answer, once; a secret shorter than
+    // that has no run to match and was checked whole above.
+    let pieces: std::collections::HashSet<&[u8]> = clean.as_bytes().windows(SECRET_PIECE).collect();
+    if sent.iter().any(|s| s.as_bytes().windows(SECRET_PIECE).any(|piece| pieces.contains(piece))) {
         return None;
     }
     (!clean.trim().is_empty()).then_some(clean)
-}
-
-/// Whether `text` holds [`SECRET_PIECE`] consecutive bytes of `secret`
-/// (secrets shorter than that are checked whole, above).
-fn shares_a_piece(text: &str, secret: &str) -> bool {
-    if secret.len() < SECRET_PIECE {
-        return false;
-    }
-    let pieces: std::collections::HashSet<&[u8]> = text.as_bytes().windows(SECRET_PIECE).collect();
-    !pieces.is_empty() && secret.as_bytes().windows(SECRET_PIECE).any(|piece| pieces.contains(piece))
 }
