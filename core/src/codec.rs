@@ -120,6 +120,25 @@ impl<'a> Reader<'a> {
         Ok(r)
     }
 
+    /// Starts reading a record whose format may be any of `formats` (an
+    /// older one still read after an upgrade); answers the format found.
+    pub(crate) fn open_any(
+        bytes: &'a [u8],
+        kind: u8,
+        formats: std::ops::RangeInclusive<u8>,
+    ) -> Result<(Self, u8), DecodeError> {
+        let mut r = Reader(bytes);
+        let found = r.u8()?;
+        if found != kind {
+            return Err(DecodeError::WrongKind { expected: kind, found });
+        }
+        let v = r.u8()?;
+        if !formats.contains(&v) {
+            return Err(DecodeError::UnsupportedVersion(v));
+        }
+        Ok((r, v))
+    }
+
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         if self.0.len() < n {
             return Err(DecodeError::Truncated);

@@ -59,6 +59,8 @@ pub enum Field {
     PkceVerifier = 5,
     /// A hand-off's AuthID, under a key derived from the hand-off token.
     HandoffAuthId = 6,
+    /// A revoke page's ticket for revoking a whole grant, under a master key.
+    RevokeTicket = 7,
 }
 
 /// What a blob is bound to: it opens only with the same context it was sealed with.

@@ -129,6 +129,63 @@ impl fmt::Debug for MasterKeyId {
     }
 }
 
+/// Keys for the broker's short-lived records (login transactions, hand-offs,
+/// device codes), derived with HKDF from the current master key.
+///
+/// * `lookup` turns a client-held value (a `state`, a hand-off token, a user
+///   code) into its store key with HMAC-SHA256, so a store dump yields no
+///   value to try, and a user code (34 bits) cannot be brute-forced offline.
+/// * `tag` authenticates a record's routing fields (which hand-off a login
+///   feeds, which key a hand-off seals to, which browser a login belongs to),
+///   so a database writer without the master key cannot redirect an AuthID.
+///
+/// Both come from the current master key only: a restart with a new current
+/// key ends the logins in flight (they live ten minutes), which is the price
+/// of not trying every key on every lookup.
+#[derive(Clone)]
+pub struct RecordKeys {
+    lookup: SymmetricKey,
+    tag: SymmetricKey,
+}
+
+impl RecordKeys {
+    /// The keys derived from `master`.
+    pub fn derive(master: &MasterKey) -> Self {
+        let salt = b"latchkey/v1/record-keys";
+        RecordKeys {
+            lookup: hkdf_expand(salt, master.key.expose_secret(), b"latchkey/v1/lookup"),
+            tag: hkdf_expand(salt, master.key.expose_secret(), b"latchkey/v1/record-tag"),
+        }
+    }
+
+    /// HMAC-SHA256 of `value` under the lookup key, separated by `domain`.
+    pub fn lookup(&self, domain: &[u8], value: &[u8]) -> [u8; 32] {
+        mac(&self.lookup, &[domain, &[0], value])
+    }
+
+    /// HMAC-SHA256 of a record's stored bytes under the tag key.
+    pub fn tag(&self, kind: u8, body: &[u8]) -> [u8; 32] {
+        mac(&self.tag, &[b"latchkey/v1/record-tag", &[kind], body])
+    }
+}
+
+impl fmt::Debug for RecordKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RecordKeys(<redacted>)")
+    }
+}
+
+fn mac(key: &SymmetricKey, parts: &[&[u8]]) -> [u8; 32] {
+    use hmac::Mac;
+    // HMAC takes keys of any length; 32 bytes never fails.
+    #[allow(clippy::expect_used)]
+    let mut m = hmac::Hmac::<Sha256>::new_from_slice(key.expose_secret()).expect("HMAC accepts any key length");
+    for part in parts {
+        m.update(part);
+    }
+    m.finalize().into_bytes().into()
+}
+
 /// One master key with its id.
 #[derive(Clone)]
 pub struct MasterKey {
@@ -308,6 +365,11 @@ impl MasterKeyring {
     /// A key by id, for opening.
     pub fn get(&self, id: &MasterKeyId) -> Option<&MasterKey> {
         self.keys.get(id)
+    }
+
+    /// The record keys of the current master key.
+    pub fn record_keys(&self) -> RecordKeys {
+        RecordKeys::derive(self.current())
     }
 
     /// Every key id, current first.

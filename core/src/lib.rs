@@ -44,13 +44,13 @@ pub use catalogue::{Catalogue, ProviderSpec, ServiceSpec};
 pub use codec::DecodeError;
 pub use engine::{Broker, BrokerParts, EngineConfig, EngineError, ErrorCode, TokenGrant};
 pub use envelope::{Field, OpenError, SealContext, SealedBlob};
-pub use keys::{DataKey, KeyError, MasterKey, MasterKeyId, MasterKeyring, PassphraseParams, SymmetricKey};
+pub use keys::{DataKey, KeyError, MasterKey, MasterKeyId, MasterKeyring, PassphraseParams, RecordKeys, SymmetricKey};
 pub use memory::MemoryStore;
 pub use provider::{Provider, ProviderError, TokenResponse};
 pub use random::{OsRandom, Random};
 pub use records::{
     DeviceGrant, Grant, GrantId, GrantPayload, GrantState, Handle, Handoff, HandoffId, Lease, LoginId,
-    LoginTransaction, Record, RecordError, RecordKind, SealedAuthId, UserCodeId,
+    LoginTransaction, Record, RecordError, RecordKind, SealedAuthId, Tagged, UserCodeId,
 };
 pub use runtime::{BoxFuture, Runtime};
 pub use store::{LeaseOutcome, ListQuery, Notice, NoticeStream, Page, Store, StoreError, StoreExt, StoredRecord};

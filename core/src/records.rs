@@ -11,14 +11,13 @@ use std::fmt;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use secrecy::{ExposeSecret, SecretString};
-use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use crate::authid::{AuthId, AuthIdSecret, KeyId};
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::envelope::{self, Field, OpenError, SealContext, SealedBlob};
 use crate::keys::{
-    DataKey, HANDLE_SALT_LEN, KEY_LEN, MasterKeyring, SymmetricKey, derive_handle_key, derive_token_key,
+    DataKey, HANDLE_SALT_LEN, KEY_LEN, MasterKeyring, RecordKeys, SymmetricKey, derive_handle_key, derive_token_key,
 };
 use crate::random::{Random, array};
 use crate::time::Timestamp;
@@ -159,47 +158,65 @@ byte_id!(
     GrantId, 16
 );
 byte_id!(
-    /// A login transaction's store key: SHA-256 of its `state`, so a store
-    /// dump does not reveal the states of logins in flight.
+    /// A login transaction's store key: a keyed hash of its `state`, so a
+    /// store dump does not reveal the states of logins in flight.
     LoginId, 32
 );
 byte_id!(
-    /// A hand-off's store key: SHA-256 of the hand-off token.
+    /// A hand-off's store key: a keyed hash of the hand-off token.
     HandoffId, 32
 );
 byte_id!(
-    /// A device grant's store key: SHA-256 of the normalised user code.
+    /// A device grant's store key: a keyed hash of the normalised user code
+    /// (keyed, so the code's 34 bits cannot be searched offline).
     UserCodeId, 32
 );
 
 impl UserCodeId {
     /// The store key for a user code as typed: case, spaces and dashes do not matter.
-    pub fn for_user_code(code: &str) -> Self {
+    pub fn for_user_code(keys: &RecordKeys, code: &str) -> Self {
         let normal: String =
             code.chars().filter(|c| c.is_ascii_alphanumeric()).map(|c| c.to_ascii_uppercase()).collect();
-        UserCodeId(domain_hash(b"latchkey/v1/user-code/", normal.as_bytes()))
+        UserCodeId(keys.lookup(b"latchkey/v1/user-code", normal.as_bytes()))
     }
 }
 
 impl LoginId {
     /// The store key for a `state` value.
-    pub fn for_state(state: &str) -> Self {
-        LoginId(domain_hash(b"latchkey/v1/login-state/", state.as_bytes()))
+    pub fn for_state(keys: &RecordKeys, state: &str) -> Self {
+        LoginId(keys.lookup(b"latchkey/v1/login-state", state.as_bytes()))
     }
 }
 
 impl HandoffId {
     /// The store key for a hand-off token.
-    pub fn for_token(token: &str) -> Self {
-        HandoffId(domain_hash(b"latchkey/v1/handoff-token/", token.as_bytes()))
+    pub fn for_token(keys: &RecordKeys, token: &str) -> Self {
+        HandoffId(keys.lookup(b"latchkey/v1/handoff-token", token.as_bytes()))
     }
 }
 
-fn domain_hash(label: &[u8], value: &[u8]) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(label);
-    h.update(value);
-    h.finalize().into()
+/// A record whose stored bytes carry a MAC under the [`RecordKeys`] tag key:
+/// the routing fields of logins, hand-offs and device codes, which decide
+/// where an AuthID goes. The tag is the last 32 bytes of the stored form.
+pub trait Tagged: Record {
+    /// The stored tag.
+    fn tag(&self) -> &[u8; 32];
+    /// The tag, to set.
+    fn tag_mut(&mut self) -> &mut [u8; 32];
+
+    /// Computes and sets the tag over the record's current fields.
+    fn sign(&mut self, keys: &RecordKeys) {
+        *self.tag_mut() = [0; 32];
+        let bytes = self.encode();
+        *self.tag_mut() = keys.tag(Self::KIND as u8, &bytes[..bytes.len() - 32]);
+    }
+
+    /// Whether the stored tag matches the fields (constant time).
+    fn verify(&self, keys: &RecordKeys) -> bool {
+        let bytes = self.encode();
+        let expected = keys.tag(Self::KIND as u8, &bytes[..bytes.len() - 32]);
+        subtle::ConstantTimeEq::ct_eq(&expected[..], &self.tag()[..]).into()
+    }
 }
 
 /// The life state of a grant.
@@ -568,10 +585,21 @@ pub struct LoginTransaction {
     pub pkce_verifier: Option<SealedBlob>,
     /// The hand-off waiting for this login's AuthID, if any.
     pub handoff: Option<HandoffId>,
+    /// A keyed hash of the cookie of the browser that began the login; the
+    /// callback must come with the same cookie. `None`: not bound (a login
+    /// begun by an embedding program rather than a browser).
+    pub browser: Option<[u8; 32]>,
+    /// The label the first AuthID gets (the device flow's program label).
+    pub label: String,
     /// When the login began.
     pub created_at: Timestamp,
     /// When the state stops being accepted.
     pub expires_at: Timestamp,
+    /// When the callback completed it; kept until expiry so the same
+    /// browser proof cannot begin a second login.
+    pub completed_at: Option<Timestamp>,
+    /// MAC over the fields above ([`Tagged`]).
+    pub tag: [u8; 32],
 }
 
 impl LoginTransaction {
@@ -611,7 +639,7 @@ impl LoginTransaction {
 
 impl Record for LoginTransaction {
     const KIND: RecordKind = RecordKind::LoginTransaction;
-    const FORMAT: u8 = 1;
+    const FORMAT: u8 = 2;
 
     record_basics!(self => self.id.0.to_vec());
 
@@ -621,27 +649,62 @@ impl Record for LoginTransaction {
             .str(&self.service)
             .opt_blob(self.pkce_verifier.as_ref())
             .opt_bytes(self.handoff.as_ref().map(|h| &h.0[..]))
+            .opt_bytes(self.browser.as_ref().map(|b| &b[..]))
+            .str(&self.label)
             .time(self.created_at)
             .time(self.expires_at)
+            .opt_time(self.completed_at)
+            .bytes(&self.tag)
             .finish()
     }
 
     fn decode(bytes: &[u8], version: u64) -> Result<Self, DecodeError> {
-        let mut r = Reader::open(bytes, Self::KIND as u8, Self::FORMAT)?;
-        let tx = LoginTransaction {
-            id: LoginId(r.array("login id")?),
-            version,
-            service: r.string("service")?,
-            pkce_verifier: r.opt_blob("pkce verifier")?,
-            handoff: r
-                .opt_bytes("handoff")?
-                .map(|b| b.try_into().map(HandoffId).map_err(|_| DecodeError::Invalid("handoff")))
-                .transpose()?,
-            created_at: r.time()?,
-            expires_at: r.time()?,
+        let (mut r, format) = Reader::open_any(bytes, Self::KIND as u8, 1..=Self::FORMAT)?;
+        let id = LoginId(r.array("login id")?);
+        let service = r.string("service")?;
+        let pkce_verifier = r.opt_blob("pkce verifier")?;
+        let handoff = r
+            .opt_bytes("handoff")?
+            .map(|b| b.try_into().map(HandoffId).map_err(|_| DecodeError::Invalid("handoff")))
+            .transpose()?;
+        // Format 1 (before logins were bound to browsers and tagged) still
+        // decodes, so gc can remove it; its zero tag never verifies.
+        let (browser, label) = if format >= 2 {
+            let browser = r
+                .opt_bytes("browser")?
+                .map(|b| b.try_into().map_err(|_| DecodeError::Invalid("browser")))
+                .transpose()?;
+            (browser, r.string("label")?)
+        } else {
+            (None, String::new())
         };
+        let created_at = r.time()?;
+        let expires_at = r.time()?;
+        let (completed_at, tag) =
+            if format >= 2 { (r.opt_time("completed at")?, r.array("tag")?) } else { (None, [0; 32]) };
         r.finish()?;
-        Ok(tx)
+        Ok(LoginTransaction {
+            id,
+            version,
+            service,
+            pkce_verifier,
+            handoff,
+            browser,
+            label,
+            created_at,
+            expires_at,
+            completed_at,
+            tag,
+        })
+    }
+}
+
+impl Tagged for LoginTransaction {
+    fn tag(&self) -> &[u8; 32] {
+        &self.tag
+    }
+    fn tag_mut(&mut self) -> &mut [u8; 32] {
+        &mut self.tag
     }
 }
 
@@ -670,6 +733,9 @@ pub struct Handoff {
     pub delivered_at: Option<Timestamp>,
     /// When the user refused the login at the provider.
     pub denied_at: Option<Timestamp>,
+    /// MAC over the fields above ([`Tagged`]): binds the recipient key and
+    /// the sealed AuthID to this hand-off.
+    pub tag: [u8; 32],
 }
 
 /// An AuthID sealed to a hand-off's public key: the sender's ephemeral X25519
@@ -685,11 +751,12 @@ pub struct SealedAuthId {
 impl Handoff {
     const TOKEN_KEY_PURPOSE: &'static str = "handoff-x25519";
 
-    /// A pending hand-off for `token`, deliverable until `expires_at`.
-    pub fn new(token: &str, now: Timestamp, expires_at: Timestamp) -> Self {
+    /// A pending hand-off for `token`, deliverable until `expires_at`
+    /// (untagged: [`Tagged::sign`] it before storing).
+    pub fn new(keys: &RecordKeys, token: &str, now: Timestamp, expires_at: Timestamp) -> Self {
         let secret = Self::recipient_secret(token);
         Handoff {
-            id: HandoffId::for_token(token),
+            id: HandoffId::for_token(keys, token),
             version: 0,
             recipient: x25519_dalek::PublicKey::from(&secret).to_bytes(),
             authid: None,
@@ -697,6 +764,7 @@ impl Handoff {
             expires_at,
             delivered_at: None,
             denied_at: None,
+            tag: [0; 32],
         }
     }
 
@@ -741,7 +809,7 @@ impl Handoff {
 
 impl Record for Handoff {
     const KIND: RecordKind = RecordKind::Handoff;
-    const FORMAT: u8 = 1;
+    const FORMAT: u8 = 2;
 
     record_basics!(self => self.id.0.to_vec());
 
@@ -752,12 +820,17 @@ impl Record for Handoff {
             None => w.u8(0),
             Some(sealed) => w.u8(1).bytes(&sealed.ephemeral).blob(&sealed.blob),
         };
-        w.time(self.created_at).time(self.expires_at).opt_time(self.delivered_at).opt_time(self.denied_at).finish()
+        w.time(self.created_at)
+            .time(self.expires_at)
+            .opt_time(self.delivered_at)
+            .opt_time(self.denied_at)
+            .bytes(&self.tag)
+            .finish()
     }
 
     fn decode(bytes: &[u8], version: u64) -> Result<Self, DecodeError> {
-        let mut r = Reader::open(bytes, Self::KIND as u8, Self::FORMAT)?;
-        let handoff = Handoff {
+        let (mut r, format) = Reader::open_any(bytes, Self::KIND as u8, 1..=Self::FORMAT)?;
+        let mut handoff = Handoff {
             id: HandoffId(r.array("handoff id")?),
             version,
             recipient: r.array("recipient")?,
@@ -770,9 +843,23 @@ impl Record for Handoff {
             expires_at: r.time()?,
             delivered_at: r.opt_time("delivered at")?,
             denied_at: r.opt_time("denied at")?,
+            tag: [0; 32],
         };
+        // Format 1 had no tag: it decodes (for gc) and never verifies.
+        if format >= 2 {
+            handoff.tag = r.array("tag")?;
+        }
         r.finish()?;
         Ok(handoff)
+    }
+}
+
+impl Tagged for Handoff {
+    fn tag(&self) -> &[u8; 32] {
+        &self.tag
+    }
+    fn tag_mut(&mut self) -> &mut [u8; 32] {
+        &mut self.tag
     }
 }
 
@@ -789,15 +876,20 @@ pub struct DeviceGrant {
     pub service: String,
     /// The hand-off keyed by the device code.
     pub handoff: HandoffId,
+    /// The program's own name for itself, shown before the user continues
+    /// (RFC 8628 §5.4) and given to the AuthID as its label.
+    pub label: String,
     /// When the device asked.
     pub created_at: Timestamp,
     /// When the codes expire.
     pub expires_at: Timestamp,
+    /// MAC over the fields above ([`Tagged`]).
+    pub tag: [u8; 32],
 }
 
 impl Record for DeviceGrant {
     const KIND: RecordKind = RecordKind::DeviceGrant;
-    const FORMAT: u8 = 1;
+    const FORMAT: u8 = 2;
 
     record_basics!(self => self.id.0.to_vec());
 
@@ -806,23 +898,34 @@ impl Record for DeviceGrant {
             .bytes(&self.id.0)
             .str(&self.service)
             .bytes(&self.handoff.0)
+            .str(&self.label)
             .time(self.created_at)
             .time(self.expires_at)
+            .bytes(&self.tag)
             .finish()
     }
 
     fn decode(bytes: &[u8], version: u64) -> Result<Self, DecodeError> {
-        let mut r = Reader::open(bytes, Self::KIND as u8, Self::FORMAT)?;
-        let device = DeviceGrant {
-            id: UserCodeId(r.array("user code id")?),
-            version,
-            service: r.string("service")?,
-            handoff: HandoffId(r.array("handoff id")?),
-            created_at: r.time()?,
-            expires_at: r.time()?,
-        };
+        let (mut r, format) = Reader::open_any(bytes, Self::KIND as u8, 1..=Self::FORMAT)?;
+        let id = UserCodeId(r.array("user code id")?);
+        let service = r.string("service")?;
+        let handoff = HandoffId(r.array("handoff id")?);
+        // Format 1 had no label and no tag: it decodes (for gc) and never verifies.
+        let label = if format >= 2 { r.string("label")? } else { String::new() };
+        let created_at = r.time()?;
+        let expires_at = r.time()?;
+        let tag = if format >= 2 { r.array("tag")? } else { [0; 32] };
         r.finish()?;
-        Ok(device)
+        Ok(DeviceGrant { id, version, service, handoff, label, created_at, expires_at, tag })
+    }
+}
+
+impl Tagged for DeviceGrant {
+    fn tag(&self) -> &[u8; 32] {
+        &self.tag
+    }
+    fn tag_mut(&mut self) -> &mut [u8; 32] {
+        &mut self.tag
     }
 }
 

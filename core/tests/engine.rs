@@ -14,7 +14,7 @@ use latchkey_core::{
 };
 use secrecy::ExposeSecret;
 
-use crate::engine_world::{ISSUER, OTHER_SERVICE, SERVICE, World, until};
+use crate::engine_world::{ISSUER, OTHER_SERVICE, SERVICE, World, begin, until};
 
 fn access(token: &latchkey_core::TokenGrant) -> String {
     token.access_token.expose_secret().to_owned()
@@ -350,46 +350,77 @@ async fn min_validity_is_respected_and_the_refresh_deadline_follows_the_idle_lif
 async fn login_states_are_single_use_and_expire() {
     let world = World::new(ScriptedProvider::new());
     let broker = world.broker("a", |_| {}).await;
-    let start = broker.begin_login(SERVICE, None).await.unwrap();
-    let state = start.state.expose_secret().to_owned();
-    assert!(start.authorization_url.contains(&format!("state={state}")));
-    assert!(start.authorization_url.contains("code_challenge_method=S256"));
-    let code = world.provider.approve(&state).unwrap();
-    let callback = Callback { state: &state, code: Some(&code), iss: Some(ISSUER), ..Callback::default() };
+    let begun = begin(&broker, SERVICE, None).await;
+    let start_url = broker.begin_login(SERVICE, None, &broker.new_browser_proof().expose_secret().to_owned()).await;
+    assert!(start_url.unwrap().authorization_url.contains("code_challenge_method=S256"));
+    let code = world.provider.approve(&begun.state).unwrap();
+    let callback = begun.callback(Some(&code));
     let done = broker.complete_login(&callback).await.unwrap();
     assert!(broker.token(&done.authid, None).await.is_ok());
     let replay = broker.complete_login(&callback).await.unwrap_err();
     assert!(matches!(replay, EngineError::BadRequest(ref m) if m.contains("already")), "{replay:?}");
+    // The same proof cannot begin a second login, even after the first completed.
+    let again = broker.begin_login(SERVICE, None, &begun.proof).await.unwrap_err();
+    assert!(matches!(again, EngineError::Forbidden(ref m) if m.contains("already used")), "{again:?}");
+    assert!(!broker.browser_proof_reusable(&begun.proof).await, "a used proof is replaced by the page");
 
-    let start = broker.begin_login(SERVICE, None).await.unwrap();
-    let state = start.state.expose_secret().to_owned();
-    let code = world.provider.approve(&state).unwrap();
+    let begun = begin(&broker, SERVICE, None).await;
+    let code = world.provider.approve(&begun.state).unwrap();
     world.clock.advance(Duration::from_secs(601));
-    let late =
-        broker.complete_login(&Callback { state: &state, code: Some(&code), ..Callback::default() }).await.unwrap_err();
+    let late = broker.complete_login(&begun.callback(Some(&code))).await.unwrap_err();
     assert!(matches!(late, EngineError::BadRequest(ref m) if m.contains("expired")), "{late:?}");
-    assert_eq!(world.memory.count(LoginTransaction::KIND), 0, "used and expired states are gone");
+    let stale = broker.begin_login(SERVICE, None, &begun.proof).await.unwrap_err();
+    assert!(matches!(stale, EngineError::Forbidden(ref m) if m.contains("expired")), "an old proof: {stale:?}");
+    broker.gc(Duration::from_secs(365 * 86_400), false).await.unwrap();
+    assert_eq!(world.memory.count(LoginTransaction::KIND), 0, "used and expired states are gone after gc");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_state_for_another_service_a_wrong_issuer_or_a_refusal_is_a_typed_error() {
+async fn a_login_completes_only_in_the_browser_that_began_it() {
+    let world = World::new(ScriptedProvider::new());
+    let broker = world.broker("a", |_| {}).await;
+    let forged = "x".repeat(latchkey_core::engine::BROWSER_PROOF_LEN);
+    for proof in ["", "not-a-proof", forged.as_str()] {
+        let refused = broker.begin_login(SERVICE, None, proof).await.unwrap_err();
+        assert!(matches!(refused, EngineError::Forbidden(_)), "{proof:?}: {refused:?}");
+    }
+    let other_broker = World::new(ScriptedProvider::new()).broker("b", |_| {}).await;
+    let foreign = other_broker.new_browser_proof();
+    assert!(broker.begin_login(SERVICE, None, foreign.expose_secret()).await.is_err(), "another broker's proof");
+    assert_eq!(world.memory.count(LoginTransaction::KIND), 0, "refused proofs create nothing");
+
+    let begun = begin(&broker, SERVICE, None).await;
+    let code = world.provider.approve(&begun.state).unwrap();
+    let elsewhere = broker.new_browser_proof().expose_secret().to_owned();
+    for browser in [None, Some(elsewhere.as_str())] {
+        let callback = Callback { browser, ..begun.callback(Some(&code)) };
+        let refused = broker.complete_login(&callback).await.unwrap_err();
+        assert!(matches!(refused, EngineError::Forbidden(ref m) if m.contains("another browser")), "{refused:?}");
+    }
+    assert_eq!(world.memory.count(latchkey_core::Grant::KIND), 0, "nothing created in the other browser");
+    // The real browser still completes it: the replay did not spend the login.
+    assert!(broker.complete_login(&begun.callback(Some(&code))).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_for_another_service_a_wrong_or_missing_issuer_or_a_refusal_is_a_typed_error() {
     let world = World::new(ScriptedProvider::new());
     let broker = world.broker("a", |_| {}).await;
     let attempt = |service: Option<&'static str>, iss: Option<&'static str>, error: Option<&'static str>| {
         let (broker, world) = (broker.clone(), &world);
         async move {
-            let start = broker.begin_login(SERVICE, None).await.unwrap();
-            let state = start.state.expose_secret().to_owned();
-            let code = world.provider.approve(&state).unwrap();
+            let begun = begin(&broker, SERVICE, None).await;
+            let code = world.provider.approve(&begun.state).unwrap();
             let code = error.is_none().then_some(code.as_str());
-            broker.complete_login(&Callback { state: &state, code, iss, service, error, ..Callback::default() }).await
+            broker.complete_login(&Callback { iss, service, error, ..begun.callback(code) }).await
         }
     };
     let cases = [
         (Some(OTHER_SERVICE), Some(ISSUER), None, "another service"),
         (None, Some("https://mix-up.example"), None, "unexpected issuer"),
-        (None, None, Some("access_denied"), "did not grant access (access_denied)"),
-        (None, None, Some("<script>alert(1)</script>"), "(scriptalert1script)"),
+        (None, None, None, "does not say which server issued it"),
+        (None, Some(ISSUER), Some("access_denied"), "did not grant access (access_denied)"),
+        (None, Some(ISSUER), Some("<script>alert(1)</script>"), "(scriptalert1script)"),
     ];
     for (service, iss, error, want) in cases {
         match attempt(service, iss, error).await {
@@ -398,8 +429,8 @@ async fn a_state_for_another_service_a_wrong_issuer_or_a_refusal_is_a_typed_erro
         }
     }
     assert!(attempt(Some(SERVICE), Some(ISSUER), None).await.is_ok());
-    assert!(attempt(None, None, None).await.is_ok(), "no iss sent: accepted");
-    let unknown = broker.begin_login("nope", None).await.unwrap_err();
+    let proof = broker.new_browser_proof();
+    let unknown = broker.begin_login("nope", None, proof.expose_secret()).await.unwrap_err();
     assert_eq!(unknown.code().as_str(), "bad_request");
 }
 
@@ -407,8 +438,8 @@ async fn a_state_for_another_service_a_wrong_issuer_or_a_refusal_is_a_typed_erro
 async fn the_pkce_verifier_is_stored_only_sealed() {
     let world = World::new(ScriptedProvider::new());
     let broker = world.broker("a", |_| {}).await;
-    let start = broker.begin_login(SERVICE, None).await.unwrap();
-    let id = LoginId::for_state(start.state.expose_secret());
+    let begun = begin(&broker, SERVICE, None).await;
+    let id = LoginId::for_state(&world.ring.record_keys(), &begun.state);
     let raw = world.memory.get(LoginTransaction::KIND, id.as_bytes()).await.unwrap().unwrap();
     let tx: LoginTransaction = world.memory.load(id.as_bytes()).await.unwrap().unwrap();
     let blob = tx.pkce_verifier.clone().expect("a verifier is kept");
@@ -416,25 +447,33 @@ async fn the_pkce_verifier_is_stored_only_sealed() {
     let verifier = tx.open_verifier(&world.ring).unwrap().unwrap();
     let verifier = verifier.expose_secret().as_bytes();
     assert!(!raw.body.windows(verifier.len()).any(|w| w == verifier), "never stored in the clear");
-    let state = start.state.expose_secret().as_bytes();
-    assert!(!raw.body.windows(state.len()).any(|w| w == state), "nor is the state");
+    for secret in [begun.state.as_bytes(), begun.proof.as_bytes()] {
+        assert!(!raw.body.windows(secret.len()).any(|w| w == secret), "nor is the state or the proof");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pasted_login_token_logs_in_and_can_hand_off() {
     let world = World::new(ScriptedProvider::new());
     let broker = world.broker("a", |_| {}).await;
-    let done = broker.login_with_token(SERVICE, " valid-login-token\n", Some("cli-handoff-token")).await.unwrap();
+    let proof = broker.new_browser_proof().expose_secret().to_owned();
+    let with_token = |token: &'static str, handoff: Option<&'static str>| {
+        let (broker, proof) = (broker.clone(), proof.clone());
+        async move { broker.login_with_token(SERVICE, token, handoff, &proof).await }
+    };
+    let done = with_token(" valid-login-token\n", Some("cli-handoff-token-0123")).await.unwrap();
     assert!(done.handed_off);
     assert!(broker.token(&done.authid, None).await.is_ok());
-    assert_eq!(broker.fetch_handoff("cli-handoff-token").await.unwrap(), HandoffFetch::Ready(done.authid.clone()));
-    let refused = broker.login_with_token(SERVICE, "expired-token", None).await.unwrap_err();
+    assert_eq!(broker.fetch_handoff("cli-handoff-token-0123").await.unwrap(), HandoffFetch::Ready(done.authid.clone()));
+    let refused = with_token("expired-token", None).await.unwrap_err();
     assert!(matches!(refused, EngineError::BadRequest(ref m) if m.contains("did not accept")), "{refused:?}");
-    assert_eq!(broker.login_with_token(SERVICE, "   ", None).await.unwrap_err().code().as_str(), "bad_request");
+    assert_eq!(with_token("   ", None).await.unwrap_err().code().as_str(), "bad_request");
     assert_eq!(
-        broker.login_with_token("nope", "valid-login-token", None).await.unwrap_err().code().as_str(),
+        broker.login_with_token("nope", "valid-login-token", None, &proof).await.unwrap_err().code().as_str(),
         "bad_request"
     );
+    let forged = broker.login_with_token(SERVICE, "valid-login-token", None, "forged").await.unwrap_err();
+    assert!(matches!(forged, EngineError::Forbidden(_)), "{forged:?}");
 }
 
 // j. Hand-offs and the device flow.
@@ -446,39 +485,111 @@ async fn a_handoff_releases_its_authid_once_and_only_to_the_token_holder() {
     broker.start_handoff(token).await.unwrap();
     assert_eq!(broker.handoff_state(token).await.unwrap(), HandoffState::Pending);
     assert_eq!(broker.fetch_handoff(token).await.unwrap(), HandoffFetch::Pending);
-    let start = broker.begin_login(SERVICE, Some(token)).await.unwrap();
-    let state = start.state.expose_secret().to_owned();
-    let code = world.provider.approve(&state).unwrap();
-    let done =
-        broker.complete_login(&Callback { state: &state, code: Some(&code), ..Callback::default() }).await.unwrap();
+    let begun = begin(&broker, SERVICE, Some(token)).await;
+    let code = world.provider.approve(&begun.state).unwrap();
+    let done = broker.complete_login(&begun.callback(Some(&code))).await.unwrap();
     assert!(done.handed_off);
     assert_eq!(broker.handoff_state(token).await.unwrap(), HandoffState::Ready);
-    let stored = world
-        .memory
-        .get(latchkey_core::Handoff::KIND, latchkey_core::HandoffId::for_token(token).as_bytes())
-        .await
-        .unwrap()
-        .unwrap();
+    let key = latchkey_core::HandoffId::for_token(&world.ring.record_keys(), token);
+    let stored = world.memory.get(latchkey_core::Handoff::KIND, key.as_bytes()).await.unwrap().unwrap();
     let text = done.authid.expose_text();
     assert!(!stored.body.windows(text.len()).any(|w| w == text.as_bytes()), "sealed at rest");
-    assert_eq!(broker.fetch_handoff("someone-else-token").await.unwrap(), HandoffFetch::Gone);
+    assert_eq!(broker.fetch_handoff("someone-else-token-0123").await.unwrap(), HandoffFetch::Gone);
     assert_eq!(broker.fetch_handoff(token).await.unwrap(), HandoffFetch::Ready(done.authid.clone()));
     assert_eq!(broker.fetch_handoff(token).await.unwrap(), HandoffFetch::Gone, "once");
     assert_eq!(broker.handoff_state(token).await.unwrap(), HandoffState::Delivered);
-    assert!(broker.begin_login(SERVICE, Some(token)).await.is_err(), "a used token cannot start another login");
+    let proof = broker.new_browser_proof();
+    assert!(
+        broker.begin_login(SERVICE, Some(token), proof.expose_secret()).await.is_err(),
+        "a used token cannot start another login"
+    );
 
-    broker.start_handoff("expiring-token").await.unwrap();
+    broker.start_handoff("expiring-token-0123").await.unwrap();
     world.clock.advance(Duration::from_secs(901));
-    assert_eq!(broker.fetch_handoff("expiring-token").await.unwrap(), HandoffFetch::Gone);
-    assert_eq!(broker.handoff_state("expiring-token").await.unwrap(), HandoffState::Unknown);
+    assert_eq!(broker.fetch_handoff("expiring-token-0123").await.unwrap(), HandoffFetch::Gone);
+    assert_eq!(broker.handoff_state("expiring-token-0123").await.unwrap(), HandoffState::Unknown);
     assert_eq!(broker.fetch_handoff("").await.unwrap_err().code().as_str(), "bad_request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handoff_takes_one_authid_and_short_tokens_are_refused() {
+    let world = World::new(ScriptedProvider::new());
+    let broker = world.broker("a", |_| {}).await;
+    let token = "victims-handoff-token-0123";
+    // Two logins name the same hand-off (the second could be anyone's who saw the token).
+    let first = begin(&broker, SERVICE, Some(token)).await;
+    let second = begin(&broker, SERVICE, Some(token)).await;
+    let code = world.provider.approve(&first.state).unwrap();
+    let done = broker.complete_login(&first.callback(Some(&code))).await.unwrap();
+    assert!(done.handed_off && !done.handoff_refused);
+    let code = world.provider.approve(&second.state).unwrap();
+    let late = broker.complete_login(&second.callback(Some(&code))).await.unwrap();
+    assert!(!late.handed_off && late.handoff_refused, "a second delivery is refused");
+    assert_eq!(broker.fetch_handoff(token).await.unwrap(), HandoffFetch::Ready(done.authid.clone()), "the first stays");
+
+    for short in ["a", "fifteen-chars-x"] {
+        for result in [broker.start_handoff(short).await.map(|_| ()), broker.fetch_handoff(short).await.map(|_| ())] {
+            match result {
+                Err(EngineError::BadRequest(m)) => assert!(m.contains("too short"), "{m}"),
+                other => panic!("{short:?}: {other:?}"),
+            }
+        }
+    }
+    assert!(broker.start_handoff("sixteen-chars-xx").await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_writer_cannot_redirect_a_handoff_or_a_login() {
+    use latchkey_core::{DeviceGrant, Handoff, HandoffId, Store};
+    let world = World::new(ScriptedProvider::new());
+    let broker = world.broker("a", |_| {}).await;
+    let keys = world.ring.record_keys();
+    let victim = "victims-handoff-token-0123";
+    let attacker = "attackers-handoff-token-0123";
+    broker.start_handoff(victim).await.unwrap();
+    broker.start_handoff(attacker).await.unwrap();
+    let begun = begin(&broker, SERVICE, Some(victim)).await;
+    // A writer without the master key points the victim's hand-off at the
+    // attacker's recipient key (copied from the attacker's own record).
+    let victim_id = HandoffId::for_token(&keys, victim);
+    let attacker_id = HandoffId::for_token(&keys, attacker);
+    let theirs: Handoff = world.memory.load(attacker_id.as_bytes()).await.unwrap().unwrap();
+    let mut ours: Handoff = world.memory.load(victim_id.as_bytes()).await.unwrap().unwrap();
+    ours.recipient = theirs.recipient;
+    world.memory.update(&mut ours).await.unwrap();
+    let code = world.provider.approve(&begun.state).unwrap();
+    let refused = broker.complete_login(&begun.callback(Some(&code))).await.unwrap_err();
+    assert!(matches!(refused, EngineError::Corrupt { ref detail } if detail.contains("integrity")), "{refused:?}");
+    assert_eq!(broker.fetch_handoff(attacker).await.unwrap(), HandoffFetch::Pending, "nothing reached the attacker");
+    assert!(broker.fetch_handoff(victim).await.is_err(), "the tampered record is refused, not served");
+
+    // The same for a login's hand-off field, flipped to the attacker's hand-off.
+    let begun = begin(&broker, SERVICE, Some("another-victim-token-0123")).await;
+    let login_id = LoginId::for_state(&keys, &begun.state);
+    let mut tx: LoginTransaction = world.memory.load(login_id.as_bytes()).await.unwrap().unwrap();
+    tx.handoff = Some(attacker_id);
+    world.memory.update(&mut tx).await.unwrap();
+    let code = world.provider.approve(&begun.state).unwrap();
+    assert!(matches!(broker.complete_login(&begun.callback(Some(&code))).await, Err(EngineError::Corrupt { .. })));
+    assert_eq!(broker.fetch_handoff(attacker).await.unwrap(), HandoffFetch::Pending);
+
+    // And a device code's hand-off.
+    let device = broker.begin_device(SERVICE, Some("backup job")).await.unwrap();
+    let user_id = latchkey_core::UserCodeId::for_user_code(&keys, &device.user_code);
+    let mut record: DeviceGrant = world.memory.load(user_id.as_bytes()).await.unwrap().unwrap();
+    record.handoff = attacker_id;
+    world.memory.update(&mut record).await.unwrap();
+    assert!(matches!(broker.device_confirmation(&device.user_code).await, Err(EngineError::Corrupt { .. })));
+    // Untouched records still verify: the raw bytes differ only where written.
+    let raw = world.memory.get(Handoff::KIND, attacker_id.as_bytes()).await.unwrap();
+    assert!(raw.is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_device_flow_delivers_the_authid_once() {
     let world = World::new(ScriptedProvider::new());
     let broker = world.broker("a", |c| c.public_url = "https://broker.example/".into()).await;
-    let device = broker.begin_device(SERVICE).await.unwrap();
+    let device = broker.begin_device(SERVICE, Some("nightly backup")).await.unwrap();
     let code = device.device_code.expose_secret().to_owned();
     let letters = "BCDFGHJKLMNPQRSTVWXZ";
     let user = device.user_code.clone();
@@ -488,43 +599,50 @@ async fn the_device_flow_delivers_the_authid_once() {
     assert_eq!(device.interval, Duration::from_secs(5));
     assert_eq!(broker.poll_device(&code).await.unwrap(), DevicePoll::Pending);
     assert_eq!(broker.poll_device(&code).await.unwrap(), DevicePoll::SlowDown);
-    // The user types the code, in any case and spacing, and logs in.
+    // The user types the code, in any case and spacing, sees what asks, and logs in.
     let typed = format!(" {} ", user.to_lowercase().replace('-', " "));
-    let start = broker.begin_device_login(&typed).await.unwrap();
+    let shown = broker.device_confirmation(&typed).await.unwrap();
+    assert_eq!(
+        (shown.user_code.as_str(), shown.service.as_str(), shown.label.as_str()),
+        (user.as_str(), SERVICE, "nightly backup")
+    );
+    let proof = broker.new_browser_proof().expose_secret().to_owned();
+    let start = broker.begin_device_login(&typed, &proof).await.unwrap();
     let state = start.state.expose_secret().to_owned();
     let provider_code = world.provider.approve(&state).unwrap();
-    let done = broker
-        .complete_login(&Callback { state: &state, code: Some(&provider_code), ..Callback::default() })
-        .await
-        .unwrap();
+    let begun = crate::engine_world::Begun { state, proof };
+    let done = broker.complete_login(&begun.callback(Some(&provider_code))).await.unwrap();
     assert!(done.handed_off);
+    let handles = broker.list_handles(&done.authid).await.unwrap();
+    assert_eq!(handles[0].label, "nightly backup", "the AuthID carries the program's label");
     world.clock.advance(Duration::from_secs(5));
     assert_eq!(broker.poll_device(&code).await.unwrap(), DevicePoll::Ready(done.authid.clone()));
     world.clock.advance(Duration::from_secs(5));
     assert_eq!(broker.poll_device(&code).await.unwrap(), DevicePoll::Expired, "delivered once");
-    assert!(broker.begin_device_login(&user).await.is_err(), "a used code starts nothing");
+    let proof = broker.new_browser_proof();
+    assert!(broker.begin_device_login(&user, proof.expose_secret()).await.is_err(), "a used code starts nothing");
+    assert!(broker.device_confirmation(&user).await.is_err());
     assert_eq!(broker.poll_device("no-such-device-code").await.unwrap(), DevicePoll::Invalid);
+    assert!(broker.begin_device(SERVICE, Some("bad\nlabel")).await.is_err(), "labels are printable");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_or_expired_device_login_is_reported() {
     let world = World::new(ScriptedProvider::new());
     let broker = world.broker("a", |_| {}).await;
-    let device = broker.begin_device(SERVICE).await.unwrap();
-    let start = broker.begin_device_login(&device.user_code).await.unwrap();
-    let state = start.state.expose_secret().to_owned();
-    assert!(
-        broker
-            .complete_login(&Callback { state: &state, error: Some("access_denied"), ..Callback::default() })
-            .await
-            .is_err()
-    );
+    let device = broker.begin_device(SERVICE, None).await.unwrap();
+    assert_eq!(broker.device_confirmation(&device.user_code).await.unwrap().label, "a program");
+    let proof = broker.new_browser_proof().expose_secret().to_owned();
+    let start = broker.begin_device_login(&device.user_code, &proof).await.unwrap();
+    let begun = crate::engine_world::Begun { state: start.state.expose_secret().to_owned(), proof };
+    assert!(broker.complete_login(&Callback { error: Some("access_denied"), ..begun.callback(None) }).await.is_err());
     assert_eq!(broker.poll_device(device.device_code.expose_secret()).await.unwrap(), DevicePoll::Denied);
-    let late = broker.begin_device(SERVICE).await.unwrap();
+    let late = broker.begin_device(SERVICE, None).await.unwrap();
     world.clock.advance(Duration::from_secs(901));
     assert_eq!(broker.poll_device(late.device_code.expose_secret()).await.unwrap(), DevicePoll::Expired);
-    assert!(broker.begin_device_login(&late.user_code).await.is_err());
-    assert_eq!(broker.begin_device("nope").await.unwrap_err().code().as_str(), "bad_request");
+    let proof = broker.new_browser_proof();
+    assert!(broker.begin_device_login(&late.user_code, proof.expose_secret()).await.is_err());
+    assert_eq!(broker.begin_device("nope", None).await.unwrap_err().code().as_str(), "bad_request");
 }
 
 // k. Handles.
@@ -595,18 +713,18 @@ async fn gc_lists_in_a_dry_run_and_removes_unused_grants_otherwise() {
     let old = world.login(&broker).await;
     world.clock.advance(Duration::from_secs(200 * 86_400));
     let recent = world.login(&broker).await;
-    broker.begin_login(SERVICE, None).await.unwrap(); // expires long before the gc
+    begin(&broker, SERVICE, None).await; // expires long before the gc
     world.clock.advance(Duration::from_secs(100 * 86_400));
     let day = |n: u64| Duration::from_secs(n * 86_400);
     let dry = broker.gc(day(250), true).await.unwrap();
     assert_eq!(dry.grants.iter().map(|g| g.grant_id).collect::<Vec<_>>(), vec![old.grant_id]);
-    assert_eq!(dry.expired_logins, 1);
+    assert_eq!(dry.expired_logins, 3, "the pending one and the two completed ones, kept until expiry");
     assert_eq!(world.memory.count(latchkey_core::RecordKind::Grant), 2, "a dry run deletes nothing");
     // Using the old grant now makes it recent.
     assert!(broker.token(&old.authid, None).await.is_ok());
     let report = broker.gc(day(250), false).await.unwrap();
     assert!(report.grants.is_empty(), "{report:?}");
-    assert_eq!(report.expired_logins, 1);
+    assert_eq!(report.expired_logins, 3);
     assert_eq!(world.memory.count(latchkey_core::RecordKind::LoginTransaction), 0);
     // 200 days on, `recent` has been idle 300 days and `old` 200.
     world.clock.advance(day(200));
@@ -637,20 +755,24 @@ async fn master_key_reseal_lets_the_old_key_go() {
     let world = World::new(ScriptedProvider::new());
     let broker = world.broker("a", |_| {}).await;
     let login = world.login(&broker).await;
-    let pending = broker.begin_login(SERVICE, None).await.unwrap();
+    let pending = begin(&broker, SERVICE, None).await;
     let new = MasterKey::generate(MasterKeyId::new("k2").unwrap(), &OsRandom);
     let old = world.ring.current().clone();
     let rotating = world.broker_with_ring("b", MasterKeyring::new(vec![new.clone(), old]).unwrap(), |_| {}).await;
     let report = rotating.reseal().await.unwrap();
-    assert_eq!((report.handles_resealed, report.logins_resealed, report.failed), (1, 1, 0));
+    // Two logins: the pending one and the completed one kept until it expires.
+    assert_eq!((report.handles_resealed, report.logins_resealed, report.failed), (1, 2, 0));
     assert_eq!(rotating.reseal().await.unwrap().handles_current, 1, "idempotent");
     let only_new = world.broker_with_ring("c", MasterKeyring::single(new), |_| {}).await;
     assert!(only_new.token(&login.authid, None).await.is_ok(), "the AuthID works without the old key");
-    let state = pending.state.expose_secret().to_owned();
-    let code = world.provider.approve(&state).unwrap();
-    assert!(
-        only_new.complete_login(&Callback { state: &state, code: Some(&code), ..Callback::default() }).await.is_ok()
-    );
+    // Logins are found by a hash keyed under the current master key, so a
+    // login begun before the rotation must be started again (they live 10 min).
+    let code = world.provider.approve(&pending.state).unwrap();
+    let gone = only_new.complete_login(&pending.callback(Some(&code))).await.unwrap_err();
+    assert!(matches!(gone, EngineError::BadRequest(ref m) if m.contains("start the login again")), "{gone:?}");
+    let fresh = begin(&only_new, SERVICE, None).await;
+    let code = world.provider.approve(&fresh.state).unwrap();
+    assert!(only_new.complete_login(&fresh.callback(Some(&code))).await.is_ok());
 }
 
 #[test]

@@ -18,6 +18,26 @@ pub(crate) const OTHER_SERVICE: &str = "other";
 pub(crate) const ISSUER: &str = "https://provider.test";
 pub(crate) const IDLE: Duration = Duration::from_secs(90 * 86_400);
 
+/// A login begun in a browser: its `state` and the browser's proof cookie.
+pub(crate) struct Begun {
+    pub(crate) state: String,
+    pub(crate) proof: String,
+}
+
+impl Begun {
+    /// The provider's redirect back to this browser, with `iss`.
+    pub(crate) fn callback<'a>(&'a self, code: Option<&'a str>) -> Callback<'a> {
+        Callback { state: &self.state, code, iss: Some(ISSUER), browser: Some(&self.proof), ..Callback::default() }
+    }
+}
+
+/// Begins a login as the broker's page does: a fresh browser proof, then the click.
+pub(crate) async fn begin(broker: &Broker, service: &str, handoff: Option<&str>) -> Begun {
+    let proof = broker.new_browser_proof().expose_secret().to_owned();
+    let start = broker.begin_login(service, handoff, &proof).await.unwrap();
+    Begun { state: start.state.expose_secret().to_owned(), proof }
+}
+
 pub(crate) struct World {
     pub(crate) clock: ManualClock,
     pub(crate) memory: Arc<MemoryStore>,
@@ -93,13 +113,9 @@ impl World {
 
     /// A whole browser login: begin, the user approves at the provider, callback.
     pub(crate) async fn login(&self, broker: &Broker) -> LoginComplete {
-        let start = broker.begin_login(SERVICE, None).await.unwrap();
-        let state = start.state.expose_secret().to_owned();
-        let code = self.provider.approve(&state).expect("the provider saw the state");
-        broker
-            .complete_login(&Callback { state: &state, code: Some(&code), iss: Some(ISSUER), ..Callback::default() })
-            .await
-            .unwrap()
+        let begun = begin(broker, SERVICE, None).await;
+        let code = self.provider.approve(&begun.state).expect("the provider saw the state");
+        broker.complete_login(&begun.callback(Some(&code))).await.unwrap()
     }
 
     pub(crate) async fn grant(&self, id: &GrantId) -> Grant {

@@ -1,11 +1,12 @@
 // Stored records: round trips of every kind, hostile bytes, blobs moved between records.
 
-use latchkey_core::records::{DeviceGrant, SealedAuthId, UserCodeId};
+use latchkey_core::records::{DeviceGrant, SealedAuthId, Tagged, UserCodeId};
 use latchkey_core::testing::SeqRandom;
 use latchkey_core::{
     AuthId, Grant, GrantId, GrantPayload, GrantState, Handle, Handoff, HandoffId, KeyId, Lease, LoginId,
     LoginTransaction, Record, SealedBlob, SymmetricKey, Timestamp,
 };
+use latchkey_core::{MasterKey, MasterKeyId, MasterKeyring};
 use proptest::prelude::*;
 use secrecy::{ExposeSecret, SecretString};
 
@@ -34,21 +35,21 @@ prop_compose! {
 }
 
 prop_compose! {
-    fn login()(id: [u8; 32], version: u64, service in ".{0,20}", v in proptest::option::of(blob()), h in proptest::option::of(any::<[u8; 32]>()), c in ts(), e in ts()) -> LoginTransaction {
-        LoginTransaction { id: LoginId::from_bytes(id), version, service, pkce_verifier: v, handoff: h.map(HandoffId::from_bytes), created_at: c, expires_at: e }
+    fn login()(id: [u8; 32], version: u64, service in ".{0,20}", v in proptest::option::of(blob()), h in proptest::option::of(any::<[u8; 32]>()), b in proptest::option::of(any::<[u8; 32]>()), label in ".{0,20}", c in ts(), e in ts(), done in proptest::option::of(ts()), tag: [u8; 32]) -> LoginTransaction {
+        LoginTransaction { id: LoginId::from_bytes(id), version, service, pkce_verifier: v, handoff: h.map(HandoffId::from_bytes), browser: b, label, created_at: c, expires_at: e, completed_at: done, tag }
     }
 }
 
 prop_compose! {
-    fn handoff()(id: [u8; 32], version: u64, recipient: [u8; 32], a in proptest::option::of((any::<[u8; 32]>(), blob())), c in ts(), e in ts(), d in proptest::option::of(ts()), n in proptest::option::of(ts())) -> Handoff {
+    fn handoff()(id: [u8; 32], version: u64, recipient: [u8; 32], a in proptest::option::of((any::<[u8; 32]>(), blob())), c in ts(), e in ts(), d in proptest::option::of(ts()), n in proptest::option::of(ts()), tag: [u8; 32]) -> Handoff {
         let authid = a.map(|(ephemeral, blob)| SealedAuthId { ephemeral, blob });
-        Handoff { id: HandoffId::from_bytes(id), version, recipient, authid, created_at: c, expires_at: e, delivered_at: d, denied_at: n }
+        Handoff { id: HandoffId::from_bytes(id), version, recipient, authid, created_at: c, expires_at: e, delivered_at: d, denied_at: n, tag }
     }
 }
 
 prop_compose! {
-    fn device()(id: [u8; 32], version: u64, service in ".{0,20}", handoff: [u8; 32], c in ts(), e in ts()) -> DeviceGrant {
-        DeviceGrant { id: UserCodeId::from_bytes(id), version, service, handoff: HandoffId::from_bytes(handoff), created_at: c, expires_at: e }
+    fn device()(id: [u8; 32], version: u64, service in ".{0,20}", handoff: [u8; 32], label in ".{0,20}", c in ts(), e in ts(), tag: [u8; 32]) -> DeviceGrant {
+        DeviceGrant { id: UserCodeId::from_bytes(id), version, service, handoff: HandoffId::from_bytes(handoff), label, created_at: c, expires_at: e, tag }
     }
 }
 
@@ -184,13 +185,41 @@ fn a_payload_swapped_between_grants_fails_to_open() {
 fn a_handoff_releases_its_authid_only_to_the_token_holder() {
     let rng = SeqRandom::new(3);
     let authid = AuthId::generate(&rng);
-    let mut h = Handoff::new("the-token", Timestamp::EPOCH, Timestamp::EPOCH);
+    let ring = MasterKeyring::single(MasterKey::generate(MasterKeyId::new("k1").unwrap(), &rng));
+    let keys = ring.record_keys();
+    let mut h = Handoff::new(&keys, "the-token", Timestamp::EPOCH, Timestamp::EPOCH);
     assert_eq!(h.open_authid("the-token").unwrap(), None, "pending");
     h.seal_authid(&authid, &rng);
     assert_eq!(h.open_authid("the-token").unwrap(), Some(authid.clone()));
     assert!(h.open_authid("another-token").is_err());
     let plain = authid.expose_text();
     assert!(!h.encode().windows(plain.len()).any(|w| w == plain.as_bytes()), "the AuthID is not stored in the clear");
-    assert_ne!(HandoffId::for_token("the-token"), HandoffId::for_token("another-token"));
-    assert_ne!(HandoffId::for_token("x").as_bytes(), LoginId::for_state("x").as_bytes(), "hashes are domain separated");
+    assert_ne!(HandoffId::for_token(&keys, "the-token"), HandoffId::for_token(&keys, "another-token"));
+    let x = HandoffId::for_token(&keys, "x");
+    assert_ne!(x.as_bytes(), LoginId::for_state(&keys, "x").as_bytes(), "hashes are domain separated");
+    let other_ring = MasterKeyring::single(MasterKey::generate(MasterKeyId::new("k2").unwrap(), &rng));
+    assert_ne!(x, HandoffId::for_token(&other_ring.record_keys(), "x"), "keyed: a dump alone cannot test tokens");
+}
+
+#[test]
+fn a_tag_covers_every_routing_field_of_a_handoff() {
+    let rng = SeqRandom::new(4);
+    let ring = MasterKeyring::single(MasterKey::generate(MasterKeyId::new("k1").unwrap(), &rng));
+    let keys = ring.record_keys();
+    let mut h = Handoff::new(&keys, "the-token", Timestamp::EPOCH, Timestamp::from_unix_secs(600));
+    h.sign(&keys);
+    assert!(h.verify(&keys));
+    let mut moved = h.clone();
+    moved.recipient[0] ^= 1;
+    assert!(!moved.verify(&keys), "recipient key");
+    let mut late = h.clone();
+    late.expires_at = Timestamp::from_unix_secs(6000);
+    assert!(!late.verify(&keys), "expiry");
+    let mut planted = h.clone();
+    planted.seal_authid(&AuthId::generate(&rng), &rng);
+    assert!(!planted.verify(&keys), "a sealed AuthID planted without the key");
+    let other = MasterKeyring::single(MasterKey::generate(MasterKeyId::new("k2").unwrap(), &rng));
+    assert!(!h.verify(&other.record_keys()), "another master key");
+    let decoded = Handoff::decode(&h.encode(), 0).unwrap();
+    assert!(decoded.verify(&keys), "the tag survives the stored form");
 }

@@ -89,6 +89,11 @@ pub enum EngineError {
     /// The request is wrong (unknown service, expired login, replayed state, …).
     #[error("{0}")]
     BadRequest(String),
+    /// A browser step did not come from the browser that began it: a missing
+    /// or foreign proof cookie, a cross-site form, a replayed form or callback.
+    /// Code `bad_request`; pages answer it with 403.
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 impl EngineError {
@@ -101,7 +106,7 @@ impl EngineError {
             EngineError::ProviderUnavailable { .. } => ErrorCode::ProviderUnavailable,
             EngineError::StoreUnavailable { .. } | EngineError::Corrupt { .. } => ErrorCode::StoreUnavailable,
             EngineError::ProviderMisconfigured { .. } => ErrorCode::ProviderMisconfigured,
-            EngineError::BadRequest(_) => ErrorCode::BadRequest,
+            EngineError::BadRequest(_) | EngineError::Forbidden(_) => ErrorCode::BadRequest,
         }
     }
 

@@ -1,11 +1,17 @@
 //! Handles: more AuthIDs for one grant, listing, revocation, rotation.
 
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use secrecy::{ExposeSecret, SecretString};
+use zeroize::Zeroizing;
 
 use crate::authid::{AuthId, KeyId};
-use crate::envelope::SealedBlob;
-use crate::keys::DataKey;
+use crate::envelope::{Field, SealContext, SealedBlob};
+use crate::keys::{DataKey, KEY_LEN, SymmetricKey};
 use crate::provider::{ProviderError, TokenKind};
+use crate::records::RecordKind;
 use crate::records::{Grant, GrantId, GrantState, Handle, Lease, Record};
 use crate::store::{StoreError, StoreExt};
 use crate::time::Timestamp;
@@ -61,6 +67,24 @@ pub struct GrantRevocation {
     /// What the provider said.
     pub provider: ProviderRevocation,
 }
+
+/// What the revoke page did with an AuthID, and what it can offer next.
+#[derive(Debug)]
+pub struct PageRevocation {
+    /// The grant's service.
+    pub service: String,
+    /// Set when that was the grant's last AuthID and the grant went too.
+    pub grant: Option<GrantRevocation>,
+    /// The grant's other AuthIDs that still work (never secrets): a stolen
+    /// AuthID's owner finds here what the thief may have minted with it.
+    pub siblings: Vec<HandleInfo>,
+    /// While siblings remain: a ticket that lets this page revoke the whole
+    /// login for [`REVOKE_TICKET_TTL`] (the revoked AuthID no longer can).
+    pub ticket: Option<SecretString>,
+}
+
+/// How long a revoke page's "revoke the whole login" stays possible.
+pub const REVOKE_TICKET_TTL: Duration = Duration::from_secs(600);
 
 const MAX_LABEL_CHARS: usize = 100;
 
@@ -131,6 +155,58 @@ impl Broker {
         inner.revoke_grant(caller.grant_id, &data_key).await.map(Some)
     }
 
+    /// The revoke page: revokes the caller's AuthID, and answers the
+    /// grant's other live AuthIDs with a ticket to revoke them all.
+    pub async fn revoke_for_page(&self, authid: &AuthId) -> Result<PageRevocation, EngineError> {
+        let inner = &self.inner;
+        let (caller, data_key) = inner.authenticate(authid).await?;
+        let grant = self.revoke_handle(authid, caller.keyid).await?;
+        let service =
+            inner.store.load::<Grant>(caller.grant_id.as_bytes()).await?.map(|g| g.service).unwrap_or_default();
+        let handles: Vec<Handle> = inner.store.load_group(caller.grant_id.as_bytes()).await?;
+        let siblings: Vec<HandleInfo> = handles
+            .into_iter()
+            .filter(|h| h.revoked_at.is_none() && h.keyid != caller.keyid)
+            .map(|h| HandleInfo {
+                keyid: h.keyid,
+                label: h.open_label(&data_key).unwrap_or_default(),
+                created_at: h.created_at,
+                last_used_at: h.last_used_at,
+                revoked_at: None,
+                is_caller: false,
+            })
+            .collect();
+        let ticket = (grant.is_none() && !siblings.is_empty()).then(|| inner.revoke_ticket(caller.grant_id, &data_key));
+        Ok(PageRevocation { service, grant, siblings, ticket })
+    }
+
+    /// Revokes a whole grant with a revoke page's ticket.
+    pub async fn revoke_grant_with_ticket(&self, ticket: &str) -> Result<GrantRevocation, EngineError> {
+        let inner = &self.inner;
+        let expired = || EngineError::bad_request("this revoke page has expired; revoke with one of the AuthIDs");
+        let bytes = URL_SAFE_NO_PAD.decode(ticket.trim()).map_err(|_| expired())?;
+        if bytes.len() < 16 {
+            return Err(expired());
+        }
+        let grant_id = GrantId::from_bytes(bytes[..16].try_into().map_err(|_| expired())?);
+        let ids: [&[u8]; 1] = [grant_id.as_bytes()];
+        let plain = inner
+            .keyring
+            .open(&ticket_ctx(&ids), &SealedBlob::from_bytes(bytes[16..].to_vec()))
+            .map_err(|_| expired())?;
+        if plain.len() != 8 + KEY_LEN {
+            return Err(expired());
+        }
+        let mut deadline = [0u8; 8];
+        deadline.copy_from_slice(&plain[..8]);
+        if inner.now().unix_millis() >= u64::from_be_bytes(deadline) {
+            return Err(expired());
+        }
+        let mut key = Zeroizing::new([0u8; KEY_LEN]);
+        key.copy_from_slice(&plain[8..]);
+        inner.revoke_grant(grant_id, &SymmetricKey::from_bytes(*key)).await
+    }
+
     /// Replaces the caller's AuthID with a new one for the same grant; the old
     /// one is dead when this returns.
     pub async fn rotate_handle(&self, authid: &AuthId) -> Result<MintedHandle, EngineError> {
@@ -152,7 +228,25 @@ impl Broker {
     }
 }
 
+fn ticket_ctx<'a>(ids: &'a [&'a [u8]]) -> SealContext<'a> {
+    SealContext { kind: RecordKind::Grant, field: Field::RevokeTicket, format: 1, ids }
+}
+
 impl Inner {
+    /// A ticket: the grant id, then its deadline and data key sealed under the
+    /// master key, so only this broker can use it, and only until the deadline.
+    fn revoke_ticket(&self, grant_id: GrantId, data_key: &DataKey) -> SecretString {
+        let deadline = self.now().saturating_add(REVOKE_TICKET_TTL).unix_millis();
+        let mut plain = Zeroizing::new(Vec::with_capacity(8 + KEY_LEN));
+        plain.extend_from_slice(&deadline.to_be_bytes());
+        plain.extend_from_slice(data_key.expose_secret());
+        let ids: [&[u8]; 1] = [grant_id.as_bytes()];
+        let blob = self.keyring.seal(&ticket_ctx(&ids), &plain, self.rng.as_ref());
+        let mut bytes = grant_id.as_bytes().to_vec();
+        bytes.extend_from_slice(blob.as_bytes());
+        SecretString::from(URL_SAFE_NO_PAD.encode(bytes))
+    }
+
     /// The grant, if it can still be used or managed.
     async fn live_grant(&self, id: &GrantId) -> Result<Grant, EngineError> {
         let grant = self.load_grant(id).await?;

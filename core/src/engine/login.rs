@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 use super::decide::initial_payload;
 use super::error::from_provider;
@@ -13,7 +13,9 @@ use crate::authid::AuthId;
 use crate::keys::SymmetricKey;
 use crate::provider::{AuthorizationRequest, CodeExchange, Pkce};
 use crate::random::array;
-use crate::records::{DeviceGrant, Grant, GrantId, Handle, Handoff, HandoffId, LoginId, LoginTransaction, UserCodeId};
+use crate::records::{
+    DeviceGrant, Grant, GrantId, Handle, Handoff, HandoffId, LoginId, LoginTransaction, Tagged, UserCodeId,
+};
 use crate::store::{StoreError, StoreExt};
 use crate::time::Timestamp;
 
@@ -43,6 +45,8 @@ pub struct Callback<'a> {
     pub service: Option<&'a str>,
     /// Other callback parameters a provider needs (pCloud's `hostname`).
     pub params: &'a [(String, String)],
+    /// The browser proof cookie the callback arrived with.
+    pub browser: Option<&'a str>,
 }
 
 /// A completed login: a new grant and its first AuthID.
@@ -56,6 +60,20 @@ pub struct LoginComplete {
     pub service: String,
     /// Whether the AuthID was also sealed into a waiting hand-off.
     pub handed_off: bool,
+    /// A hand-off was named but already held (or had delivered) another
+    /// login's AuthID: it keeps that one; this AuthID is only on the page.
+    pub handoff_refused: bool,
+}
+
+/// What the device page shows before the user continues (RFC 8628 §5.4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceConfirmation {
+    /// The user code, normalised (`XXXX-XXXX`).
+    pub user_code: String,
+    /// The service the program asked for.
+    pub service: String,
+    /// The program's label for itself.
+    pub label: String,
 }
 
 /// The answer to a hand-off fetch.
@@ -124,8 +142,22 @@ pub enum DevicePoll {
 /// no look-alikes such as 0/O or 1/I.
 const USER_CODE_ALPHABET: &[u8; 20] = b"BCDFGHJKLMNPQRSTVWXZ";
 const MAX_TOKEN_LEN: usize = 512;
+/// Hand-off tokens shorter than this are refused: a short token can be
+/// guessed by whoever wants to fetch the AuthID first.
+pub const MIN_HANDOFF_TOKEN_LEN: usize = 16;
+/// Length of a browser proof's text (base64url of nonce ‖ issued at ‖ MAC).
+pub const BROWSER_PROOF_LEN: usize = 54;
+const PROOF_NONCE: usize = 16;
+const PROOF_MAC: usize = 16;
+/// Labels a program may give itself in the device flow, at most.
+const MAX_DEVICE_LABEL_CHARS: usize = 64;
 
 fn check_token(token: &str) -> Result<(), EngineError> {
+    if token.len() < MIN_HANDOFF_TOKEN_LEN && !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(EngineError::bad_request(format!(
+            "the hand-off token is too short (at least {MIN_HANDOFF_TOKEN_LEN} characters); the program must make a longer one"
+        )));
+    }
     let ok = !token.is_empty() && token.len() <= MAX_TOKEN_LEN && token.bytes().all(|b| b.is_ascii_graphic());
     if ok { Ok(()) } else { Err(EngineError::bad_request("the hand-off token is missing or malformed")) }
 }
@@ -143,15 +175,57 @@ fn random_text(inner: &Inner) -> String {
     URL_SAFE_NO_PAD.encode(array::<32>(inner.rng.as_ref()))
 }
 
+/// A program's label as shown on the device page: printable, short.
+fn device_label(label: Option<&str>) -> Result<String, EngineError> {
+    let label = label.map(str::trim).filter(|l| !l.is_empty()).unwrap_or("a program");
+    if label.chars().count() > MAX_DEVICE_LABEL_CHARS || label.chars().any(char::is_control) {
+        return Err(EngineError::bad_request("the label is at most 64 characters, without control characters"));
+    }
+    Ok(label.to_owned())
+}
+
 impl Broker {
-    /// Starts a browser login for `service`; with `handoff_token`, the AuthID
-    /// will also be sealed for the client holding that token.
-    pub async fn begin_login(&self, service: &str, handoff_token: Option<&str>) -> Result<LoginStart, EngineError> {
+    /// A fresh browser proof: the value of the cookie a login page sets and
+    /// its form repeats. It carries its issue time and a MAC under the record
+    /// key, so the broker checks it without storing it.
+    pub fn new_browser_proof(&self) -> SecretString {
+        let inner = &self.inner;
+        let mut bytes = Vec::with_capacity(PROOF_NONCE + 8 + PROOF_MAC);
+        bytes.extend_from_slice(&array::<PROOF_NONCE>(inner.rng.as_ref()));
+        bytes.extend_from_slice(&inner.now().unix_millis().to_be_bytes());
+        let mac = inner.record_keys.lookup(b"latchkey/v1/browser-proof", &bytes);
+        bytes.extend_from_slice(&mac[..PROOF_MAC]);
+        SecretString::from(URL_SAFE_NO_PAD.encode(bytes))
+    }
+
+    /// Whether a page may keep showing a browser's proof: genuine, with at
+    /// least half its lifetime left, and not used by a login yet.
+    pub async fn browser_proof_reusable(&self, proof: &str) -> bool {
+        let inner = &self.inner;
+        let Ok(issued) = inner.check_proof(proof) else { return false };
+        if inner.now().duration_since(issued) > inner.config.login_ttl / 2 {
+            return false;
+        }
+        let id = LoginId::for_state(&inner.record_keys, &inner.state_for(proof));
+        matches!(inner.store.load::<LoginTransaction>(id.as_bytes()).await, Ok(None))
+    }
+
+    /// Starts a browser login for `service` after the user clicked on the
+    /// broker's page; `proof` is the browser's proof cookie (checked by the
+    /// front end against the form). With `handoff_token`, the AuthID will also
+    /// be sealed for the client holding that token.
+    pub async fn begin_login(
+        &self,
+        service: &str,
+        handoff_token: Option<&str>,
+        proof: &str,
+    ) -> Result<LoginStart, EngineError> {
+        self.inner.check_proof(proof)?;
         let handoff = match handoff_token {
             Some(token) => Some(self.inner.ensure_handoff(token, self.inner.config.handoff_ttl).await?),
             None => None,
         };
-        self.inner.begin_login(service, handoff).await
+        self.inner.begin_login(service, handoff, "first login", proof).await
     }
 
     /// Registers a hand-off token (Duplicati's `/?token=`) so a client can
@@ -161,19 +235,38 @@ impl Broker {
     }
 
     /// Completes a login from the provider's redirect: checks the state
-    /// (single use, not expired, same service and issuer), exchanges the code,
-    /// creates the grant and its first AuthID.
+    /// (single use, not expired, same browser, service and issuer), exchanges
+    /// the code, creates the grant and its first AuthID.
     pub async fn complete_login(&self, callback: &Callback<'_>) -> Result<LoginComplete, EngineError> {
         let inner = &self.inner;
-        let tx: LoginTransaction =
-            inner.store.load(LoginId::for_state(callback.state).as_bytes()).await?.ok_or_else(login_gone)?;
+        let id = LoginId::for_state(&inner.record_keys, callback.state);
+        let mut tx: LoginTransaction = inner.load_tagged(id.as_bytes()).await?.ok_or_else(login_gone)?;
+        if tx.completed_at.is_some() {
+            return Err(login_gone());
+        }
+        // Before consuming: a callback replayed into another browser must not
+        // spend the real user's login.
+        if let Some(bound) = tx.browser {
+            let same = callback.browser.is_some_and(|proof| {
+                let presented = inner.record_keys.lookup(b"latchkey/v1/browser", proof.as_bytes());
+                bool::from(subtle::ConstantTimeEq::ct_eq(&presented[..], &bound[..]))
+            });
+            if !same {
+                return Err(EngineError::Forbidden(
+                    "this login was started in another browser; start it again here, from the broker's page".into(),
+                ));
+            }
+        }
         // Consume first: of two concurrent completions, exactly one proceeds.
-        match inner.store.remove(&tx).await {
+        // The record stays (completed) until it expires, so its proof cannot
+        // begin another login.
+        let now = inner.now();
+        tx.completed_at = Some(now);
+        match inner.update_tagged(&mut tx).await {
             Ok(()) => {}
             Err(StoreError::Conflict | StoreError::NotFound) => return Err(login_gone()),
             Err(e) => return Err(e.into()),
         }
-        let now = inner.now();
         if now >= tx.expires_at {
             return Err(EngineError::bad_request("this login took too long and expired; start the login again"));
         }
@@ -183,9 +276,21 @@ impl Broker {
         let entry = inner.catalogue.provider_for(&tx.service).cloned().ok_or_else(|| {
             EngineError::ProviderMisconfigured { detail: format!("service '{}' is no longer configured", tx.service) }
         })?;
-        if let (Some(iss), Some(expected)) = (callback.iss, &entry.spec.issuer) {
-            if iss != expected {
-                return Err(EngineError::bad_request("the login answer came from an unexpected issuer; start again"));
+        if let Some(expected) = &entry.spec.issuer {
+            // RFC 9207 §2.4: a client that knows the issuer sends `iss` must
+            // refuse an answer without it (a mix-up attack strips it).
+            match callback.iss {
+                Some(iss) if iss == expected => {}
+                Some(_) => {
+                    return Err(EngineError::bad_request(
+                        "the login answer came from an unexpected issuer; start again",
+                    ));
+                }
+                None => {
+                    return Err(EngineError::bad_request(
+                        "the login answer does not say which server issued it; start again",
+                    ));
+                }
             }
         }
         if let Some(error) = callback.error {
@@ -215,18 +320,21 @@ impl Broker {
             .exchange_code(&exchange)
             .await
             .map_err(|e| from_provider(&e, inner.config.provider_retry_after))?;
-        inner.create_grant(&tx.service, response, tx.handoff).await
+        inner.create_grant(&tx.service, response, tx.handoff, &tx.label).await
     }
 
     /// Logs in with a token the user pasted (Jottacloud's personal login
     /// token, `/cli-token`): the provider trades it for tokens directly.
+    /// `proof` is the browser's proof cookie, as for [`Broker::begin_login`].
     pub async fn login_with_token(
         &self,
         service: &str,
         login_token: &str,
         handoff_token: Option<&str>,
+        proof: &str,
     ) -> Result<LoginComplete, EngineError> {
         let inner = &self.inner;
+        inner.check_proof(proof)?;
         let entry = inner.service_entry(service)?.clone();
         let scopes = inner.catalogue.service(service).map(|s| s.scopes.clone()).unwrap_or_default();
         let login_token = login_token.trim();
@@ -246,15 +354,16 @@ impl Broker {
                     e => from_provider(&e, inner.config.provider_retry_after),
                 },
             )?;
-        inner.create_grant(service, response, handoff).await
+        inner.create_grant(service, response, handoff, "first login").await
     }
 
     /// Releases a hand-off's AuthID to the token holder, exactly once.
     pub async fn fetch_handoff(&self, token: &str) -> Result<HandoffFetch, EngineError> {
         check_token(token)?;
         let inner = &self.inner;
+        let id = HandoffId::for_token(&inner.record_keys, token);
         loop {
-            let Some(mut handoff) = inner.store.load::<Handoff>(HandoffId::for_token(token).as_bytes()).await? else {
+            let Some(mut handoff) = inner.load_tagged::<Handoff>(id.as_bytes()).await? else {
                 return Ok(HandoffFetch::Gone);
             };
             if handoff.delivered_at.is_some() || inner.now() >= handoff.expires_at {
@@ -270,7 +379,7 @@ impl Broker {
             };
             handoff.authid = None;
             handoff.delivered_at = Some(inner.now());
-            match inner.store.update(&mut handoff).await {
+            match inner.update_tagged(&mut handoff).await {
                 Ok(()) => return Ok(HandoffFetch::Ready(authid)),
                 Err(StoreError::Conflict | StoreError::NotFound) => continue,
                 Err(e) => return Err(e.into()),
@@ -281,7 +390,8 @@ impl Broker {
     /// Where a hand-off stands (Duplicati's `/token-state`).
     pub async fn handoff_state(&self, token: &str) -> Result<HandoffState, EngineError> {
         check_token(token)?;
-        let Some(handoff) = self.inner.store.load::<Handoff>(HandoffId::for_token(token).as_bytes()).await? else {
+        let id = HandoffId::for_token(&self.inner.record_keys, token);
+        let Some(handoff) = self.inner.load_tagged::<Handoff>(id.as_bytes()).await? else {
             return Ok(HandoffState::Unknown);
         };
         Ok(if handoff.delivered_at.is_some() {
@@ -297,26 +407,30 @@ impl Broker {
         })
     }
 
-    /// Starts a broker-side device authorization for `service`.
-    pub async fn begin_device(&self, service: &str) -> Result<DeviceStart, EngineError> {
+    /// Starts a broker-side device authorization for `service`; `label` is
+    /// the program's name for itself, shown to the user before they continue.
+    pub async fn begin_device(&self, service: &str, label: Option<&str>) -> Result<DeviceStart, EngineError> {
         let inner = &self.inner;
         inner.service_entry(service)?;
+        let label = device_label(label)?;
         let now = inner.now();
         let expires_at = now.saturating_add(inner.config.device_ttl);
         let device_code = random_text(inner);
-        let mut handoff = Handoff::new(&device_code, now, expires_at);
-        inner.store.create(&mut handoff).await?;
+        let mut handoff = Handoff::new(&inner.record_keys, &device_code, now, expires_at);
+        inner.create_tagged(&mut handoff).await?;
         for _ in 0..8 {
             let user_code = inner.user_code();
             let mut device = DeviceGrant {
-                id: UserCodeId::for_user_code(&user_code),
+                id: UserCodeId::for_user_code(&inner.record_keys, &user_code),
                 version: 0,
                 service: service.to_owned(),
                 handoff: handoff.id,
+                label: label.clone(),
                 created_at: now,
                 expires_at,
+                tag: [0; 32],
             };
-            match inner.store.create(&mut device).await {
+            match inner.create_tagged(&mut device).await {
                 Ok(()) => {
                     let verification_uri = format!("{}/device", inner.config.public_url.trim_end_matches('/'));
                     return Ok(DeviceStart {
@@ -336,27 +450,30 @@ impl Broker {
         Err(EngineError::StoreUnavailable { retry_after: Duration::from_secs(1) })
     }
 
-    /// The user typed a code on the `/device` page: start the login for it.
-    pub async fn begin_device_login(&self, user_code: &str) -> Result<LoginStart, EngineError> {
+    /// What the `/device` page shows for a typed user code before the user
+    /// continues: the service and the program's label. Creates nothing.
+    pub async fn device_confirmation(&self, user_code: &str) -> Result<DeviceConfirmation, EngineError> {
+        let (device, _) = self.inner.waiting_device(user_code).await?;
+        let normal: String =
+            user_code.chars().filter(|c| c.is_ascii_alphanumeric()).map(|c| c.to_ascii_uppercase()).collect();
+        let user_code = if normal.len() == 8 { format!("{}-{}", &normal[..4], &normal[4..]) } else { normal };
+        Ok(DeviceConfirmation { user_code, service: device.service, label: device.label })
+    }
+
+    /// The user confirmed a typed code on the `/device` page: start the login
+    /// for it, bound to the browser's `proof` as for [`Broker::begin_login`].
+    pub async fn begin_device_login(&self, user_code: &str, proof: &str) -> Result<LoginStart, EngineError> {
         let inner = &self.inner;
-        let unknown = || EngineError::bad_request("this code is unknown; check it and try again");
-        let device: DeviceGrant =
-            inner.store.load(UserCodeId::for_user_code(user_code).as_bytes()).await?.ok_or_else(unknown)?;
-        if inner.now() >= device.expires_at {
-            return Err(EngineError::bad_request("this code has expired; start again on the device"));
-        }
-        let handoff: Handoff = inner.store.load(device.handoff.as_bytes()).await?.ok_or_else(unknown)?;
-        if handoff.delivered_at.is_some() || handoff.authid.is_some() || handoff.denied_at.is_some() {
-            return Err(EngineError::bad_request("this code was already used; start again on the device"));
-        }
-        inner.begin_login(&device.service, Some(device.handoff)).await
+        inner.check_proof(proof)?;
+        let (device, _) = inner.waiting_device(user_code).await?;
+        inner.begin_login(&device.service, Some(device.handoff), &device.label, proof).await
     }
 
     /// The device polls with its device code.
     pub async fn poll_device(&self, device_code: &str) -> Result<DevicePoll, EngineError> {
         check_token(device_code)?;
         let inner = &self.inner;
-        let id = HandoffId::for_token(device_code);
+        let id = HandoffId::for_token(&inner.record_keys, device_code);
         let now = inner.now();
         {
             let mut polls = lock(&inner.device_polls);
@@ -381,6 +498,74 @@ impl Broker {
 }
 
 impl Inner {
+    /// Loads a tagged record and refuses it if its tag does not verify: a
+    /// changed routing field means someone without the master key wrote it.
+    async fn load_tagged<R: Tagged>(&self, key: &[u8]) -> Result<Option<R>, EngineError> {
+        match self.store.load::<R>(key).await? {
+            Some(record) if !record.verify(&self.record_keys) => Err(EngineError::Corrupt {
+                detail: format!("a stored {} record failed its integrity check", R::KIND.name()),
+            }),
+            other => Ok(other),
+        }
+    }
+
+    async fn create_tagged<R: Tagged>(&self, record: &mut R) -> Result<(), StoreError> {
+        record.sign(&self.record_keys);
+        self.store.create(record).await
+    }
+
+    async fn update_tagged<R: Tagged>(&self, record: &mut R) -> Result<(), StoreError> {
+        record.sign(&self.record_keys);
+        self.store.update(record).await
+    }
+
+    /// Checks a browser proof's MAC and age; answers when it was issued.
+    fn check_proof(&self, proof: &str) -> Result<Timestamp, EngineError> {
+        let refused = || {
+            EngineError::Forbidden(
+                "this page has expired or did not come from this broker; go back, reload it and continue".into(),
+            )
+        };
+        if proof.len() != BROWSER_PROOF_LEN {
+            return Err(refused());
+        }
+        let bytes = URL_SAFE_NO_PAD.decode(proof).map_err(|_| refused())?;
+        let (body, mac) = bytes.split_at(PROOF_NONCE + 8);
+        let expected = self.record_keys.lookup(b"latchkey/v1/browser-proof", body);
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(&expected[..PROOF_MAC], mac)) {
+            return Err(refused());
+        }
+        let mut issued = [0u8; 8];
+        issued.copy_from_slice(&body[PROOF_NONCE..]);
+        let issued = Timestamp::from_unix_millis(u64::from_be_bytes(issued));
+        let now = self.now();
+        if issued > now || now.duration_since(issued) >= self.config.login_ttl {
+            return Err(refused());
+        }
+        Ok(issued)
+    }
+
+    /// The `state` of the login a proof begins: derived, so the same proof
+    /// always names the same login record and can begin only one.
+    fn state_for(&self, proof: &str) -> String {
+        URL_SAFE_NO_PAD.encode(self.record_keys.lookup(b"latchkey/v1/state-from-proof", proof.as_bytes()))
+    }
+
+    /// A device code still waiting for its user.
+    async fn waiting_device(&self, user_code: &str) -> Result<(DeviceGrant, Handoff), EngineError> {
+        let unknown = || EngineError::bad_request("this code is unknown; check it and try again");
+        let id = UserCodeId::for_user_code(&self.record_keys, user_code);
+        let device: DeviceGrant = self.load_tagged(id.as_bytes()).await?.ok_or_else(unknown)?;
+        if self.now() >= device.expires_at {
+            return Err(EngineError::bad_request("this code has expired; start again on the device"));
+        }
+        let handoff: Handoff = self.load_tagged(device.handoff.as_bytes()).await?.ok_or_else(unknown)?;
+        if handoff.delivered_at.is_some() || handoff.authid.is_some() || handoff.denied_at.is_some() {
+            return Err(EngineError::bad_request("this code was already used; start again on the device"));
+        }
+        Ok((device, handoff))
+    }
+
     /// A new grant and its first AuthID from a provider's first token
     /// response; the AuthID is also sealed into the hand-off, if one waits.
     async fn create_grant(
@@ -388,6 +573,7 @@ impl Inner {
         service: &str,
         response: crate::provider::TokenResponse,
         handoff: Option<HandoffId>,
+        label: &str,
     ) -> Result<LoginComplete, EngineError> {
         if response.refresh_token.is_none() && response.expires_in.is_some() {
             return Err(EngineError::ProviderMisconfigured {
@@ -402,13 +588,19 @@ impl Inner {
         let mut grant = Grant::new(GrantId::generate(rng), service, &payload, &data_key, now, rng);
         self.store.create(&mut grant).await?;
         let authid = AuthId::generate(rng);
-        let mut handle = Handle::new(&authid, grant.id, &data_key, "first login", &self.keyring, now, rng);
+        let mut handle = Handle::new(&authid, grant.id, &data_key, label, &self.keyring, now, rng);
         self.store.create(&mut handle).await?;
-        let handed_off = match handoff {
+        let delivery = match handoff {
             Some(handoff) => self.deliver_to_handoff(&handoff, &authid).await?,
-            None => false,
+            None => Delivery::NoHandoff,
         };
-        Ok(LoginComplete { authid, grant_id: grant.id, service: service.to_owned(), handed_off })
+        Ok(LoginComplete {
+            authid,
+            grant_id: grant.id,
+            service: service.to_owned(),
+            handed_off: delivery == Delivery::Sealed,
+            handoff_refused: delivery == Delivery::Refused,
+        })
     }
 
     fn service_entry(&self, service: &str) -> Result<&crate::catalogue::ProviderEntry, EngineError> {
@@ -433,21 +625,31 @@ impl Inner {
         code
     }
 
-    async fn begin_login(&self, service: &str, handoff: Option<HandoffId>) -> Result<LoginStart, EngineError> {
+    async fn begin_login(
+        &self,
+        service: &str,
+        handoff: Option<HandoffId>,
+        label: &str,
+        proof: &str,
+    ) -> Result<LoginStart, EngineError> {
         let entry = self.service_entry(service)?;
         let spec = self.catalogue.service(service).ok_or_else(|| EngineError::bad_request("unknown service"))?;
         let rng = self.rng.as_ref();
         let now = self.now();
-        let state = SecretString::from(random_text(self));
+        let state = SecretString::from(self.state_for(proof));
         let pkce = entry.spec.pkce.then(|| Pkce::generate(rng));
         let mut tx = LoginTransaction {
-            id: LoginId::for_state(secrecy::ExposeSecret::expose_secret(&state)),
+            id: LoginId::for_state(&self.record_keys, state.expose_secret()),
             version: 0,
             service: service.to_owned(),
             pkce_verifier: None,
             handoff,
+            browser: Some(self.record_keys.lookup(b"latchkey/v1/browser", proof.as_bytes())),
+            label: label.to_owned(),
             created_at: now,
             expires_at: now.saturating_add(self.config.login_ttl),
+            completed_at: None,
+            tag: [0; 32],
         };
         if let Some(pkce) = &pkce {
             tx.seal_verifier(&pkce.verifier, &self.keyring, rng);
@@ -464,24 +666,32 @@ impl Inner {
             .client
             .authorization_url(&request)
             .map_err(|e| from_provider(&e, self.config.provider_retry_after))?;
-        self.store.create(&mut tx).await?;
+        match self.create_tagged(&mut tx).await {
+            Ok(()) => {}
+            Err(StoreError::Conflict) => {
+                return Err(EngineError::Forbidden(
+                    "this login form was already used; go back, reload the page and continue".into(),
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        }
         Ok(LoginStart { authorization_url, state, expires_at: tx.expires_at })
     }
 
     /// The hand-off for `token`, created if new; refused if used or expired.
     async fn ensure_handoff(&self, token: &str, ttl: Duration) -> Result<HandoffId, EngineError> {
         check_token(token)?;
-        let id = HandoffId::for_token(token);
+        let id = HandoffId::for_token(&self.record_keys, token);
         loop {
             let now = self.now();
-            match self.store.load::<Handoff>(id.as_bytes()).await? {
+            match self.load_tagged::<Handoff>(id.as_bytes()).await? {
                 Some(h) if h.delivered_at.is_some() || now >= h.expires_at => {
                     return Err(EngineError::bad_request("this hand-off token was already used or has expired"));
                 }
                 Some(_) => return Ok(id),
                 None => {
-                    let mut handoff = Handoff::new(token, now, now.saturating_add(ttl));
-                    match self.store.create(&mut handoff).await {
+                    let mut handoff = Handoff::new(&self.record_keys, token, now, now.saturating_add(ttl));
+                    match self.create_tagged(&mut handoff).await {
                         Ok(()) => return Ok(id),
                         Err(StoreError::Conflict) => continue,
                         Err(e) => return Err(e.into()),
@@ -491,16 +701,23 @@ impl Inner {
         }
     }
 
-    /// Seals a fresh AuthID into a waiting hand-off. `false` if it is gone.
-    async fn deliver_to_handoff(&self, id: &HandoffId, authid: &AuthId) -> Result<bool, EngineError> {
+    /// Seals a fresh AuthID into a waiting hand-off, unless it already holds
+    /// (or delivered) one: a hand-off carries exactly one AuthID, so a second
+    /// login cannot swap its own AuthID in before the client fetches.
+    async fn deliver_to_handoff(&self, id: &HandoffId, authid: &AuthId) -> Result<Delivery, EngineError> {
         loop {
-            let Some(mut handoff) = self.store.load::<Handoff>(id.as_bytes()).await? else { return Ok(false) };
-            if handoff.delivered_at.is_some() || handoff.denied_at.is_some() || self.now() >= handoff.expires_at {
-                return Ok(false);
+            let Some(mut handoff) = self.load_tagged::<Handoff>(id.as_bytes()).await? else {
+                return Ok(Delivery::Gone);
+            };
+            if handoff.authid.is_some() || handoff.delivered_at.is_some() {
+                return Ok(Delivery::Refused);
+            }
+            if handoff.denied_at.is_some() || self.now() >= handoff.expires_at {
+                return Ok(Delivery::Gone);
             }
             handoff.seal_authid(authid, self.rng.as_ref());
-            match self.store.update(&mut handoff).await {
-                Ok(()) => return Ok(true),
+            match self.update_tagged(&mut handoff).await {
+                Ok(()) => return Ok(Delivery::Sealed),
                 Err(StoreError::Conflict | StoreError::NotFound) => continue,
                 Err(e) => return Err(e.into()),
             }
@@ -509,14 +726,27 @@ impl Inner {
 
     async fn deny_handoff(&self, id: &HandoffId) {
         for _ in 0..4 {
-            let Ok(Some(mut handoff)) = self.store.load::<Handoff>(id.as_bytes()).await else { return };
+            let Ok(Some(mut handoff)) = self.load_tagged::<Handoff>(id.as_bytes()).await else { return };
             if handoff.authid.is_some() || handoff.delivered_at.is_some() {
                 return;
             }
             handoff.denied_at = Some(self.now());
-            if !matches!(self.store.update(&mut handoff).await, Err(StoreError::Conflict)) {
+            if !matches!(self.update_tagged(&mut handoff).await, Err(StoreError::Conflict)) {
                 return;
             }
         }
     }
+}
+
+/// What became of a login's hand-off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    /// No hand-off was named.
+    NoHandoff,
+    /// The AuthID is sealed for the waiting client.
+    Sealed,
+    /// The hand-off already carried another AuthID: refused.
+    Refused,
+    /// Expired, denied or unknown.
+    Gone,
 }

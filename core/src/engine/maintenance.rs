@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::records::{DeviceGrant, Grant, GrantId, GrantState, Handle, Handoff, Lease, LoginTransaction, Record};
+use crate::records::{
+    DeviceGrant, Grant, GrantId, GrantState, Handle, Handoff, Lease, LoginTransaction, Record, Tagged,
+};
 use crate::store::{Store, StoreError, StoreExt};
 use crate::time::Timestamp;
 
@@ -185,7 +187,10 @@ impl Broker {
             Some(_) => stats.handles_revoked += 1,
         })
         .await?;
-        scan::<LoginTransaction>(store, |t| stats.logins_in_flight += u64::from(now < t.expires_at)).await?;
+        scan::<LoginTransaction>(store, |t| {
+            stats.logins_in_flight += u64::from(now < t.expires_at && t.completed_at.is_none());
+        })
+        .await?;
         scan::<Handoff>(store, |h| stats.handoffs_waiting += u64::from(now < h.expires_at && h.delivered_at.is_none()))
             .await?;
         Ok(stats)
@@ -241,6 +246,7 @@ impl Broker {
             for mut tx in logins {
                 match tx.reseal(&inner.keyring, rng) {
                     Ok(true) => {
+                        tx.sign(&inner.record_keys);
                         if store.update(&mut tx).await.is_ok() {
                             report.logins_resealed += 1;
                         }

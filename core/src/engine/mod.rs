@@ -39,8 +39,13 @@ use secrecy::SecretString;
 
 pub use self::decide::{BreakerPolicy, BreakerState, CircuitBreaker, TokenDecision};
 pub use self::error::{EngineError, ErrorCode};
-pub use self::handles::{GrantRevocation, HandleInfo, MintedHandle, ProviderRevocation};
-pub use self::login::{Callback, DevicePoll, DeviceStart, HandoffFetch, HandoffState, LoginComplete, LoginStart};
+pub use self::handles::{
+    GrantRevocation, HandleInfo, MintedHandle, PageRevocation, ProviderRevocation, REVOKE_TICKET_TTL,
+};
+pub use self::login::{
+    BROWSER_PROOF_LEN, Callback, DeviceConfirmation, DevicePoll, DeviceStart, HandoffFetch, HandoffState,
+    LoginComplete, LoginStart, MIN_HANDOFF_TOKEN_LEN,
+};
 pub use self::maintenance::{GcCandidate, GcReport, ResealReport, Stats};
 pub use self::metrics::{LATENCY_BUCKETS_MS, LatencyHistogram, MetricsSnapshot, RefreshOutcome};
 
@@ -48,7 +53,7 @@ use self::cache::TokenCache;
 use self::metrics::Metrics;
 use self::token::{Flight, PendingWrite};
 use crate::catalogue::Catalogue;
-use crate::keys::{MasterKeyring, SymmetricKey};
+use crate::keys::{MasterKeyring, RecordKeys, SymmetricKey};
 use crate::random::Random;
 use crate::records::{GrantId, HandoffId};
 use crate::runtime::Runtime;
@@ -184,6 +189,7 @@ pub(crate) struct Inner {
     store: Arc<dyn Store>,
     catalogue: Catalogue,
     keyring: MasterKeyring,
+    record_keys: RecordKeys,
     rt: Arc<dyn Runtime>,
     rng: Arc<dyn Random>,
     config: EngineConfig,
@@ -214,6 +220,7 @@ impl Broker {
             inner: Arc::new(Inner {
                 store,
                 catalogue,
+                record_keys: keyring.record_keys(),
                 keyring,
                 rt: runtime,
                 rng,

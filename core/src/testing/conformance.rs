@@ -23,7 +23,7 @@ use crate::keys::{MasterKey, MasterKeyId, MasterKeyring, SymmetricKey};
 use crate::random::{OsRandom, Random};
 use crate::records::{
     DeviceGrant, Grant, GrantId, GrantPayload, Handle, Handoff, HandoffId, Lease, LoginId, LoginTransaction, Record,
-    RecordKind, UserCodeId,
+    RecordKind, Tagged, UserCodeId,
 };
 use crate::store::{LeaseOutcome, ListQuery, Notice, Store, StoreError, StoreExt};
 use crate::time::Timestamp;
@@ -84,36 +84,48 @@ pub async fn round_trip_every_record_kind(store: &dyn Store) {
     assert_eq!(unwrapped.expose_secret(), dek.expose_secret());
     assert_eq!(loaded.open_label(&dek).expect("label opens"), "laptop");
 
+    let keys = ring.record_keys();
     let mut tx = LoginTransaction {
-        id: LoginId::for_state("state-value"),
+        id: LoginId::for_state(&keys, "state-value"),
         version: 0,
         service: "googledrive".into(),
         pkce_verifier: None,
-        handoff: Some(HandoffId::for_token("handoff-token")),
+        handoff: Some(HandoffId::for_token(&keys, "handoff-token")),
+        browser: Some([7; 32]),
+        label: "first login".into(),
         created_at: now(),
         expires_at: now().saturating_add(Duration::from_secs(600)),
+        completed_at: None,
+        tag: [0; 32],
     };
     tx.seal_verifier(&SecretString::from("verifier".to_owned()), &ring, &rng);
+    tx.sign(&keys);
     store.create(&mut tx).await.expect("insert login");
     let loaded: LoginTransaction = store.load(&tx.key()).await.expect("get login").expect("login present");
     assert_eq!(loaded, tx);
+    assert!(loaded.verify(&keys), "a stored login keeps its tag");
     assert_eq!(loaded.open_verifier(&ring).expect("verifier opens").expect("has verifier").expose_secret(), "verifier");
 
-    let mut handoff = Handoff::new("handoff-token", now(), now().saturating_add(Duration::from_secs(600)));
+    let mut handoff = Handoff::new(&keys, "handoff-token", now(), now().saturating_add(Duration::from_secs(600)));
     handoff.seal_authid(&authid, &rng);
+    handoff.sign(&keys);
     store.create(&mut handoff).await.expect("insert handoff");
     let loaded: Handoff = store.load(&handoff.key()).await.expect("get handoff").expect("handoff present");
     assert_eq!(loaded, handoff);
+    assert!(loaded.verify(&keys), "a stored hand-off keeps its tag");
     assert_eq!(loaded.open_authid("handoff-token").expect("opens"), Some(authid));
 
     let mut device = DeviceGrant {
-        id: UserCodeId::for_user_code("BCDF-GHJK"),
+        id: UserCodeId::for_user_code(&keys, "BCDF-GHJK"),
         version: 0,
         service: "dropbox".into(),
         handoff: handoff.id,
+        label: "backup job".into(),
         created_at: now(),
         expires_at: now().saturating_add(Duration::from_secs(600)),
+        tag: [0; 32],
     };
+    device.sign(&keys);
     store.create(&mut device).await.expect("insert device grant");
     let loaded: DeviceGrant = store.load(&device.key()).await.expect("get device").expect("device present");
     assert_eq!(loaded, device);
