@@ -134,6 +134,11 @@ impl Catalogue {
         self.providers.get(id)
     }
 
+    /// Every service, hidden ones too, by id.
+    pub fn services(&self) -> impl Iterator<Item = &ServiceSpec> {
+        self.services.values()
+    }
+
     /// The services offered in listings (hidden ones left out), by id.
     pub fn listed_services(&self) -> impl Iterator<Item = &ServiceSpec> {
         self.services.values().filter(|s| !s.hidden)

@@ -183,3 +183,32 @@ fn secrets_come_from_a_file_and_never_show_in_debug() {
     assert!(matches!(build(&missing, &options()), Err(CatalogueError::SecretsFile { .. })));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn every_browser_login_asks_the_provider_to_show_its_screen() {
+    // A hostile page can open a login in a browser that already approved the
+    // app; the provider must then still show a screen of its own.
+    let built = build(&with_credentials(CatalogueConfig::built_in().unwrap()), &options()).unwrap();
+    let expected: &[(&str, &str, &str)] = &[
+        ("onedrivev2", "prompt", "select_account"),
+        ("sharepoint", "prompt", "select_account"),
+        ("msgroup", "prompt", "select_account"),
+        ("googledrive", "prompt", "consent"),
+        ("googledocs", "prompt", "consent"),
+        ("gcs", "prompt", "consent"),
+        ("dropbox", "force_reapprove", "true"),
+    ];
+    for (service, name, value) in expected {
+        let spec = built.catalogue.service(service).unwrap();
+        assert!(spec.auth_params.contains(&((*name).into(), (*value).into())), "{service}: {:?}", spec.auth_params);
+    }
+    // Known to have no such parameter (Box, pCloud) or no browser login at all (Jottacloud).
+    let without = ["box.com", "box", "pcloud", "jottacloud"];
+    let all: Vec<&str> = ["onedrivev2", "sharepoint", "msgroup", "googledrive", "googledocs", "gcs", "dropbox"]
+        .into_iter()
+        .chain(without)
+        .collect();
+    for spec in built.catalogue.services() {
+        assert!(all.contains(&spec.id.as_str()), "a new built-in service {} must say how it forces a screen", spec.id);
+    }
+}

@@ -10,6 +10,7 @@
 //! ([`http::reply`]) so the error vocabulary of DESIGN.md holds on every
 //! route.
 
+pub mod audit;
 pub mod config;
 pub mod demo;
 pub mod http;

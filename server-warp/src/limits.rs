@@ -120,8 +120,9 @@ impl Limiter {
         if now < until { Err(until - now) } else { Ok(()) }
     }
 
-    /// A request with this keyid presented a wrong secret (or an unknown keyid).
-    pub fn failed_secret(&self, keyid: KeyId, now: Instant) {
+    /// A request with this keyid presented a wrong secret (or an unknown keyid);
+    /// answers whether this failure is the one that engages the back-off.
+    pub fn failed_secret(&self, keyid: KeyId, now: Instant) -> bool {
         let mut failures = lock(&self.failures);
         if failures.len() >= MAX_TRACKED {
             failures.retain(|_, f| now.saturating_duration_since(f.last) < FAILURE_MEMORY);
@@ -132,7 +133,9 @@ impl Limiter {
         }
         f.count += 1;
         f.last = now;
+        let engaged = f.count == FREE_FAILURES + 1;
         self.failing.store(failures.len(), Ordering::Release);
+        engaged
     }
 
     /// A request with this keyid succeeded: its failures are forgotten.
@@ -179,22 +182,22 @@ mod tests {
         let key = KeyId::from_bytes([3; 16]);
         let addr: IpAddr = "192.0.2.1".parse().unwrap();
         for _ in 0..5 {
-            limiter.failed_secret(key, t0);
+            assert!(!limiter.failed_secret(key, t0));
         }
         assert!(limiter.token_request(Some(key), addr, t0).is_ok(), "five failures are free");
-        limiter.failed_secret(key, t0);
+        assert!(limiter.failed_secret(key, t0), "the sixth engages the back-off");
         assert_eq!(limiter.token_request(Some(key), addr, t0).unwrap_err(), Duration::from_secs(2));
-        limiter.failed_secret(key, t0);
+        assert!(!limiter.failed_secret(key, t0), "engaged once, not again");
         assert_eq!(limiter.token_request(Some(key), addr, t0).unwrap_err(), Duration::from_secs(4), "growing");
         assert!(limiter.token_request(Some(key), addr, t0 + Duration::from_secs(4)).is_ok());
         for _ in 0..30 {
-            limiter.failed_secret(key, t0);
+            let _ = limiter.failed_secret(key, t0);
         }
         assert_eq!(limiter.token_request(Some(key), addr, t0).unwrap_err(), MAX_BACKOFF, "capped");
         limiter.succeeded(&key);
         assert!(limiter.token_request(Some(key), addr, t0).is_ok());
         for _ in 0..6 {
-            limiter.failed_secret(key, t0);
+            let _ = limiter.failed_secret(key, t0);
         }
         assert!(limiter.token_request(Some(key), addr, t0).is_err(), "failures after a reset count again");
     }

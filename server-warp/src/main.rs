@@ -102,7 +102,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let fake = latchkey_server::demo::fake_provider().await?;
             let listen = args.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
             let dir = std::env::temp_dir().join(format!("latchkey-demo-{}", std::process::id()));
-            let config = latchkey_server::demo::config(listen, &dir, &fake)?;
+            // The data one level down: the generated master key goes beside
+            // it, in `dir`, and is removed with it.
+            let config = latchkey_server::demo::config(listen, &dir.join("data"), &fake)?;
             let store = setup::open_store(&config).await?;
             let running = latchkey_server::start(&config, store, |_| {}).await?;
             println!("{}", latchkey_server::demo::instructions(&running.url()));
@@ -113,6 +115,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         ["check"] => {
             let config = load_config(&args)?;
+            init_logging(Some(&config));
             let store = setup::open_store(&config).await?;
             store.ping().await.context("store: not reachable")?;
             let built = setup::catalogue(&config)?;
@@ -137,6 +140,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         ["stats"] => {
             let config = load_config(&args)?;
+            init_logging(Some(&config));
             let store = setup::open_store(&config).await?;
             let setup = setup::engine(&config, store, |_| {}).await?;
             let stats = setup.broker.stats().await?;
@@ -152,6 +156,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let unused_for =
                 parse_duration(text).with_context(|| format!("--unused-for: '{text}' is not like 365d"))?;
             let config = load_config(&args)?;
+            init_logging(Some(&config));
             let store = setup::open_store(&config).await?;
             let setup = setup::engine(&config, store, |_| {}).await?;
             let report = setup.broker.gc(unused_for, args.dry_run).await?;
@@ -175,17 +180,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// Re-seals every handle under the current master key. With the generated
-/// key file of a sled store, first adds a new key as current, and removes
-/// the old ones once nothing needs them.
+/// key file of a sled store (`setup::master_key_path`), first adds a new key
+/// as current, and removes the old ones once nothing needs them.
 #[allow(clippy::print_stdout)]
 async fn master_key_rotate(args: &Args) -> anyhow::Result<()> {
     let config = load_config(args)?;
+    init_logging(Some(&config));
     let generated = config.keys.master_keys.is_none()
         && config.keys.master_passphrase_file.is_none()
         && config.store.kind == "sled";
-    let key_file = config.store.path.join(setup::MASTER_KEY_FILE);
+    let key_file = setup::master_key_path(&config);
+    // The store first: a sled store a running broker holds is refused here,
+    // before its key file is touched.
+    let store = setup::open_store(&config).await?;
     if generated {
-        // Creates the key file on a first run, and checks an existing one parses.
+        // Creates the key file on a first run (or moves one an older version
+        // left in the data directory), and checks an existing one parses.
         setup::load_keyring(&config)?;
         let new = MasterKey::generate(MasterKeyId::new(&format!("k{}", setup::unix_now() + 1))?, &OsRandom);
         let mut lines = vec![new.expose_config_text().as_str().to_owned()];
@@ -193,7 +203,6 @@ async fn master_key_rotate(args: &Args) -> anyhow::Result<()> {
         lines.extend(old_text.lines().filter(|l| !l.trim().is_empty()).map(str::to_owned));
         write_key_file(&key_file, &lines)?;
     }
-    let store = setup::open_store(&config).await?;
     let setup = setup::engine(&config, Arc::clone(&store), |_| {}).await?;
     let report = setup.broker.reseal().await?;
     println!(
@@ -212,6 +221,14 @@ async fn master_key_rotate(args: &Args) -> anyhow::Result<()> {
     } else {
         println!("every record is under master key {current}; older keys can now be removed from the configuration");
     }
+    tracing::info!(
+        target: "latchkey::audit",
+        event = "master_key_rotated",
+        key_id = %current,
+        handles_resealed = report.handles_resealed,
+        logins_resealed = report.logins_resealed,
+        "master key rotated"
+    );
     Ok(())
 }
 

@@ -1,6 +1,6 @@
 //! From configuration to a running engine: store, master keys, catalogue.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,9 +14,19 @@ use latchkey_storage_sled::SledStore;
 use crate::config::Config;
 use crate::runtime::TokioRuntime;
 
-/// The generated master key file in a sled data directory.
-pub const MASTER_KEY_FILE: &str = "master.key";
+/// The name of the master key the embedded default (sled, no `[keys]`)
+/// generates. It sits beside the data directory, never inside it, so a copy
+/// of the data is not a copy of the key: see [`master_key_path`].
+pub const GENERATED_MASTER_KEY_FILE: &str = "latchkey-master.key";
+/// Where older versions generated the key: inside the data directory. A key
+/// found there is moved to [`master_key_path`] on start.
+pub const LEGACY_MASTER_KEY_FILE: &str = "master.key";
 /// Recorded Argon2id parameters for a passphrase, in a sled data directory.
+///
+/// Unlike the generated key, these stay inside the data directory: they are
+/// not secret (a salt and cost parameters; the passphrase is the secret), and
+/// the data cannot be opened without them, so they belong in every copy of
+/// the data rather than in one more file to back up separately.
 pub const PASSPHRASE_PARAMS_FILE: &str = "master-key.params";
 
 /// Everything `serve` and the maintenance commands need.
@@ -78,8 +88,121 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where the embedded default keeps its generated master key:
+/// [`GENERATED_MASTER_KEY_FILE`] in the directory that holds `store.path`
+/// (`./latchkey-data` → `./latchkey-master.key`). Used by start-up and by
+/// `latchkey master-key rotate`.
+pub fn master_key_path(config: &Config) -> PathBuf {
+    let data = config.store.path.as_path();
+    // `.`, `..` and the like name no directory of their own: resolve them so
+    // that the key still lands beside the data, not in it.
+    let resolved;
+    let data = if data.file_name().is_some() {
+        data
+    } else {
+        resolved = std::fs::canonicalize(data).unwrap_or_else(|_| data.to_path_buf());
+        resolved.as_path()
+    };
+    match data.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.join(GENERATED_MASTER_KEY_FILE),
+        Some(_) => Path::new(".").join(GENERATED_MASTER_KEY_FILE),
+        None => data.join(GENERATED_MASTER_KEY_FILE), // `/`: refused by `load_keyring`
+    }
+}
+
+/// The lines of a key file that hold keys, as the keyring reads them.
+fn key_lines(text: &str) -> Vec<&str> {
+    text.lines().map(str::trim).filter(|l| !l.is_empty()).collect()
+}
+
+/// Makes a rename, creation or removal in `dir` durable.
+fn sync_dir(path: &Path) -> anyhow::Result<()> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot sync the directory {}", dir.display()))
+}
+
+/// Moves a key that an older version generated inside the data directory
+/// (`old`) to `new`, beside it, without ever losing one: if both exist and
+/// differ, start is refused (which one the data needs is the operator's
+/// call); if they hold the same keys, the copy inside the data goes.
+fn move_legacy_key(old: &Path, new: &Path) -> anyhow::Result<()> {
+    if !old.try_exists().with_context(|| format!("cannot look for {}", old.display()))? {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(old).with_context(|| format!("cannot read {}", old.display()))?;
+    if new.try_exists().with_context(|| format!("cannot look for {}", new.display()))? {
+        let current = std::fs::read_to_string(new).with_context(|| format!("cannot read {}", new.display()))?;
+        if key_lines(&text) != key_lines(&current) {
+            bail!(
+                "two different generated master keys: {} (inside the data directory, where older versions \
+                 kept it) and {}; latchkey will not guess which one this data needs: leave that one at {} \
+                 and move the other out of the data directory (keep it until the broker serves again)",
+                old.display(),
+                new.display(),
+                new.display()
+            );
+        }
+        std::fs::remove_file(old).with_context(|| format!("cannot remove {}", old.display()))?;
+        sync_dir(old)?;
+        tracing::info!(
+            removed = %old.display(),
+            kept = %new.display(),
+            "removed a duplicate of the generated master key from the data directory"
+        );
+        return Ok(());
+    }
+    check_secret_file(LEGACY_MASTER_KEY_FILE, old)?;
+    match std::fs::rename(old, new) {
+        Ok(()) => {
+            sync_dir(new)?;
+            sync_dir(old)?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::CrossesDevices => {
+            // Another filesystem: copy, make the copy durable, and only then
+            // remove the original.
+            if let Err(e) = write_new_private(new, &text) {
+                let _ = std::fs::remove_file(new);
+                return Err(e.context(format!("cannot copy {} to {}", old.display(), new.display())));
+            }
+            sync_dir(new)?;
+            std::fs::remove_file(old).with_context(|| format!("cannot remove {}", old.display()))?;
+            sync_dir(old)?;
+        }
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!("cannot move {} to {}", old.display(), new.display())));
+        }
+    }
+    tracing::warn!(
+        from = %old.display(),
+        to = %new.display(),
+        "moved the generated master key out of the data directory; back it up separately from the data"
+    );
+    Ok(())
+}
+
+/// Writes a new file (never replacing one) with mode 0600, synced.
+fn write_new_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    Ok(())
+}
+
 /// The master keyring: from configuration, from a passphrase, or (sled only)
-/// generated on first start into the data directory with mode 0600.
+/// generated on first start beside the data directory, at
+/// [`master_key_path`], with mode 0600.
 pub fn load_keyring(config: &Config) -> anyhow::Result<MasterKeyring> {
     if let Some(keys) = &config.keys.master_keys {
         return MasterKeyring::parse(keys).map_err(|e| anyhow!("keys.master_keys: {e}"));
@@ -120,15 +243,25 @@ pub fn load_keyring(config: &Config) -> anyhow::Result<MasterKeyring> {
         bail!("keys: a shared store needs keys.master_keys (or keys.master_passphrase_file) in the configuration");
     };
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let path = dir.join(MASTER_KEY_FILE);
-    if path.exists() {
-        check_secret_file(MASTER_KEY_FILE, &path)?;
+    let path = master_key_path(config);
+    let key_dir = path.parent().unwrap_or(Path::new("."));
+    let inside = |d: &Path| d.canonicalize().with_context(|| format!("cannot resolve {}", d.display()));
+    if inside(key_dir)?.starts_with(inside(dir)?) {
+        bail!(
+            "store.path: {} has no parent directory outside it to hold the generated master key; \
+             name a directory of its own, or configure [keys]",
+            dir.display()
+        );
+    }
+    move_legacy_key(&dir.join(LEGACY_MASTER_KEY_FILE), &path)?;
+    if path.try_exists().with_context(|| format!("cannot look for {}", path.display()))? {
+        check_secret_file(GENERATED_MASTER_KEY_FILE, &path)?;
         let text = std::fs::read_to_string(&path)?;
-        let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-        return MasterKeyring::parse(&lines).map_err(|e| anyhow!("{}: {e}", path.display()));
+        return MasterKeyring::parse(&key_lines(&text)).map_err(|e| anyhow!("{}: {e}", path.display()));
     }
     let key = MasterKey::generate(MasterKeyId::new(&format!("k{}", unix_now()))?, &OsRandom);
-    write_private(&path, &format!("{}\n", key.expose_config_text().as_str()))?;
+    write_new_private(&path, &format!("{}\n", key.expose_config_text().as_str()))?;
+    sync_dir(&path)?;
     Ok(MasterKeyring::single(key))
 }
 

@@ -132,17 +132,25 @@ async fn the_device_flow_end_to_end_over_http() {
     let (status, body) = poll().await;
     assert_eq!((status, body["error"].as_str()), (StatusCode::BAD_REQUEST, Some("authorization_pending")));
     // The user types the code on the device page and logs in.
-    let page = h.get(&format!("/device?user_code={user_code}")).await;
-    assert!(page.text().await.unwrap().contains(&user_code));
-    let go = h
-        .http
-        .post(format!("{}/device", h.url))
-        .form(&[("user_code", user_code.to_lowercase().as_str())])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(go.status(), 302);
-    let done = h.follow(go.headers()["location"].to_str().unwrap().to_owned()).await;
+    let page = crate::support::open_page(&h.http, &format!("{}/device?user_code={user_code}", h.url)).await;
+    assert!(page.html.contains(&user_code));
+    let mut fields = crate::support::form_fields(&page.html, "/device");
+    fields.push(("user_code".into(), user_code.to_lowercase()));
+    let shown = crate::support::post_form(&h.http, &h.url, "/device", &fields, &page.cookie).await;
+    assert_eq!(shown.status(), 200);
+    let shown = shown.text().await.unwrap();
+    assert!(shown.contains("test program") && shown.contains("Fake storage"), "what asks is shown first: {shown}");
+    assert!(h.fake.requests().is_empty(), "nothing went to the provider before the user continued");
+    let go = crate::support::post_form(
+        &h.http,
+        &h.url,
+        "/login",
+        &crate::support::form_fields(&shown, "/login"),
+        &page.cookie,
+    )
+    .await;
+    assert_eq!(go.status(), 303);
+    let done = h.follow(go.headers()["location"].to_str().unwrap().to_owned(), &page.cookie).await;
     assert_eq!(done.status(), 200);
     let shown = crate::support::authid_from_page(&done.text().await.unwrap());
     let (status, body) = poll().await;

@@ -6,7 +6,7 @@ use latchkey_testkit::{FakeConfig, Fault};
 use reqwest::Method;
 use serde_json::Value;
 
-use crate::support::{fake_config, harness, harness_on, mint_handle, refresh, v1_token};
+use crate::support::{click_to_provider, fake_config, harness, harness_on, mint_handle, refresh, v1_token};
 
 struct Case {
     name: &'static str,
@@ -119,22 +119,22 @@ async fn bad_requests_get_exact_statuses_and_reasons() {
 async fn login_errors_have_clear_pages() {
     let h = harness(fake_config(), "").await;
     let unknown = h.get("/login?id=nope").await;
-    assert_eq!(unknown.status(), 400);
-    assert!(unknown.text().await.unwrap().contains("unknown service"));
+    assert_eq!(unknown.status(), 404);
+    assert!(unknown.text().await.unwrap().contains("does not offer that service"));
     // Replayed state: complete a login, then present its callback again.
-    let start = h.get("/login?id=fake").await;
-    let to_provider = start.headers()["location"].to_str().unwrap().to_owned();
+    let (to_provider, cookie) = click_to_provider(&h.http, &h.url, "/login?id=fake").await;
     let back = h.http.get(&to_provider).send().await.unwrap();
     let callback = back.headers()["location"].to_str().unwrap().to_owned();
-    assert_eq!(h.http.get(&callback).send().await.unwrap().status(), 200);
-    let replay = h.http.get(&callback).send().await.unwrap();
+    assert_eq!(h.http.get(&callback).header("Cookie", &cookie).send().await.unwrap().status(), 200);
+    let replay = h.http.get(&callback).header("Cookie", &cookie).send().await.unwrap();
     assert_eq!(replay.status(), 400);
     assert!(replay.text().await.unwrap().contains("already completed"));
     // A provider error on the code exchange.
-    let start = h.get("/login?id=fake").await;
-    let back = h.http.get(start.headers()["location"].to_str().unwrap()).send().await.unwrap();
+    let (to_provider, cookie) = click_to_provider(&h.http, &h.url, "/login?id=fake").await;
+    let back = h.http.get(&to_provider).send().await.unwrap();
     h.fake.inject(Fault::ServerError);
-    let failed = h.http.get(back.headers()["location"].to_str().unwrap()).send().await.unwrap();
+    let callback = back.headers()["location"].to_str().unwrap();
+    let failed = h.http.get(callback).header("Cookie", &cookie).send().await.unwrap();
     assert_eq!(failed.status(), 502);
     let html = failed.text().await.unwrap();
     assert!(

@@ -4,12 +4,18 @@
 //
 // Needs Debian's `chromium` and `chromium-driver` (/usr/bin/chromium,
 // /usr/bin/chromedriver) and `npm ci --prefix interop/oidc`. Every process
-// and server listens on 127.0.0.1; Chromium resolves no other host name.
+// and server listens on 127.0.0.1; Chromium resolves no other host name but
+// `hostile.test`, which it maps to 127.0.0.1 too: a page served under that
+// name is on another site than the broker (a page on 127.0.0.1 at another
+// port is another origin of the same site).
 //
-// The browser console is read through chromedriver's log endpoint
-// (`POST /session/{id}/se/log` with `{"type": "browser"}`; the session asks
-// for it with `goog:loggingPrefs`). Each read drains what was logged since the
-// previous one.
+// The browser console and every request the browser sends (in any of its
+// windows) are read through chromedriver's log endpoint
+// (`POST /session/{id}/se/log` with `{"type": "browser"}` or
+// `{"type": "performance"}`; the session asks for both with
+// `goog:loggingPrefs`). Each read drains what was logged since the previous
+// one. A few DevTools commands go through chromedriver's
+// `POST /session/{id}/goog/cdp/execute`.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -41,6 +47,12 @@ const POLL_EVERY: Duration = Duration::from_millis(50);
 const ABSENCE: Duration = Duration::from_secs(2);
 
 const DISPLAY_NAME: &str = "OIDC storage";
+
+/// A host name of another site, mapped to 127.0.0.1 in the browser only.
+const HOSTILE_HOST: &str = "hostile.test";
+
+/// The broker's login cookie (`__Host-` only over HTTPS, which these tests do not use).
+const LOGIN_COOKIE: &str = "latchkey-login";
 
 /// Desktop and phone window sizes.
 const DESKTOP: (u32, u32) = (1280, 900);
@@ -128,6 +140,8 @@ struct Browser {
     closed: bool,
     /// Every console entry read so far.
     console: Mutex<Vec<Value>>,
+    /// Every request the browser was seen to send so far, in any window.
+    requests: Mutex<Vec<Sent>>,
     _driver: Driver,
     _profile: tempfile::TempDir,
 }
@@ -147,15 +161,16 @@ impl Browser {
             "--disable-component-update".into(),
             "--disable-sync".into(),
             "--disable-extensions".into(),
-            // Only loopback: every other host name fails to resolve.
-            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1".into(),
+            // Only loopback: the hostile site's name is 127.0.0.1, every
+            // other host name fails to resolve.
+            format!("--host-resolver-rules=MAP {HOSTILE_HOST} 127.0.0.1, MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"),
             format!("--window-size={},{}", DESKTOP.0, DESKTOP.1),
             format!("--user-data-dir={}", profile.path().display()),
         ];
         let capabilities = json!({
             "browserName": "chrome",
             "goog:chromeOptions": { "binary": CHROMIUM, "args": args },
-            "goog:loggingPrefs": { "browser": "ALL" },
+            "goog:loggingPrefs": { "browser": "ALL", "performance": "ALL" },
             "timeouts": { "implicit": 0, "pageLoad": WAIT.as_millis() as u64, "script": WAIT.as_millis() as u64 },
         });
         let capabilities: Capabilities = serde_json::from_value(capabilities).unwrap();
@@ -166,7 +181,15 @@ impl Browser {
             .await
             .unwrap_or_else(|e| panic!("chromedriver could not start {CHROMIUM}: {e}"));
         let pid = client.capabilities().and_then(|c| c.get("goog:processID")).and_then(Value::as_u64);
-        Browser { client, pid, closed: false, console: Mutex::default(), _driver: driver, _profile: profile }
+        Browser {
+            client,
+            pid,
+            closed: false,
+            console: Mutex::default(),
+            requests: Mutex::default(),
+            _driver: driver,
+            _profile: profile,
+        }
     }
 
     async fn goto(&self, url: &str) {
@@ -197,6 +220,16 @@ impl Browser {
         }
     }
 
+    async fn title(&self) -> String {
+        self.client.title().await.unwrap_or_default()
+    }
+
+    /// The HTTP status of the current document (Navigation Timing).
+    async fn status(&self) -> u64 {
+        let status = self.script("return performance.getEntriesByType('navigation')[0].responseStatus;").await;
+        status.as_u64().unwrap_or_else(|| panic!("a response status: {status}"))
+    }
+
     async fn script(&self, script: &str) -> Value {
         self.client.execute(script, vec![]).await.unwrap_or_else(|e| panic!("running `{script}`: {e}"))
     }
@@ -216,6 +249,34 @@ impl Browser {
         let entries = entries.as_array().cloned().unwrap_or_else(|| panic!("a log is a list: {entries}"));
         self.console.lock().unwrap().extend(entries.iter().cloned());
         entries
+    }
+
+    /// Every request the browser sent so far, in any of its windows (from
+    /// the DevTools network events chromedriver logs).
+    async fn requests(&self) -> Vec<Sent> {
+        let command =
+            SessionCommand { method: Method::POST, path: "se/log", body: Some(json!({ "type": "performance" })) };
+        let entries = self.client.issue_cmd(command).await.expect("chromedriver's performance log");
+        let entries = entries.as_array().cloned().unwrap_or_else(|| panic!("a log is a list: {entries}"));
+        let mut requests = self.requests.lock().unwrap();
+        for entry in entries {
+            let Some(Ok(event)) = entry["message"].as_str().map(serde_json::from_str::<Value>) else { continue };
+            let event = &event["message"];
+            if event["method"] == "Network.requestWillBeSent" {
+                let request = &event["params"]["request"];
+                if let (Some(method), Some(url)) = (request["method"].as_str(), request["url"].as_str()) {
+                    requests.push(Sent { method: method.to_owned(), url: url.to_owned() });
+                }
+            }
+        }
+        requests.clone()
+    }
+
+    /// A DevTools command in the current window's page.
+    async fn cdp(&self, cmd: &str, params: Value) -> Value {
+        let body = json!({ "cmd": cmd, "params": params });
+        let command = SessionCommand { method: Method::POST, path: "goog/cdp/execute", body: Some(body) };
+        self.client.issue_cmd(command).await.unwrap_or_else(|e| panic!("DevTools {cmd}: {e}"))
     }
 
     /// Every console message so far.
@@ -279,6 +340,18 @@ impl Drop for Browser {
     }
 }
 
+/// A request the browser sent.
+#[derive(Debug, Clone)]
+struct Sent {
+    method: String,
+    url: String,
+}
+
+/// `scheme://host:port` of `url`.
+fn origin_of(url: &str) -> String {
+    url::Url::parse(url).unwrap_or_else(|e| panic!("{url}: {e}")).origin().ascii_serialization()
+}
+
 /// The messages of `entries`.
 fn messages(entries: &[Value]) -> Vec<&str> {
     entries.iter().filter_map(|e| e["message"].as_str()).collect()
@@ -305,6 +378,16 @@ enum Here {
     Login,
     Consent,
     Error,
+    /// The browser asked for the broker's callback (`stop_at_callback`).
+    Callback(String),
+}
+
+/// Where a run through the provider's pages ended.
+enum End {
+    /// The AuthID the broker's AuthID page showed.
+    AuthIdPage(String),
+    /// The callback URL the provider sent the browser to.
+    Callback(String),
 }
 
 /// From a page on the way to the provider, through its login (as `user`) and
@@ -315,11 +398,54 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = ()>,
 {
+    match provider_pages(b, broker, user, at_login, false).await {
+        (End::AuthIdPage(authid), steps) => (authid, steps),
+        (End::Callback(url), _) => unreachable!("not asked to stop at the callback: {url}"),
+    }
+}
+
+/// Like [`through_provider`], in a browser that does not load the broker's
+/// callback (blocked with [`block_callbacks`]): the callback URL the
+/// provider sent it to, unused.
+async fn to_callback(b: &Browser, broker: &str, user: &str) -> (String, Steps) {
+    match provider_pages(b, broker, user, || async {}, true).await {
+        (End::Callback(url), steps) => (url, steps),
+        (End::AuthIdPage(authid), _) => panic!("the callback was not blocked: the AuthID page showed {authid}"),
+    }
+}
+
+/// Blocks (or, with `false`, unblocks) every request of the current
+/// window's page for the broker's `/logged-in`: the browser goes through the
+/// provider, and the callback stays unused.
+async fn block_callbacks(b: &Browser, broker: &str, block: bool) {
+    b.cdp("Network.enable", json!({})).await;
+    let urls = if block { vec![format!("{broker}/logged-in*")] } else { Vec::new() };
+    b.cdp("Network.setBlockedURLs", json!({ "urls": urls })).await;
+}
+
+async fn provider_pages<F, Fut>(
+    b: &Browser,
+    broker: &str,
+    user: &str,
+    at_login: F,
+    stop_at_callback: bool,
+) -> (End, Steps)
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let callback = format!("{broker}/logged-in?");
     let mut steps = Steps::default();
     let mut at_login = Some(at_login);
     for _ in 0..6 {
         let here = b
             .until("a login or consent form or the AuthID page", || async {
+                if stop_at_callback {
+                    let requests = b.requests().await;
+                    if let Some(sent) = requests.iter().find(|r| r.url.starts_with(&callback)) {
+                        return Some(Here::Callback(sent.url.clone()));
+                    }
+                }
                 for (css, here) in [
                     ("#authid", Here::AuthId),
                     ("#username", Here::Login),
@@ -342,8 +468,9 @@ where
                     (b.script("return document.readyState;").await == "complete").then_some(())
                 })
                 .await;
-                return (authid_on_page(b).await, steps);
+                return (End::AuthIdPage(authid_on_page(b).await), steps);
             }
+            Here::Callback(url) => return (End::Callback(url), steps),
             Here::Login => {
                 assert!(!steps.login, "the login form came back: {}", b.body_text().await);
                 steps.login = true;
@@ -424,32 +551,64 @@ impl World {
         crate::support::refresh(&self.http, &self.url, authid).await
     }
 
+    /// `GET /fetch?token=`, as a program waiting for a hand-off (or an
+    /// attacker who chose the token) polls it: the JSON answer.
+    async fn fetch(&self, token: &str) -> Value {
+        let response = self.http.get(format!("{}/fetch", self.url)).query(&[("token", token)]).send().await.unwrap();
+        response.json().await.unwrap()
+    }
+
+    /// Asserts that `/fetch?token=` carries no AuthID: not ready, or an error.
+    async fn fetch_has_no_authid(&self, token: &str, why: &str) {
+        let body = self.fetch(token).await;
+        assert!(
+            body.get("authid").is_none() && (body["wait"] == "Not ready" || body["error"].is_string()),
+            "{why}: /fetch answered {body}"
+        );
+    }
+
     async fn stop(self) {
         self.broker.stop().await;
     }
 }
 
-/// A page server of the test's own: `/opener` opens the broker's login in a
-/// popup and writes every message it receives into `#messages`;
-/// `/csp-control` has an inline script its strict CSP blocks.
+/// A page server of the test's own, on its own port:
+/// - `/opener?token=T` is Duplicati's UI: its button opens the broker's
+///   picker for the service in a popup (`/?type=oidc&token=T`) and it writes
+///   every message it receives into `#messages`;
+/// - `/csp-control` has an inline script its strict CSP blocks;
+/// - `/hostile/open?token=T` is a hostile page: on load it opens the
+///   broker's login link `/login?id=oidc&token=T` in a popup named
+///   `latchkey-victim`;
+/// - `/hostile/post?token=T[&target=W]` is a hostile page that, on load,
+///   submits a forged login form (`id=oidc`, `token=T`, a made-up `csrf`) to
+///   the broker's `POST /login`, into window `W` (default: itself).
 struct Pages {
+    /// `http://127.0.0.1:<port>`: another origin than the broker's, same site.
     origin: String,
+    port: u16,
     task: JoinHandle<()>,
 }
+
+/// The name the hostile page gives the popup it opens.
+const VICTIM_WINDOW: &str = "latchkey-victim";
 
 const CSP_CONTROL_TITLE: &str = "CSP control";
 
 impl Pages {
     fn serve(listener: TcpListener, broker: &str) -> Pages {
-        let origin = format!("http://{}", listener.local_addr().unwrap());
-        let login = serde_json::to_string(&format!("{broker}/login?id=oidc")).unwrap();
+        let address = listener.local_addr().unwrap();
+        let origin = format!("http://{address}");
+        let broker_js = serde_json::to_string(broker).unwrap();
         let opener = format!(
             r#"<!doctype html><html lang=en><head><meta charset=utf-8><title>Opener</title></head><body>
 <button id=open type=button>Log in</button>
 <ol id=messages></ol>
 <script>
+var token = new URLSearchParams(location.search).get("token");
 document.getElementById("open").addEventListener("click", function () {{
-  window.open({login}, "latchkey-login", "popup,width=480,height=720");
+  window.open({broker_js} + "/?type=oidc&token=" + encodeURIComponent(token), "latchkey-login",
+    "popup,width=480,height=720");
 }});
 window.addEventListener("message", function (event) {{
   var item = document.createElement("li");
@@ -465,7 +624,33 @@ window.addEventListener("message", function (event) {{
              <body><p>The inline script below must not run.</p>\
              <script>document.title = \"inline script ran\";</script></body></html>"
         );
+        let hostile_open = format!(
+            r#"<!doctype html><html lang=en><head><meta charset=utf-8><title>Free storage</title></head><body>
+<p>Claim your free storage!</p>
+<script>
+var token = new URLSearchParams(location.search).get("token");
+window.open({broker_js} + "/login?id=oidc&token=" + encodeURIComponent(token), "{VICTIM_WINDOW}",
+  "popup,width=480,height=720");
+</script></body></html>"#
+        );
+        let hostile_post = format!(
+            r#"<!doctype html><html lang=en><head><meta charset=utf-8><title>Free storage</title></head><body>
+<form id=attack method=post action={login_js}>
+<input type=hidden name=id value=oidc><input type=hidden name=token id=token>
+<input type=hidden name=csrf value="made-up-by-another-site">
+</form>
+<script>
+var query = new URLSearchParams(location.search);
+var form = document.getElementById("attack");
+document.getElementById("token").value = query.get("token");
+form.target = query.get("target") || "_self";
+form.submit();
+</script></body></html>"#,
+            login_js = serde_json::to_string(&format!("{broker}/login")).unwrap(),
+        );
         let opener = warp::path!("opener").map(move || warp::reply::html(opener.clone()));
+        let hostile_open = warp::path!("hostile" / "open").map(move || warp::reply::html(hostile_open.clone()));
+        let hostile_post = warp::path!("hostile" / "post").map(move || warp::reply::html(hostile_post.clone()));
         let control = warp::path!("csp-control").map(move || {
             warp::reply::with_header(
                 warp::reply::html(control.clone()),
@@ -473,9 +658,14 @@ window.addEventListener("message", function (event) {{
                 "default-src 'none'",
             )
         });
-        let routes = warp::get().and(opener.or(control));
+        let routes = warp::get().and(opener.or(control).or(hostile_open).or(hostile_post));
         let task = tokio::spawn(warp::serve(routes).incoming(listener).run());
-        Pages { origin, task }
+        Pages { origin, port: address.port(), task }
+    }
+
+    /// The same server under the hostile site's name: another site than the broker's.
+    fn hostile_origin(&self) -> String {
+        format!("http://{HOSTILE_HOST}:{}", self.port)
     }
 }
 
@@ -485,6 +675,54 @@ impl Drop for Pages {
     }
 }
 
+// ------------------------------------------------------------------ the broker's pages
+
+/// The picker's button for the service called `name`: a submit button of a
+/// form that posts to `/login`.
+async fn service_button(b: &Browser, name: &str) -> Element {
+    b.until(&format!("a `{name}` button in the picker"), || async {
+        let buttons = b.client.find_all(Locator::Css("ul.services li form[action='/login'] button")).await.ok()?;
+        for button in buttons {
+            if button.text().await.ok()?.trim() == name {
+                return Some(button);
+            }
+        }
+        None
+    })
+    .await
+}
+
+/// Checks the login confirmation page the browser shows (for the oidc
+/// service, a hand-off when `handoff`): it names the service, warns when a
+/// program waits, starts nothing, and its form repeats the browser's login
+/// cookie (HttpOnly, SameSite=Lax). Answers its `#continue` button.
+async fn confirmation(b: &Browser, handoff: bool) -> Element {
+    let button = b.find("#continue").await;
+    assert_eq!(button.text().await.unwrap(), format!("Continue to {DISPLAY_NAME}"));
+    assert_eq!(b.title().await, "Log in · latchkey");
+    let body = b.body_text().await;
+    assert_eq!(body.contains("A program is waiting for this login"), handoff, "{body}");
+    let form = b.find("form[method=post][action='/login']").await;
+    let cookie = b.client.get_named_cookie(LOGIN_COOKIE).await.expect("the page set the login cookie");
+    assert_eq!(cookie.http_only(), Some(true), "{cookie}");
+    assert_eq!(format!("{:?}", cookie.same_site()), "Some(Lax)", "{cookie}");
+    assert_eq!(cookie.path(), Some("/"), "{cookie}");
+    let csrf = form.find(Locator::Css("input[name=csrf]")).await.unwrap().prop("value").await.unwrap();
+    assert_eq!(csrf.as_deref(), Some(cookie.value()), "the form repeats the cookie");
+    button
+}
+
+/// Waits for the broker's 403 "Refused" page in the current window, which
+/// says `why`.
+async fn refused(b: &Browser, why: &str) {
+    b.until("the Refused page", || async { (b.title().await == "Refused · latchkey").then_some(()) }).await;
+    assert_eq!(b.status().await, 403);
+    assert_eq!(b.find("h1").await.text().await.unwrap(), "Refused");
+    let body = b.body_text().await;
+    assert!(body.contains(why), "the Refused page says {why:?}: {body}");
+    assert!(b.find_now("#authid").await.is_none());
+}
+
 // ------------------------------------------------------------------ 1: picker to refresh
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -492,11 +730,11 @@ async fn a_browser_logs_in_from_the_picker_copies_the_authid_and_it_refreshes_wi
     let w = world(1).await;
     let b = Browser::start().await;
 
-    // The picker lists the service; its link starts the login.
+    // The picker lists the service; one click on its button starts the login.
     b.goto(&format!("{}/", w.url)).await;
-    let link = b.find("ul.services a[href^='/login?id=oidc']").await;
-    assert_eq!(link.text().await.unwrap(), DISPLAY_NAME);
-    b.click_away(&link).await;
+    let button = service_button(&b, DISPLAY_NAME).await;
+    assert!(!b.body_text().await.contains("A program is waiting"), "no hand-off here");
+    b.click_away(&button).await;
 
     // The provider's own login and consent pages, then the broker's AuthID page.
     let (authid, steps) = through_provider(&b, &w.url, "alice", || async {}).await;
@@ -567,8 +805,10 @@ async fn received(b: &Browser) -> Vec<(String, String)> {
     serde_json::from_value(list).unwrap()
 }
 
-/// Clicks the opener's button, logs in in the popup, and comes back to the
-/// opener's window: the AuthID the popup showed, and the provider's steps.
+/// Clicks the opener's button, clicks the one service the popup's picker
+/// shows (a hand-off: it warns that a program waits), logs in, and comes back
+/// to the opener's window: the AuthID the popup showed, and the provider's
+/// steps.
 async fn log_in_through_popup(b: &Browser, broker: &str, user: &str) -> (String, Steps) {
     let opener = b.client.window().await.unwrap();
     let before = b.client.windows().await.unwrap();
@@ -579,6 +819,11 @@ async fn log_in_through_popup(b: &Browser, broker: &str, user: &str) -> (String,
         })
         .await;
     b.client.switch_to_window(popup).await.unwrap();
+    let button = service_button(b, DISPLAY_NAME).await;
+    let buttons = b.client.find_all(Locator::Css("ul.services button")).await.unwrap();
+    assert_eq!(buttons.len(), 1, "`?type=oidc` shows that one service");
+    assert!(b.body_text().await.contains("A program is waiting for this login"), "{}", b.body_text().await);
+    b.click_away(&button).await;
     let done = through_provider(b, broker, user, || async {}).await;
     b.client.close_window().await.unwrap();
     b.client.switch_to_window(opener).await.unwrap();
@@ -590,9 +835,12 @@ async fn the_authid_page_posts_the_authid_to_an_allowed_opener_only() {
     let w = world(2).await;
     let (allowed, other) = (w.pages[0].origin.clone(), w.pages[1].origin.clone());
     let b = Browser::start().await;
+    let token = "duplicati-popup-token-0001";
 
-    // The allowed opener gets exactly `authid:<AuthID>`, from the broker's origin.
-    b.goto(&format!("{allowed}/opener")).await;
+    // Duplicati's popup flow: the opener opens `/?type=oidc&token=T`, one
+    // click goes to the provider, and the allowed opener gets exactly
+    // `authid:<AuthID>`, from the broker's origin.
+    b.goto(&format!("{allowed}/opener?token={token}")).await;
     let allowed_window = b.client.window().await.unwrap();
     let (first, steps) = log_in_through_popup(&b, &w.url, "alice").await;
     assert!(steps.login && steps.consent, "{steps:?}");
@@ -603,12 +851,15 @@ async fn the_authid_page_posts_the_authid_to_an_allowed_opener_only() {
         })
         .await;
     assert_eq!(got, vec![(format!("authid:{first}"), w.url.clone())]);
+    // The program polling the hand-off receives the same AuthID, once.
+    assert_eq!(w.fetch(token).await, json!({ "authid": first }));
+    w.fetch_has_no_authid(token, "a hand-off is delivered once").await;
 
     // Another origin opens the same login in a new tab: the popup shows an
     // AuthID, and the opener receives nothing.
     let tab = b.client.new_window(true).await.unwrap();
     b.client.switch_to_window(tab.handle).await.unwrap();
-    b.goto(&format!("{other}/opener")).await;
+    b.goto(&format!("{other}/opener?token=another-popup-token-0002")).await;
     b.client.delete_all_cookies().await.unwrap();
     let (second, steps) = log_in_through_popup(&b, &w.url, "bob").await;
     assert!(steps.login && steps.consent, "without its cookies the provider asks again: {steps:?}");
@@ -656,14 +907,15 @@ async fn the_pages_render_on_desktop_and_phone_and_their_forms_work() {
     let b = Browser::start().await;
 
     b.goto(&format!("{}/", w.url)).await;
-    b.find("ul.services a").await;
+    let button = service_button(&b, DISPLAY_NAME).await;
     shoot(&b, "picker").await;
-    b.click_away(&b.find("ul.services a[href^='/login?id=oidc']").await).await;
+    b.click_away(&button).await;
     let (authid, _) = through_provider(&b, &w.url, "carol", || shoot(&b, "provider-login")).await;
     shoot(&b, "authid").await;
 
-    // The device page: a code from the API, typed in, the provider, the
-    // AuthID page saying it was handed over, and the device gets its AuthID.
+    // The device page: a code from the API, typed in, a confirmation naming
+    // the service and the program, the provider, the AuthID page saying it
+    // was handed over, and the device gets its AuthID.
     let start = crate::support::device_code(&w.http, &w.url, "oidc").await;
     let user_code = start["user_code"].as_str().expect("a user code");
     b.goto(&format!("{}/device", w.url)).await;
@@ -671,6 +923,14 @@ async fn the_pages_render_on_desktop_and_phone_and_their_forms_work() {
     shoot(&b, "device").await;
     b.find("#user-code").await.send_keys(user_code).await.unwrap();
     b.click_away(&b.find("input[type=submit]").await).await;
+    let button = b.find("#continue").await;
+    assert_eq!(button.text().await.unwrap(), format!("Continue to {DISPLAY_NAME}"));
+    assert_eq!(b.find("h1").await.text().await.unwrap(), format!("Connect test program to {DISPLAY_NAME}?"));
+    let body = b.body_text().await;
+    assert!(body.contains("A program is waiting for this login") && body.contains(user_code), "{body}");
+    assert_eq!(b.url().await, format!("{}/device", w.url), "nothing started yet");
+    shoot(&b, "device-confirm").await;
+    b.click_away(&button).await;
     let (shown, _) = through_provider(&b, &w.url, "carol", || async {}).await;
     assert!(b.body_text().await.contains("will pick it up by itself"));
     let (_, poll_token) = crate::support::device_token(&w.http, &w.url, start["device_code"].as_str().unwrap()).await;
@@ -691,6 +951,166 @@ async fn the_pages_render_on_desktop_and_phone_and_their_forms_work() {
     let console = b.console().await;
     let violations: Vec<&String> = console.iter().filter(|m| is_csp_violation(m)).collect();
     assert!(violations.is_empty(), "CSP violations: {violations:#?}");
+    b.close().await;
+    w.stop().await;
+}
+
+// ------------------------------------------------------------------ 4: hostile pages
+
+/// The requests so far that went to the provider (the issuer's origin).
+async fn to_provider(b: &Browser, issuer: &str) -> Vec<Sent> {
+    b.requests().await.into_iter().filter(|r| origin_of(&r.url) == issuer).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_page_that_opens_the_login_and_posts_its_form_never_reaches_the_provider() {
+    let w = world(2).await;
+    let b = Browser::start().await;
+    let issuer = origin_of(w.oidc.issuer());
+    // The token the hostile page chose: its server would poll /fetch with it.
+    let token = "chosen-by-the-attacker-0001";
+    let hostile = b.client.window().await.unwrap();
+    let login = format!("{}/login", w.url);
+
+    // Another site (its own host name), then another origin of the broker's
+    // site (127.0.0.1 at another port, which gets the SameSite=Lax cookie).
+    // The first posts its form into the popup showing our confirmation page,
+    // the second into its own window.
+    let rounds = [(w.pages[1].hostile_origin(), VICTIM_WINDOW), (w.pages[1].origin.clone(), "_self")];
+    for (round, (origin, target)) in rounds.into_iter().enumerate() {
+        // (i) The page opens the login link in a popup: our confirmation
+        // page, which sets the browser's login cookie and starts nothing.
+        b.client.switch_to_window(hostile.clone()).await.unwrap();
+        let before = b.client.windows().await.unwrap();
+        b.goto(&format!("{origin}/hostile/open?token={token}")).await;
+        let popup: WindowHandle = b
+            .until("the hostile page's popup", || async {
+                b.client.windows().await.unwrap().into_iter().find(|w| !before.contains(w))
+            })
+            .await;
+        b.client.switch_to_window(popup.clone()).await.unwrap();
+        confirmation(&b, true).await;
+        assert_eq!(b.url().await, format!("{login}?id=oidc&token={token}"));
+        if round == 0 {
+            shoot(&b, "confirm-handoff").await;
+        }
+
+        // (ii) The page submits a forged login form itself (it cannot read
+        // the HttpOnly cookie, so its `csrf` is made up).
+        b.client.switch_to_window(hostile.clone()).await.unwrap();
+        b.goto(&format!("{origin}/hostile/post?token={token}&target={target}")).await;
+        let refused_window = if target == "_self" { hostile.clone() } else { popup.clone() };
+        b.client.switch_to_window(refused_window).await.unwrap();
+        refused(&b, "sent from another site").await;
+        assert_eq!(b.url().await, login, "the POST's answer, not the provider");
+        if round == 0 {
+            shoot(&b, "refused").await;
+        }
+        if target == "_self" {
+            // The popup is still at our confirmation page.
+            b.client.switch_to_window(popup.clone()).await.unwrap();
+            assert!(b.find_now("#continue").await.is_some(), "{}", b.body_text().await);
+        }
+        // Nothing moves on from there.
+        let deadline = Instant::now() + ABSENCE;
+        while Instant::now() < deadline {
+            let sent = to_provider(&b, &issuer).await;
+            assert!(sent.is_empty(), "the browser went to the provider: {sent:#?}");
+            tokio::time::sleep(POLL_EVERY).await;
+        }
+        b.client.switch_to_window(popup).await.unwrap();
+        b.client.close_window().await.unwrap();
+        // The attacker's server polls the hand-off in vain.
+        w.fetch_has_no_authid(token, "a forged login form").await;
+    }
+
+    // The log did see both forged forms reach the broker (so it sees the
+    // popup's requests too), and not one request to the provider.
+    let requests = b.requests().await;
+    let posts = requests.iter().filter(|r| r.method == "POST" && r.url == login).count();
+    assert_eq!(posts, 2, "both forged forms were posted: {requests:#?}");
+    assert!(to_provider(&b, &issuer).await.is_empty(), "{requests:#?}");
+
+    // The control: the user's own click on the confirmation page of a
+    // program's login link goes to the provider (which the log sees), and the
+    // program's /fetch gets the AuthID the page shows.
+    b.client.switch_to_window(hostile).await.unwrap();
+    let program = "the-users-own-program-0002";
+    b.goto(&format!("{login}?id=oidc&token={program}")).await;
+    let button = confirmation(&b, true).await;
+    w.fetch_has_no_authid(program, "before the click").await;
+    b.click_away(&button).await;
+    let (authid, steps) = through_provider(&b, &w.url, "erin", || async {}).await;
+    assert!(steps.login && steps.consent, "{steps:?}");
+    assert!(b.body_text().await.contains("will pick it up by itself"));
+    assert!(!to_provider(&b, &issuer).await.is_empty(), "the log sees the way to the provider");
+    assert_eq!(w.fetch(program).await, json!({ "authid": authid }));
+    assert_eq!(w.refresh(&authid).await.status(), 200);
+    // The attacker's token still has nothing.
+    w.fetch_has_no_authid(token, "after the user's own login").await;
+
+    let logs = crate::support::logs();
+    assert!(logs.contains("browser_refused"), "the refusals are audited");
+    let console = b.console().await;
+    let violations: Vec<&String> = console.iter().filter(|m| is_csp_violation(m)).collect();
+    assert!(violations.is_empty(), "CSP violations: {violations:#?}");
+    b.close().await;
+    w.stop().await;
+}
+
+// ------------------------------------------------------------------ 5: a callback in another browser
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_callback_replayed_in_another_browser_is_refused_and_does_not_spend_the_login() {
+    let w = world(1).await;
+    let token = "replayed-callback-token-0001";
+
+    // Browser A begins a hand-off login with its click and goes through the
+    // provider, but does not load the callback.
+    let a = Browser::start().await;
+    block_callbacks(&a, &w.url, true).await;
+    a.goto(&format!("{}/login?id=oidc&token={token}", w.url)).await;
+    let a_cookie = a.client.get_named_cookie(LOGIN_COOKIE).await.unwrap().value().to_owned();
+    a.click_away(&confirmation(&a, true).await).await;
+    let (callback, steps) = to_callback(&a, &w.url, "frank").await;
+    assert!(steps.login && steps.consent, "{steps:?}");
+    assert!(callback.contains("code=") && callback.contains("state="), "{callback}");
+    w.fetch_has_no_authid(token, "before any callback").await;
+
+    // Browser B (another cookie jar) loads it: refused, nothing created.
+    let b = Browser::start().await;
+    b.goto(&callback).await;
+    refused(&b, "started in another browser").await;
+    shoot(&b, "refused-callback").await;
+    // With a login cookie of its own, still refused.
+    b.goto(&format!("{}/", w.url)).await;
+    service_button(&b, DISPLAY_NAME).await;
+    let b_cookie = b.client.get_named_cookie(LOGIN_COOKIE).await.unwrap().value().to_owned();
+    assert_ne!(a_cookie, b_cookie);
+    b.goto(&callback).await;
+    refused(&b, "started in another browser").await;
+    assert_eq!(w.fetch(token).await, json!({ "wait": "Not ready" }), "no AuthID was made");
+
+    // A, which began the login, still completes it: the replays spent nothing.
+    block_callbacks(&a, &w.url, false).await;
+    a.goto(&callback).await;
+    a.find("#authid").await;
+    assert_eq!(a.title().await, "Your AuthID · latchkey");
+    let authid = authid_on_page(&a).await;
+    assert_eq!(w.fetch(token).await, json!({ "authid": authid }));
+    assert_eq!(w.refresh(&authid).await.status(), 200);
+
+    // Once used, the callback gives B nothing either.
+    b.goto(&callback).await;
+    b.find(".error").await;
+    assert!(b.find_now("#authid").await.is_none(), "{}", b.body_text().await);
+
+    for browser in [&a, &b] {
+        let console = browser.console().await;
+        let violations: Vec<&String> = console.iter().filter(|m| is_csp_violation(m)).collect();
+        assert!(violations.is_empty(), "CSP violations: {violations:#?}");
+    }
+    a.close().await;
     b.close().await;
     w.stop().await;
 }

@@ -1,9 +1,11 @@
 // Configuration: file, environment overrides, validation messages, key files.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 
 use latchkey_server::config::{Cidr, Config, parse_duration};
 use latchkey_server::http::client_address;
+use latchkey_server::setup;
 
 fn err(text: &str) -> String {
     match Config::parse(text) {
@@ -108,22 +110,180 @@ fn durations_read_like_people_write_them() {
     }
 }
 
+/// A sled configuration with its data at `<dir>/data`.
+fn sled_in(dir: &Path) -> Config {
+    Config::parse(&format!("[store]\npath = {:?}", dir.join("data").display().to_string())).unwrap()
+}
+
+/// Every file name under `dir`, recursively.
+fn names_under(dir: &Path) -> Vec<String> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        names.push(entry.file_name().to_string_lossy().into_owned());
+        if entry.file_type().unwrap().is_dir() {
+            names.extend(names_under(&entry.path()));
+        }
+    }
+    names
+}
+
+fn write_0600(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+const OLD_KEY: &str = "k1:AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+const OTHER_KEY: &str = "k2:AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=";
+
 #[test]
-fn the_embedded_default_generates_a_private_master_key_once() {
+fn the_embedded_default_generates_a_private_master_key_once_beside_the_data() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    let config =
-        Config::parse(&format!("[store]\npath = {:?}", dir.path().join("data").display().to_string())).unwrap();
-    let first = latchkey_server::setup::load_keyring(&config).unwrap();
-    let file = dir.path().join("data").join("master.key");
+    let config = sled_in(dir.path());
+    let file = dir.path().join("latchkey-master.key");
+    assert_eq!(setup::master_key_path(&config), file, "beside the data directory, not in it");
+    let first = setup::load_keyring(&config).unwrap();
     assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
-    let again = latchkey_server::setup::load_keyring(&config).unwrap();
+    let names = names_under(&dir.path().join("data"));
+    assert!(!names.iter().any(|n| n.contains("master")), "no key in the data directory: {names:?}");
+    let again = setup::load_keyring(&config).unwrap();
     assert_eq!(first.current().id(), again.current().id(), "the same key comes back");
+    assert_eq!(first.current().expose_config_text(), again.current().expose_config_text());
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let refused = latchkey_server::setup::load_keyring(&config).err().unwrap().to_string();
+    let refused = setup::load_keyring(&config).err().unwrap().to_string();
     assert!(refused.contains("readable by other users"), "{refused}");
     let shared = Config::parse("[store]\nkind = \"postgres\"\nurl = \"postgres://x@127.0.0.1/x\"").unwrap();
-    assert!(latchkey_server::setup::load_keyring(&shared).err().unwrap().to_string().contains("keys.master_keys"));
+    assert!(setup::load_keyring(&shared).err().unwrap().to_string().contains("keys.master_keys"));
+}
+
+#[test]
+fn the_default_data_directory_has_its_key_in_the_working_directory() {
+    let config = Config::parse("").unwrap();
+    assert_eq!(setup::master_key_path(&config), Path::new("./latchkey-master.key"));
+    let bare = Config::parse("[store]\npath = \"latchkey-data\"").unwrap();
+    assert_eq!(setup::master_key_path(&bare), Path::new("./latchkey-master.key"));
+    let nested = Config::parse("[store]\npath = \"/var/lib/latchkey/data/\"").unwrap();
+    assert_eq!(setup::master_key_path(&nested), Path::new("/var/lib/latchkey/latchkey-master.key"));
+}
+
+#[test]
+fn a_key_left_in_the_data_directory_is_moved_beside_it_unchanged() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let config = sled_in(dir.path());
+    let (old, new) = (dir.path().join("data").join("master.key"), dir.path().join("latchkey-master.key"));
+    std::fs::create_dir_all(old.parent().unwrap()).unwrap();
+    // A world-readable one is refused where it is, not moved.
+    std::fs::write(&old, format!("{OLD_KEY}\n")).unwrap();
+    std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let refused = setup::load_keyring(&config).err().unwrap().to_string();
+    assert!(refused.contains("readable by other users") && refused.contains("master.key"), "{refused}");
+    assert!(old.exists() && !new.exists(), "left where it was");
+
+    write_0600(&old, &format!("{OLD_KEY}\n{OTHER_KEY}\n"));
+    let keyring = setup::load_keyring(&config).unwrap();
+    assert_eq!(keyring.current().id().as_str(), "k1", "the same keyring, current key first");
+    assert_eq!(keyring.current().expose_config_text().as_str(), OLD_KEY, "the same key bytes");
+    assert!(!old.exists(), "no key left in the data directory");
+    assert_eq!(std::fs::read_to_string(&new).unwrap(), format!("{OLD_KEY}\n{OTHER_KEY}\n"), "moved whole");
+    assert_eq!(std::fs::metadata(&new).unwrap().permissions().mode() & 0o777, 0o600);
+    // The next start reads it from its new place.
+    let again = setup::load_keyring(&config).unwrap();
+    assert_eq!(again.current().expose_config_text().as_str(), OLD_KEY);
+}
+
+#[test]
+fn a_key_on_another_filesystem_is_copied_then_removed() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // The data directory is a link to tmpfs, so the key cannot be renamed
+    // beside it and is copied instead. Where /dev/shm is not another
+    // filesystem there is nothing to check.
+    let dir = tempfile::tempdir().unwrap();
+    let Ok(elsewhere) = tempfile::tempdir_in("/dev/shm") else { return };
+    let device = |p: &Path| std::fs::metadata(p).unwrap().dev();
+    if device(dir.path()) == device(elsewhere.path()) {
+        return;
+    }
+    std::os::unix::fs::symlink(elsewhere.path(), dir.path().join("data")).unwrap();
+    let config = sled_in(dir.path());
+    let (old, new) = (elsewhere.path().join("master.key"), dir.path().join("latchkey-master.key"));
+    write_0600(&old, &format!("{OLD_KEY}\n"));
+    let keyring = setup::load_keyring(&config).unwrap();
+    assert_eq!(keyring.current().expose_config_text().as_str(), OLD_KEY);
+    assert!(!old.exists(), "removed once the copy is in place");
+    assert_eq!(std::fs::read_to_string(&new).unwrap(), format!("{OLD_KEY}\n"));
+    assert_eq!(std::fs::metadata(&new).unwrap().permissions().mode() & 0o777, 0o600);
+}
+
+#[test]
+fn two_different_generated_keys_refuse_to_start_naming_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = sled_in(dir.path());
+    let (old, new) = (dir.path().join("data").join("master.key"), dir.path().join("latchkey-master.key"));
+    std::fs::create_dir_all(old.parent().unwrap()).unwrap();
+    write_0600(&old, &format!("{OLD_KEY}\n"));
+    write_0600(&new, &format!("{OTHER_KEY}\n"));
+    let refused = setup::load_keyring(&config).err().unwrap().to_string();
+    assert!(refused.contains(&old.display().to_string()), "{refused}");
+    assert!(refused.contains(&new.display().to_string()), "{refused}");
+    assert!(!refused.contains("AQEB") && !refused.contains("AgIC"), "no key in the message: {refused}");
+    assert_eq!(std::fs::read_to_string(&old).unwrap(), format!("{OLD_KEY}\n"), "neither is touched");
+    assert_eq!(std::fs::read_to_string(&new).unwrap(), format!("{OTHER_KEY}\n"), "neither is touched");
+}
+
+#[test]
+fn a_copy_of_the_key_left_in_the_data_directory_is_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = sled_in(dir.path());
+    let (old, new) = (dir.path().join("data").join("master.key"), dir.path().join("latchkey-master.key"));
+    std::fs::create_dir_all(old.parent().unwrap()).unwrap();
+    write_0600(&old, &format!("{OLD_KEY}\n"));
+    write_0600(&new, &format!("{OLD_KEY}\n"));
+    let keyring = setup::load_keyring(&config).unwrap();
+    assert_eq!(keyring.current().expose_config_text().as_str(), OLD_KEY);
+    assert!(!old.exists(), "the copy inside the data is gone");
+    assert_eq!(std::fs::read_to_string(&new).unwrap(), format!("{OLD_KEY}\n"), "the one beside it stays");
+}
+
+#[test]
+fn master_key_rotate_replaces_the_generated_key_beside_the_data_and_audits_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (old, new) = (data.join("master.key"), dir.path().join("latchkey-master.key"));
+    std::fs::create_dir_all(&data).unwrap();
+    write_0600(&old, &format!("{OLD_KEY}\n")); // from an older version: moved first
+    let config = dir.path().join("latchkey.toml");
+    std::fs::write(&config, format!("[store]\npath = {:?}\n", data.display().to_string())).unwrap();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_latchkey"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("LATCHKEY_") {
+            command.env_remove(name);
+        }
+    }
+    let output = command
+        .args(["master-key", "rotate", "--config"])
+        .arg(&config)
+        .env("LATCHKEY_LOG", "info")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(!old.exists(), "no key in the data directory");
+    let text = std::fs::read_to_string(&new).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1, "only the new key is left: {} line(s)", lines.len());
+    let (id, _) = lines[0].split_once(':').unwrap();
+    assert_ne!(id, "k1", "a new current key");
+    assert!(stderr.contains(&old.display().to_string()) && stderr.contains(&new.display().to_string()), "{stderr}");
+    let audit: Vec<&str> = stderr.lines().filter(|l| l.contains("latchkey::audit")).collect();
+    assert_eq!(audit.len(), 1, "{stderr}");
+    assert!(audit[0].contains("master_key_rotated") && audit[0].contains(id), "{stderr}");
+    for secret in [OLD_KEY.split_once(':').unwrap().1, lines[0].split_once(':').unwrap().1] {
+        assert!(!stderr.contains(secret), "no key on stderr: {stderr}");
+    }
 }
 
 #[tokio::test]

@@ -3,7 +3,10 @@
 use reqwest::header::{CACHE_CONTROL, CONTENT_TYPE};
 use serde_json::Value;
 
-use crate::support::{CLIENT_SECRET, authid_from_page, fake_config, harness, logs, refresh};
+use crate::support::{
+    CLIENT_SECRET, authid_from_page, click_to_provider, fake_config, form_fields, harness, logs, open_page, post_form,
+    refresh,
+};
 
 #[tokio::test]
 async fn the_whole_duplicati_flow_with_hand_off_refresh_and_revoke() {
@@ -13,11 +16,9 @@ async fn the_whole_duplicati_flow_with_hand_off_refresh_and_revoke() {
     let picker = h.get(&format!("/?token={token}&type=fake")).await;
     assert_eq!(picker.status(), 200);
     let html = picker.text().await.unwrap();
-    assert!(
-        html.contains(&format!("/login?id=fake&amp;token={token}"))
-            || html.contains(&format!("/login?id=fake&token={token}")),
-        "{html}"
-    );
+    let form = form_fields(&html, "/login");
+    assert!(form.contains(&("id".into(), "fake".into())) && form.contains(&("token".into(), token.into())), "{html}");
+    assert!(html.contains("A program is waiting for this login"), "the hand-off is named: {html}");
     let wait: Value = h.get(&format!("/fetch?token={token}")).await.json().await.unwrap();
     assert_eq!(wait, serde_json::json!({ "wait": "Not ready" }));
     let state: Value = h.get(&format!("/token-state?token={token}")).await.json().await.unwrap();
@@ -140,9 +141,8 @@ async fn the_authid_page_posts_only_to_allowed_openers() {
 async fn a_refused_login_and_a_forged_callback_show_clear_pages() {
     let h = harness(fake_config(), "").await;
     h.fake.deny_logins(true);
-    let start = h.get("/login?id=fake").await;
-    let location = start.headers()["location"].to_str().unwrap().to_owned();
-    let page = h.follow(location).await;
+    let (location, cookie) = click_to_provider(&h.http, &h.url, "/login?id=fake").await;
+    let page = h.follow(location, &cookie).await;
     assert_eq!(page.status(), 400);
     let html = page.text().await.unwrap();
     assert!(html.contains("did not grant access (access_denied)"), "{html}");
@@ -169,36 +169,43 @@ async fn a_personal_login_token_logs_in_without_a_browser_redirect() {
         jotta.token_url()
     );
     let h = harness(fake_config(), &extra).await;
-    let start = h.get("/login?id=jotta&token=cli-handoff-1").await;
+    let handoff = "cli-handoff-token-1";
+    let start = h.get(&format!("/login?id=jotta&token={handoff}")).await;
     assert_eq!(start.status(), 302);
-    assert_eq!(start.headers()["location"], "/cli-token?id=jotta&token=cli-handoff-1");
-    let form = h.get("/cli-token?id=jotta&token=cli-handoff-1").await;
-    assert_eq!(form.status(), 200);
-    assert!(form.text().await.unwrap().contains("name=login_token"));
+    assert_eq!(start.headers()["location"], format!("/cli-token?id=jotta&token={handoff}").as_str());
+    let form = open_page(&h.http, &format!("{}/cli-token?id=jotta&token={handoff}", h.url)).await;
+    assert!(form.html.contains("name=login_token"));
     let login_token = base64::engine::general_purpose::STANDARD
         .encode(r#"{"username":"user@example.com","realm":"jottacloud","auth_token":"auth-token-value"}"#);
-    let page = h
+    let mut fields = form_fields(&form.html, "/cli-token-login");
+    fields.push(("login_token".into(), login_token.clone()));
+    // Not from our page: no cookie, or another site's form.
+    let bare = h.http.post(format!("{}/cli-token-login", h.url)).form(&fields).send().await.unwrap();
+    assert_eq!(bare.status(), 403);
+    let cross = h
         .http
         .post(format!("{}/cli-token-login", h.url))
-        .form(&[("id", "jotta"), ("login_token", login_token.as_str()), ("token", "cli-handoff-1")])
+        .header("Cookie", &form.cookie)
+        .header("Sec-Fetch-Site", "cross-site")
+        .form(&fields)
         .send()
         .await
         .unwrap();
+    assert_eq!(cross.status(), 403);
+    assert_eq!(jotta.token_requests().len(), 0, "refused before the provider is asked");
+    let page = post_form(&h.http, &h.url, "/cli-token-login", &fields, &form.cookie).await;
     assert_eq!(page.status(), 200);
     let authid = authid_from_page(&page.text().await.unwrap());
-    let fetched: Value = h.get("/fetch?token=cli-handoff-1").await.json().await.unwrap();
+    let fetched: Value = h.get(&format!("/fetch?token={handoff}")).await.json().await.unwrap();
     assert_eq!(fetched["authid"], authid.as_str());
     let refresh = refresh(&h.http, &h.url, &authid).await;
     assert_eq!(refresh.status(), 200);
     let request = jotta.token_requests().pop().unwrap();
     assert_eq!((request.form("grant_type"), request.form("client_id")), (Some("password"), Some("jottacli")));
-    let wrong = h
-        .http
-        .post(format!("{}/cli-token-login", h.url))
-        .form(&[("id", "jotta"), ("login_token", "not-a-token")])
-        .send()
-        .await
-        .unwrap();
+    let form = open_page(&h.http, &format!("{}/cli-token?id=jotta", h.url)).await;
+    let mut fields = form_fields(&form.html, "/cli-token-login");
+    fields.push(("login_token".into(), "not-a-token".into()));
+    let wrong = post_form(&h.http, &h.url, "/cli-token-login", &fields, &form.cookie).await;
     assert_eq!(wrong.status(), 400);
     assert!(!logs().contains("auth-token-value"), "the pasted token is not logged");
 }

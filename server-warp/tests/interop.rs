@@ -9,7 +9,7 @@ use latchkey_server::config::Config;
 use latchkey_testkit::oidc::{ClientAuthMethod, OidcOptions, OidcProvider};
 use serde_json::Value;
 
-use crate::support::{device_code, device_token, refresh, v1_token};
+use crate::support::{device_code, device_token, form_fields, open_page, post_form, refresh, v1_token};
 
 pub(crate) const CLIENT_ID: &str = "latchkey-interop";
 /// Needs form-urlencoding in HTTP Basic, which oidc-provider checks.
@@ -35,6 +35,7 @@ pub(crate) fn provider_toml(oidc: &OidcProvider) -> String {
         provider = "oidc"
         display_name = "OIDC storage"
         scopes = ["openid", "offline_access", "files"]
+        auth_params = {{ prompt = "consent" }}
         [services.jottacloud]
         enabled = false
         "#,
@@ -62,13 +63,12 @@ pub(crate) fn http() -> reqwest::Client {
 
 /// Logs in through the broker at `url` as `user` at the provider; answers the AuthID.
 pub(crate) async fn login(http: &reqwest::Client, url: &str, oidc: &OidcProvider, user: &str, path: &str) -> String {
-    let start = http.get(format!("{url}{path}")).send().await.unwrap();
-    assert_eq!(start.status(), 302, "{path}");
-    let to_provider = start.headers()["location"].to_str().unwrap().to_owned();
+    let (to_provider, cookie) = crate::support::click_to_provider(http, url, path).await;
+    assert!(to_provider.contains("prompt=consent"), "the provider is asked to show its screen: {to_provider}");
     let back = oidc.login(&to_provider, user).await.expect("login and consent at the provider");
     assert!(back.starts_with(&format!("{url}/logged-in?")), "{back}");
     assert!(back.contains("iss="), "RFC 9207 iss comes back: {back}");
-    let page = http.get(&back).send().await.unwrap();
+    let page = http.get(&back).header("Cookie", cookie).send().await.unwrap();
     assert_eq!(page.status(), 200);
     crate::support::authid_from_page(&page.text().await.unwrap())
 }
@@ -156,10 +156,17 @@ async fn the_device_flow_end_to_end_against_oidc_provider() {
     assert_eq!(poll().await["error"], "authorization_pending");
     // The user types the code on the broker's device page and logs in at the provider.
     let user_code = start["user_code"].as_str().unwrap();
-    let go = t.http.post(format!("{}/device", t.url)).form(&[("user_code", user_code)]).send().await.unwrap();
-    assert_eq!(go.status(), 302);
+    let form = open_page(&t.http, &format!("{}/device?user_code={user_code}", t.url)).await;
+    let mut fields = form_fields(&form.html, "/device");
+    fields.push(("user_code".into(), user_code.into()));
+    let shown = post_form(&t.http, &t.url, "/device", &fields, &form.cookie).await;
+    assert_eq!(shown.status(), 200);
+    let shown = shown.text().await.unwrap();
+    assert!(shown.contains("A program is waiting") && shown.contains("test program"), "{shown}");
+    let go = post_form(&t.http, &t.url, "/login", &form_fields(&shown, "/login"), &form.cookie).await;
+    assert_eq!(go.status(), 303);
     let back = t.oidc.login(go.headers()["location"].to_str().unwrap(), "carol").await.unwrap();
-    let page = t.http.get(&back).send().await.unwrap();
+    let page = t.http.get(&back).header("Cookie", &form.cookie).send().await.unwrap();
     assert_eq!(page.status(), 200);
     let polled = poll().await;
     let authid = polled["authid"].as_str().unwrap_or_else(|| panic!("{polled}")).to_owned();

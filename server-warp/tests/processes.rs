@@ -190,9 +190,9 @@ async fn two_broker_processes_on_postgres_share_rotating_grants_under_load() {
 type Answered = Arc<Mutex<Vec<(usize, String)>>>;
 
 async fn fake_login(client: &reqwest::Client, url: &str) -> String {
-    let mut location = format!("{url}/login?id=fake");
+    let (mut location, cookie) = crate::support::click_to_provider(client, url, "/login?id=fake").await;
     loop {
-        let response = client.get(&location).send().await.unwrap();
+        let response = client.get(&location).header("Cookie", &cookie).send().await.unwrap();
         match response.headers().get("location") {
             Some(next) => location = next.to_str().unwrap().to_owned(),
             None => return authid_from_page(&response.text().await.unwrap()),

@@ -7,7 +7,7 @@ use latchkey_core::{MemoryStore, Store};
 use latchkey_server::Running;
 use latchkey_server::config::Config;
 use latchkey_testkit::{FakeConfig, FakeProvider};
-use reqwest::header::LOCATION;
+use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
 
 pub(crate) const CLIENT_SECRET: &str = "fake-client-secret-value";
 
@@ -116,10 +116,11 @@ impl Harness {
         self.http.get(format!("{}{path}", self.url)).send().await.unwrap()
     }
 
-    /// Follows a redirect chain by hand until it leaves for `stop_prefix` or ends.
-    pub(crate) async fn follow(&self, mut location: String) -> reqwest::Response {
+    /// Follows a redirect chain by hand, sending `cookie` (the broker's
+    /// login cookie) with every request, until it ends.
+    pub(crate) async fn follow(&self, mut location: String, cookie: &str) -> reqwest::Response {
         loop {
-            let response = self.http.get(&location).send().await.unwrap();
+            let response = self.http.get(&location).header(COOKIE, cookie).send().await.unwrap();
             match response.headers().get(LOCATION) {
                 Some(next) if response.status().is_redirection() => location = next.to_str().unwrap().to_owned(),
                 _ => return response,
@@ -134,11 +135,9 @@ impl Harness {
         if let Some(token) = token {
             path.push_str(&format!("&token={token}"));
         }
-        let start = self.get(&path).await;
-        assert_eq!(start.status(), 302);
-        let location = start.headers()[LOCATION].to_str().unwrap().to_owned();
+        let (location, cookie) = click_to_provider(&self.http, &self.url, &path).await;
         assert!(location.starts_with(&self.fake.authorize_url()), "{location}");
-        let page = self.follow(location).await;
+        let page = self.follow(location, &cookie).await;
         assert_eq!(page.status(), 200);
         page.text().await.unwrap()
     }
@@ -146,6 +145,71 @@ impl Harness {
     pub(crate) async fn login(&self) -> String {
         authid_from_page(&self.browser_login("fake", None).await)
     }
+}
+
+/// A broker page as a browser holds it: its HTML and the login cookie it set.
+pub(crate) struct Page {
+    pub(crate) html: String,
+    /// `name=value`, ready for a `Cookie` header.
+    pub(crate) cookie: String,
+}
+
+/// Opens a broker page with a fresh cookie jar.
+pub(crate) async fn open_page(http: &reqwest::Client, url: &str) -> Page {
+    let response = http.get(url).send().await.unwrap();
+    assert_eq!(response.status(), 200, "{url}");
+    let cookie = login_cookie(&response).unwrap_or_else(|| panic!("{url} sets the login cookie"));
+    Page { html: response.text().await.unwrap(), cookie }
+}
+
+/// The login cookie a response sets, as `name=value`.
+pub(crate) fn login_cookie(response: &reqwest::Response) -> Option<String> {
+    response.headers().get_all(SET_COOKIE).iter().find_map(|v| {
+        let v = v.to_str().ok()?;
+        v.contains("latchkey-login=").then(|| v.split(';').next().unwrap().to_owned())
+    })
+}
+
+/// The hidden fields of the first form on a page that posts to `action`.
+pub(crate) fn form_fields(html: &str, action: &str) -> Vec<(String, String)> {
+    let start = html.find(&format!("action=\"{action}\"")).unwrap_or_else(|| panic!("a form to {action}: {html}"));
+    let form = &html[start..start + html[start..].find("</form>").unwrap()];
+    form.split("<input type=hidden name=")
+        .skip(1)
+        .map(|field| {
+            let (name, rest) = field.split_once(" value=\"").unwrap();
+            let value = rest.split('"').next().unwrap();
+            (name.to_owned(), value.replace("&amp;", "&").replace("&quot;", "\"").replace("&#39;", "'"))
+        })
+        .collect()
+}
+
+/// Posts a form as the broker's own page does: same origin, with the cookie.
+pub(crate) async fn post_form(
+    http: &reqwest::Client,
+    base: &str,
+    action: &str,
+    fields: &[(String, String)],
+    cookie: &str,
+) -> reqwest::Response {
+    http.post(format!("{base}{action}"))
+        .header(COOKIE, cookie)
+        .header("Origin", base)
+        .header("Sec-Fetch-Site", "same-origin")
+        .form(fields)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Opens a page that leads to a login (a confirmation page or the picker)
+/// and clicks its first way onward: answers the provider URL the broker
+/// sends the browser to, and the browser's login cookie.
+pub(crate) async fn click_to_provider(http: &reqwest::Client, base: &str, path: &str) -> (String, String) {
+    let page = open_page(http, &format!("{base}{path}")).await;
+    let go = post_form(http, base, "/login", &form_fields(&page.html, "/login"), &page.cookie).await;
+    assert_eq!(go.status(), 303, "{path}");
+    (go.headers()[LOCATION].to_str().unwrap().to_owned(), page.cookie)
 }
 
 /// The AuthID in an AuthID page.
@@ -163,10 +227,10 @@ pub(crate) async fn v1_token(http: &reqwest::Client, base: &str, authid: &str) -
     http.post(format!("{base}/v1/token")).bearer_auth(authid).send().await.unwrap()
 }
 
-/// `POST /v1/device/code` for `service`: the device flow's start.
+/// `POST /v1/device/code` for `service`, as a program labelled "test program": the device flow's start.
 pub(crate) async fn device_code(http: &reqwest::Client, base: &str, service: &str) -> serde_json::Value {
     http.post(format!("{base}/v1/device/code"))
-        .form(&[("service", service)])
+        .form(&[("service", service), ("label", "test program")])
         .send()
         .await
         .unwrap()

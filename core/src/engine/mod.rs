@@ -262,6 +262,11 @@ impl Broker {
         &self.inner.catalogue
     }
 
+    /// How long a login may take from the click to the provider's answer.
+    pub fn login_ttl(&self) -> Duration {
+        self.inner.config.login_ttl
+    }
+
     /// This instance's id in leases.
     pub fn instance_id(&self) -> &str {
         &self.inner.config.instance_id

@@ -12,8 +12,10 @@ use warp::Filter;
 use warp::http::StatusCode;
 use warp::reply::Response;
 
+use super::pages::provider_outcome;
 use super::reply::{Failure, Surface, error, json_reply};
 use super::{State, body, client_ip, fields, with_state};
+use crate::audit;
 
 pub(super) fn routes(state: State) -> warp::filters::BoxedFilter<(Response,)> {
     let s = || with_state(state.clone());
@@ -95,8 +97,8 @@ fn authenticate(header: Option<String>, ip: IpAddr, state: &State) -> Result<Aut
     })
 }
 
-fn refused(state: &State, authid: &AuthId, e: &EngineError, surface: Surface) -> Response {
-    state.note_failure(authid, e);
+fn refused(state: &State, authid: &AuthId, e: &EngineError, surface: Surface, ip: IpAddr) -> Response {
+    state.note_failure(authid, e, ip);
     error(surface, &Failure::from(e))
 }
 
@@ -129,7 +131,7 @@ async fn v1_token(header: Option<String>, body: Vec<u8>, ip: IpAddr, state: Stat
                 }),
             )
         }
-        Err(e) => refused(&state, &authid, &e, Surface::V1),
+        Err(e) => refused(&state, &authid, &e, Surface::V1, ip),
     }
 }
 
@@ -172,7 +174,7 @@ async fn list_handles(header: Option<String>, ip: IpAddr, state: State) -> Respo
         Ok(handles) => {
             json_reply(StatusCode::OK, &json!({ "handles": handles.iter().map(handle_json).collect::<Vec<_>>() }))
         }
-        Err(e) => refused(&state, &authid, &e, Surface::V1),
+        Err(e) => refused(&state, &authid, &e, Surface::V1, ip),
     }
 }
 
@@ -183,8 +185,11 @@ async fn mint(header: Option<String>, body: Vec<u8>, ip: IpAddr, state: State) -
     };
     let label = fields(&body).remove("label").unwrap_or_default();
     match state.broker.mint_handle(&authid, &label).await {
-        Ok(minted) => json_reply(StatusCode::CREATED, &minted_json(&minted)),
-        Err(e) => refused(&state, &authid, &e, Surface::V1),
+        Ok(minted) => {
+            audit::authid_minted(&authid.keyid(), &minted.authid.keyid(), ip);
+            json_reply(StatusCode::CREATED, &minted_json(&minted))
+        }
+        Err(e) => refused(&state, &authid, &e, Surface::V1, ip),
     }
 }
 
@@ -194,8 +199,11 @@ async fn rotate(header: Option<String>, ip: IpAddr, state: State) -> Response {
         Err(f) => return error(Surface::V1, &f),
     };
     match state.broker.rotate_handle(&authid).await {
-        Ok(minted) => json_reply(StatusCode::OK, &minted_json(&minted)),
-        Err(e) => refused(&state, &authid, &e, Surface::V1),
+        Ok(minted) => {
+            audit::authid_rotated(&authid.keyid(), &minted.authid.keyid(), ip);
+            json_reply(StatusCode::OK, &minted_json(&minted))
+        }
+        Err(e) => refused(&state, &authid, &e, Surface::V1, ip),
     }
 }
 
@@ -209,13 +217,17 @@ async fn delete_handle(keyid: String, header: Option<String>, ip: IpAddr, state:
     };
     match state.broker.revoke_handle(&authid, target).await {
         Ok(grant) => {
+            audit::authid_revoked(&authid.keyid(), &target, ip);
+            if let Some(grant) = &grant {
+                audit::grant_revoked("last AuthID", grant.handles_revoked, provider_outcome(&grant.provider), ip);
+            }
             let mut body = json!({ "revoked": target.to_string(), "grant_revoked": grant.is_some() });
             if let Some(grant) = grant {
                 body["grant"] = revocation_json(&grant);
             }
             json_reply(StatusCode::OK, &body)
         }
-        Err(e) => refused(&state, &authid, &e, Surface::V1),
+        Err(e) => refused(&state, &authid, &e, Surface::V1, ip),
     }
 }
 
@@ -225,14 +237,20 @@ async fn revoke(header: Option<String>, ip: IpAddr, state: State) -> Response {
         Err(f) => return error(Surface::V1, &f),
     };
     match state.broker.revoke_grant(&authid).await {
-        Ok(report) => json_reply(StatusCode::OK, &revocation_json(&report)),
-        Err(e) => refused(&state, &authid, &e, Surface::V1),
+        Ok(report) => {
+            audit::grant_revoked("/v1/grant/revoke", report.handles_revoked, provider_outcome(&report.provider), ip);
+            json_reply(StatusCode::OK, &revocation_json(&report))
+        }
+        Err(e) => refused(&state, &authid, &e, Surface::V1, ip),
     }
 }
 
 async fn device_code(body: Vec<u8>, state: State) -> Response {
-    let service = fields(&body).remove("service").unwrap_or_default();
-    match state.broker.begin_device(&service).await {
+    let mut form = fields(&body);
+    let service = form.remove("service").unwrap_or_default();
+    // RFC 8628 has no name for the program; `label` (or `client_name`) is shown on the device page.
+    let label = form.remove("label").or_else(|| form.remove("client_name"));
+    match state.broker.begin_device(&service, label.as_deref()).await {
         Ok(start) => json_reply(
             StatusCode::OK,
             &json!({
@@ -257,10 +275,13 @@ async fn device_token(body: Vec<u8>, ip: IpAddr, state: State) -> Response {
         json_reply(StatusCode::BAD_REQUEST, &json!({ "error": code, "error_description": text }))
     };
     match state.broker.poll_device(&device_code).await {
-        Ok(DevicePoll::Ready(authid)) => json_reply(
-            StatusCode::OK,
-            &json!({ "authid": authid.expose_text().as_str(), "keyid": authid.keyid().to_string() }),
-        ),
+        Ok(DevicePoll::Ready(authid)) => {
+            audit::handoff_delivered(&authid.keyid(), ip);
+            json_reply(
+                StatusCode::OK,
+                &json!({ "authid": authid.expose_text().as_str(), "keyid": authid.keyid().to_string() }),
+            )
+        }
         Ok(DevicePoll::Pending) => pending("authorization_pending", "the user has not finished logging in"),
         Ok(DevicePoll::SlowDown) => pending("slow_down", "poll no faster than the interval"),
         Ok(DevicePoll::Expired) => pending("expired_token", "the device code expired or was used; start again"),
@@ -315,6 +336,6 @@ async fn oauth2_token(body: Vec<u8>, ip: IpAddr, state: State) -> Response {
             }
             json_reply(StatusCode::OK, &body)
         }
-        Err(e) => refused(&state, &authid, &e, Surface::OAuth2),
+        Err(e) => refused(&state, &authid, &e, Surface::OAuth2, ip),
     }
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Instant;
 
-use latchkey_core::engine::{Callback, HandoffFetch, HandoffState};
+use latchkey_core::engine::{Callback, HandoffFetch, HandoffState, LoginComplete};
 use latchkey_core::{AuthId, Clock, EngineError, ErrorCode, SystemClock};
 use secrecy::ExposeSecret;
 use serde_json::json;
@@ -14,9 +14,11 @@ use warp::Filter;
 use warp::http::StatusCode;
 use warp::reply::Response;
 
+use super::front_door::{self, BrowserRequest};
 use super::pages;
 use super::reply::{Failure, Surface, error, json_reply, redirect, with_body};
 use super::{State, body, client_ip, duplicati_authid, fields, query, with_state};
+use crate::audit;
 
 /// Seconds reported for access tokens that never expire.
 const NEVER_EXPIRES_SECS: u64 = 365 * 86_400;
@@ -38,28 +40,29 @@ pub(super) fn refresh_route(state: State) -> warp::filters::BoxedFilter<(Respons
 pub(super) fn routes(state: State) -> warp::filters::BoxedFilter<(Response,)> {
     let s = || with_state(state.clone());
     let ip = || client_ip(state.clone());
-    let index = warp::get().and(warp::path::end()).and(query()).and(s()).then(index).boxed();
-    let login = warp::get().and(warp::path!("login")).and(query()).and(s()).then(login);
-    let logged_in = warp::get().and(warp::path!("logged-in")).and(query()).and(s()).then(logged_in).boxed();
+    let b = front_door::browser;
+    let index = warp::get().and(warp::path::end()).and(query()).and(b()).and(ip()).and(s()).then(index).boxed();
+    let login = warp::get().and(warp::path!("login")).and(query()).and(b()).and(s()).then(login);
+    let login_post = warp::post().and(warp::path!("login")).and(body()).and(b()).and(ip()).and(s()).then(login_post);
+    let logged_in =
+        warp::get().and(warp::path!("logged-in")).and(query()).and(b()).and(ip()).and(s()).then(logged_in).boxed();
     let fetch = warp::get().and(warp::path!("fetch")).and(query()).and(ip()).and(s()).then(fetch).boxed();
     let token_state = warp::get().and(warp::path!("token-state")).and(query()).and(ip()).and(s()).then(token_state);
     let revoke = warp::get().and(warp::path!("revoke")).and(s()).map(|s: State| pages::revoke_form(&s.csp)).boxed();
     let revoked = warp::post().and(warp::path!("revoked")).and(body()).and(ip()).and(s()).then(revoked);
-    let cli_token = warp::get().and(warp::path!("cli-token")).and(query()).and(s()).then(cli_token).boxed();
-    let cli_login = warp::post().and(warp::path!("cli-token-login")).and(body()).and(s()).then(cli_token_login);
-    let device = warp::get()
-        .and(warp::path!("device"))
-        .and(query())
-        .and(s())
-        .map(|q: HashMap<String, String>, s: State| pages::device_form(&s.csp, q.get("user_code").map(String::as_str)))
-        .boxed();
-    let device_post = warp::post().and(warp::path!("device")).and(body()).and(s()).then(device_login);
+    let cli_token = warp::get().and(warp::path!("cli-token")).and(query()).and(b()).and(s()).then(cli_token).boxed();
+    let cli_login =
+        warp::post().and(warp::path!("cli-token-login")).and(body()).and(b()).and(ip()).and(s()).then(cli_token_login);
+    let device = warp::get().and(warp::path!("device")).and(query()).and(b()).and(s()).then(device_page).boxed();
+    let device_post = warp::post().and(warp::path!("device")).and(body()).and(b()).and(ip()).and(s()).then(device_post);
     let privacy = warp::get()
         .and(warp::path!("privacy-policy"))
         .map(|| with_body(StatusCode::OK, "text/plain; charset=utf-8", pages::PRIVACY_POLICY))
         .boxed();
     index
         .or(login)
+        .unify()
+        .or(login_post)
         .unify()
         .or(logged_in)
         .unify()
@@ -97,22 +100,37 @@ fn page_status(code: ErrorCode) -> StatusCode {
 }
 
 fn error_page(state: &State, title: &str, e: &EngineError) -> Response {
+    let status = match e {
+        EngineError::Forbidden(_) => StatusCode::FORBIDDEN,
+        EngineError::Corrupt { detail } => {
+            // A record that fails its integrity check was written by someone
+            // without the master key: the operator must hear of it.
+            tracing::error!(detail = detail.as_str(), "a stored record cannot be used");
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+        e => page_status(e.code()),
+    };
     tracing::info!(code = e.code().as_str(), "page request failed");
-    pages::error_page(page_status(e.code()), &state.csp, title, &e.to_string())
+    pages::error_page(status, &state.csp, title, &e.to_string())
+}
+
+/// The front door refused a browser step: 403, a clear page, an audit line.
+fn refused_page(route: &str, reason: &str, client: IpAddr, state: &State) -> Response {
+    audit::browser_refused(route, reason, client);
+    let message = format!(
+        "This step was refused: {reason}. Logins continue only from this broker's own pages, in the browser that          began them. Go back to the program or link you started from and begin again."
+    );
+    pages::error_page(StatusCode::FORBIDDEN, &state.csp, "Refused", &message)
 }
 
 fn display_name(state: &State, service: &str) -> String {
     state.broker.catalogue().service(service).map(|s| s.display_name.clone()).unwrap_or_else(|| service.to_owned())
 }
 
-async fn index(q: HashMap<String, String>, state: State) -> Response {
+async fn index(q: HashMap<String, String>, browser: BrowserRequest, _ip: IpAddr, state: State) -> Response {
     let token = q.get("token").map(String::as_str);
     if let Some(service) = q.get("redirect") {
-        let mut target = format!("/login?id={}", pages::q(service));
-        if let Some(token) = token {
-            target.push_str(&format!("&token={}", pages::q(token)));
-        }
-        return redirect(&target);
+        return confirm(&state, service, token, &browser).await;
     }
     if let Some(token) = token {
         if let Err(e) = state.broker.start_handoff(token).await {
@@ -130,10 +148,30 @@ async fn index(q: HashMap<String, String>, state: State) -> Response {
         },
         None => catalogue.listed_services().map(|s| (s.id.clone(), s.display_name.clone())).collect(),
     };
-    pages::picker(&state.csp, &services, token)
+    let proof = front_door::page_proof(&state, &browser).await;
+    front_door::with_cookie(pages::picker(&state.csp, &services, token, &proof), &state, &proof)
 }
 
-async fn login(q: HashMap<String, String>, state: State) -> Response {
+/// The confirmation page for one service: names it, starts nothing.
+async fn confirm(state: &State, service: &str, token: Option<&str>, browser: &BrowserRequest) -> Response {
+    if state.login_token_services.contains(service) {
+        let mut target = format!("/cli-token?id={}", pages::q(service));
+        if let Some(token) = token {
+            target.push_str(&format!("&token={}", pages::q(token)));
+        }
+        return redirect(&target);
+    }
+    if state.broker.catalogue().service(service).is_none() {
+        let message = "This broker does not offer that service. Check the link, or pick another service.";
+        return pages::error_page(StatusCode::NOT_FOUND, &state.csp, "Unknown service", message);
+    }
+    let proof = front_door::page_proof(state, browser).await;
+    let page = pages::confirm_login(&state.csp, service, &display_name(state, service), token, &proof);
+    front_door::with_cookie(page, state, &proof)
+}
+
+/// `GET /login`: never a provider redirect, only the confirmation page.
+async fn login(q: HashMap<String, String>, browser: BrowserRequest, state: State) -> Response {
     let Some(service) = q.get("id") else {
         return pages::error_page(
             StatusCode::BAD_REQUEST,
@@ -142,21 +180,31 @@ async fn login(q: HashMap<String, String>, state: State) -> Response {
             "The login link names no service.",
         );
     };
-    let token = q.get("token").map(String::as_str);
-    if state.login_token_services.contains(service) {
-        let mut target = format!("/cli-token?id={}", pages::q(service));
-        if let Some(token) = token {
-            target.push_str(&format!("&token={}", pages::q(token)));
-        }
-        return redirect(&target);
-    }
-    match state.broker.begin_login(service, token).await {
-        Ok(start) => redirect(&start.authorization_url),
+    confirm(&state, service, q.get("token").map(String::as_str), &browser).await
+}
+
+/// `POST /login` from the broker's own page: the click that goes to the provider.
+async fn login_post(body: Vec<u8>, browser: BrowserRequest, ip: IpAddr, state: State) -> Response {
+    let form = fields(&body);
+    let proof = match browser.check_post(&state, &form) {
+        Ok(proof) => proof,
+        Err(reason) => return refused_page("/login", reason, ip, &state),
+    };
+    let started = if let Some(user_code) = form.get("user_code") {
+        state.broker.begin_device_login(user_code, &proof).await
+    } else {
+        let service = form.get("id").map(String::as_str).unwrap_or_default();
+        let token = form.get("token").map(String::as_str).filter(|t| !t.is_empty());
+        state.broker.begin_login(service, token, &proof).await
+    };
+    match started {
+        Ok(start) => see_other(&start.authorization_url),
+        Err(EngineError::Forbidden(reason)) => refused_page("/login", &reason, ip, &state),
         Err(e) => error_page(&state, "Cannot start the login", &e),
     }
 }
 
-async fn logged_in(q: HashMap<String, String>, state: State) -> Response {
+async fn logged_in(q: HashMap<String, String>, browser: BrowserRequest, ip: IpAddr, state: State) -> Response {
     let Some(login_state) = q.get("state") else {
         let message = "The provider's answer carries no state. Start the login again.";
         return pages::error_page(StatusCode::BAD_REQUEST, &state.csp, "Login failed", message);
@@ -164,6 +212,7 @@ async fn logged_in(q: HashMap<String, String>, state: State) -> Response {
     const KNOWN: [&str; 5] = ["state", "code", "error", "error_description", "iss"];
     let params: Vec<(String, String)> =
         q.iter().filter(|(k, _)| !KNOWN.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let proof = browser.proof(&state);
     let callback = Callback {
         state: login_state,
         code: q.get("code").map(String::as_str),
@@ -171,14 +220,31 @@ async fn logged_in(q: HashMap<String, String>, state: State) -> Response {
         iss: q.get("iss").map(String::as_str),
         service: None,
         params: &params,
+        browser: proof.as_deref(),
     };
     match state.broker.complete_login(&callback).await {
-        Ok(done) => {
-            let name = display_name(&state, &done.service);
-            pages::authid_page(&state.csp, &done.authid.expose_text(), &name, &state.openers, done.handed_off)
-        }
+        Ok(done) => login_done(&state, &done, ip),
+        Err(EngineError::Forbidden(reason)) => refused_page("/logged-in", &reason, ip, &state),
         Err(e) => error_page(&state, "Login failed", &e),
     }
+}
+
+/// The AuthID page after a login, with its audit lines.
+fn login_done(state: &State, done: &LoginComplete, ip: IpAddr) -> Response {
+    audit::login_completed(&done.service, &done.grant_id, &done.authid.keyid(), done.handed_off, ip);
+    if done.handoff_refused {
+        audit::handoff_refused(&done.service, &done.grant_id, ip);
+    }
+    let name = display_name(state, &done.service);
+    let text = done.authid.expose_text();
+    pages::authid_page(&state.csp, &text, &name, &state.openers, done.handed_off, done.handoff_refused)
+}
+
+/// 303: the browser follows with a GET (the provider's authorization endpoint).
+fn see_other(location: &str) -> Response {
+    let mut response = redirect(location);
+    *response.status_mut() = StatusCode::SEE_OTHER;
+    response
 }
 
 /// The Duplicati failure for an engine error; `reauth_required` names the login link.
@@ -220,7 +286,7 @@ async fn refresh(
             )
         }
         Err(e) => {
-            state.note_failure(&authid, &e);
+            state.note_failure(&authid, &e, ip);
             error(Surface::Duplicati, &duplicati_failure(&state, &e))
         }
     }
@@ -233,6 +299,7 @@ async fn fetch(q: HashMap<String, String>, ip: IpAddr, state: State) -> Response
     let token = q.get("token").map(String::as_str).unwrap_or_default();
     match state.broker.fetch_handoff(token).await {
         Ok(HandoffFetch::Ready(authid)) => {
+            audit::handoff_delivered(&authid.keyid(), ip);
             json_reply(StatusCode::OK, &json!({ "authid": authid.expose_text().as_str() }))
         }
         Ok(HandoffFetch::Pending) => json_reply(StatusCode::OK, &json!({ "wait": "Not ready" })),
@@ -266,6 +333,20 @@ async fn token_state(q: HashMap<String, String>, ip: IpAddr, state: State) -> Re
 
 async fn revoked(body: Vec<u8>, ip: IpAddr, state: State) -> Response {
     let form = fields(&body);
+    if let Some(ticket) = form.get("ticket") {
+        if let Err(wait) = state.limiter.token_request(None, ip, Instant::now()) {
+            let message = format!("Too many attempts; try again in {} s.", wait.as_secs().max(1));
+            return pages::error_page(StatusCode::TOO_MANY_REQUESTS, &state.csp, "Slow down", &message);
+        }
+        return match state.broker.revoke_grant_with_ticket(ticket).await {
+            Ok(revocation) => {
+                let provider = pages::provider_outcome(&revocation.provider);
+                audit::grant_revoked("revoke page", revocation.handles_revoked, provider, ip);
+                pages::login_revoked_page(&state.csp, revocation.handles_revoked, provider)
+            }
+            Err(e) => error_page(&state, "Cannot revoke", &e),
+        };
+    }
     let parsed = AuthId::parse(form.get("authid").map(String::as_str).unwrap_or_default());
     if let Err(wait) = state.limiter.token_request(parsed.as_ref().ok().map(AuthId::keyid), ip, Instant::now()) {
         let message = format!("Too many attempts; try again in {} s.", wait.as_secs().max(1));
@@ -275,35 +356,52 @@ async fn revoked(body: Vec<u8>, ip: IpAddr, state: State) -> Response {
         Ok(authid) => authid,
         Err(e) => return error_page(&state, "Cannot revoke", &EngineError::from(e)),
     };
-    match state.broker.revoke_handle(&authid, authid.keyid()).await {
-        Ok(grant) => {
-            let provider = grant.map(|g| match g.provider {
-                latchkey_core::engine::ProviderRevocation::Revoked => "at the provider as well",
-                latchkey_core::engine::ProviderRevocation::Unsupported => "the provider offers no revocation",
-                latchkey_core::engine::ProviderRevocation::NoToken => "there was no token to revoke",
-                latchkey_core::engine::ProviderRevocation::Failed(_) => "the provider could not be reached",
-            });
-            pages::revoked_page(&state.csp, provider)
+    match state.broker.revoke_for_page(&authid).await {
+        Ok(done) => {
+            let keyid = authid.keyid();
+            audit::authid_revoked(&keyid, &keyid, ip);
+            let provider = done.grant.as_ref().map(|g| pages::provider_outcome(&g.provider));
+            if let (Some(grant), Some(provider)) = (&done.grant, provider) {
+                audit::grant_revoked("last AuthID", grant.handles_revoked, provider, ip);
+            }
+            let rows: Vec<pages::SiblingRow> = done
+                .siblings
+                .iter()
+                .map(|h| pages::SiblingRow {
+                    keyid: h.keyid.to_string(),
+                    label: h.label.clone(),
+                    created: pages::utc_minute(h.created_at),
+                    last_used: pages::utc_minute(h.last_used_at),
+                })
+                .collect();
+            let ticket = done.ticket.as_ref().map(|t| t.expose_secret());
+            pages::revoked_page(&state.csp, provider, &rows, ticket)
         }
         Err(e) => {
-            state.note_failure(&authid, &e);
+            state.note_failure(&authid, &e, ip);
             error_page(&state, "Cannot revoke", &e)
         }
     }
 }
 
-async fn cli_token(q: HashMap<String, String>, state: State) -> Response {
+async fn cli_token(q: HashMap<String, String>, browser: BrowserRequest, state: State) -> Response {
     let service = q.get("id").map(String::as_str).unwrap_or("jottacloud");
     if !state.login_token_services.contains(service) || state.broker.catalogue().service(service).is_none() {
         let message = "This service does not log in with a login token here.";
         return pages::error_page(StatusCode::NOT_FOUND, &state.csp, "Unknown service", message);
     }
     let token = q.get("token").map(String::as_str);
-    pages::login_token_form(&state.csp, service, &display_name(&state, service), token)
+    let proof = front_door::page_proof(&state, &browser).await;
+    let page = pages::login_token_form(&state.csp, service, &display_name(&state, service), token, &proof);
+    front_door::with_cookie(page, &state, &proof)
 }
 
-async fn cli_token_login(body: Vec<u8>, state: State) -> Response {
+async fn cli_token_login(body: Vec<u8>, browser: BrowserRequest, ip: IpAddr, state: State) -> Response {
     let form = fields(&body);
+    let proof = match browser.check_post(&state, &form) {
+        Ok(proof) => proof,
+        Err(reason) => return refused_page("/cli-token-login", reason, ip, &state),
+    };
     let service = form.get("id").map(String::as_str).unwrap_or_default();
     if !state.login_token_services.contains(service) {
         let message = "This service does not log in with a login token here.";
@@ -311,20 +409,32 @@ async fn cli_token_login(body: Vec<u8>, state: State) -> Response {
     }
     let login_token = form.get("login_token").map(String::as_str).unwrap_or_default();
     let handoff = form.get("token").map(String::as_str).filter(|t| !t.is_empty());
-    match state.broker.login_with_token(service, login_token, handoff).await {
-        Ok(done) => {
-            let name = display_name(&state, &done.service);
-            pages::authid_page(&state.csp, &done.authid.expose_text(), &name, &state.openers, done.handed_off)
-        }
+    match state.broker.login_with_token(service, login_token, handoff, &proof).await {
+        Ok(done) => login_done(&state, &done, ip),
+        Err(EngineError::Forbidden(reason)) => refused_page("/cli-token-login", &reason, ip, &state),
         Err(e) => error_page(&state, "Login failed", &e),
     }
 }
 
-async fn device_login(body: Vec<u8>, state: State) -> Response {
+async fn device_page(q: HashMap<String, String>, browser: BrowserRequest, state: State) -> Response {
+    let proof = front_door::page_proof(&state, &browser).await;
+    let page = pages::device_form(&state.csp, q.get("user_code").map(String::as_str), &proof);
+    front_door::with_cookie(page, &state, &proof)
+}
+
+/// `POST /device`: the typed code, from our own page; shows what asks before anything starts.
+async fn device_post(body: Vec<u8>, browser: BrowserRequest, ip: IpAddr, state: State) -> Response {
     let form = fields(&body);
+    let proof = match browser.check_post(&state, &form) {
+        Ok(proof) => proof,
+        Err(reason) => return refused_page("/device", reason, ip, &state),
+    };
     let code = form.get("user_code").map(String::as_str).unwrap_or_default();
-    match state.broker.begin_device_login(code).await {
-        Ok(start) => redirect(&start.authorization_url),
+    match state.broker.device_confirmation(code).await {
+        Ok(shown) => {
+            let name = display_name(&state, &shown.service);
+            pages::device_confirm(&state.csp, &name, &shown.label, &shown.user_code, &proof)
+        }
         Err(e) => error_page(&state, "Cannot connect the device", &e),
     }
 }

@@ -8,6 +8,7 @@
 
 mod api;
 mod duplicati;
+pub mod front_door;
 mod metrics;
 pub mod pages;
 pub mod reply;
@@ -51,6 +52,8 @@ pub struct AppState {
     pub csp: String,
     /// Services logged into with a pasted login token instead of a browser redirect.
     pub login_token_services: std::collections::HashSet<String>,
+    /// How long a login may take; the proof cookie lives as long.
+    pub login_ttl: std::time::Duration,
 }
 
 impl AppState {
@@ -73,6 +76,7 @@ impl AppState {
             .collect();
         AppState {
             login_token_services,
+            login_ttl: broker.login_ttl(),
             broker,
             store,
             public_url: config.public_url(),
@@ -98,9 +102,9 @@ impl AppState {
     }
 
     /// A refused token request: counts a failed secret against the keyid.
-    fn note_failure(&self, authid: &AuthId, error: &EngineError) {
-        if matches!(error, EngineError::AuthIdInvalid) {
-            self.limiter.failed_secret(authid.keyid(), Instant::now());
+    fn note_failure(&self, authid: &AuthId, error: &EngineError, client: IpAddr) {
+        if matches!(error, EngineError::AuthIdInvalid) && self.limiter.failed_secret(authid.keyid(), Instant::now()) {
+            crate::audit::backoff_engaged(&authid.keyid(), client);
         }
         tracing::info!(keyid = %authid.keyid(), code = error.code().as_str(), "token request refused");
     }

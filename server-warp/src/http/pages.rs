@@ -69,20 +69,39 @@ pub fn error_page(status: StatusCode, csp: &str, title: &str, message: &str) -> 
     page(status, csp, title, &body, false)
 }
 
-/// The service picker.
-pub fn picker(csp: &str, services: &[(String, String)], token: Option<&str>) -> Response {
-    let token_param = token.map(|t| format!("&token={}", q(t))).unwrap_or_default();
+/// The hidden fields every form that continues a login carries.
+fn login_fields(proof: &str, token: Option<&str>) -> String {
+    let token = token.map(|t| format!("<input type=hidden name=token value=\"{}\">", escape(t))).unwrap_or_default();
+    format!("<input type=hidden name=csrf value=\"{}\">{token}", escape(proof))
+}
+
+/// What a page says when a program waits for the login's AuthID.
+const WAITING_PROGRAM: &str = "<p class=warning><strong>A program is waiting for this login.</strong> \
+    It will receive the AuthID by itself. Continue only if you started this yourself, just now, from your own \
+    backup or sync program; if a web page or a message sent you here, close this tab.</p>";
+
+/// The service picker: every way onward is a button that posts to `/login`.
+pub fn picker(csp: &str, services: &[(String, String)], token: Option<&str>, proof: &str) -> Response {
     let items: String = services
         .iter()
-        .map(|(id, name)| format!("<li><a href=\"/login?id={}{token_param}\">{}</a></li>", q(id), escape(name)))
+        .map(|(id, name)| {
+            format!(
+                "<li><form method=post action=\"/login\"><input type=hidden name=id value=\"{}\">{}\
+                 <button type=submit>{}</button></form></li>",
+                escape(id),
+                login_fields(proof, token),
+                escape(name)
+            )
+        })
         .collect();
     let list = if items.is_empty() {
         "<p>No service is configured on this broker yet.</p>".to_owned()
     } else {
         format!("<ul class=services>{items}</ul>")
     };
+    let waiting = if token.is_some() { WAITING_PROGRAM } else { "" };
     let body = format!(
-        "<div class=card><h1>Connect a storage account</h1>\
+        "<div class=card><h1>Connect a storage account</h1>{waiting}\
          <p>Pick the service your backup or sync program should reach. You will log in at the provider; \
          this broker never sees your password.</p>{list}</div>\
          <p class=muted>A program that cannot show a browser can use the <a href=\"/device\">device page</a>.</p>"
@@ -90,10 +109,40 @@ pub fn picker(csp: &str, services: &[(String, String)], token: Option<&str>) -> 
     page(StatusCode::OK, csp, "Connect", &body, false)
 }
 
+/// The confirmation a login link leads to: it names the service and starts
+/// nothing until the user clicks.
+pub fn confirm_login(csp: &str, service: &str, display: &str, token: Option<&str>, proof: &str) -> Response {
+    let waiting = if token.is_some() { WAITING_PROGRAM } else { "" };
+    let body = format!(
+        "<div class=card><h1>Log in to {display}</h1>{waiting}\
+         <p>You will be sent to {display} to log in and allow access. This broker never sees your password.</p>\
+         <form method=post action=\"/login\"><input type=hidden name=id value=\"{service}\">{fields}\
+         <button type=submit id=continue>Continue to {display}</button></form></div>",
+        display = escape(display),
+        service = escape(service),
+        fields = login_fields(proof, token),
+    );
+    page(StatusCode::OK, csp, "Log in", &body, false)
+}
+
 /// The AuthID page, shown once after a login.
-pub fn authid_page(csp: &str, authid: &str, service: &str, openers: &[String], handed_off: bool) -> Response {
-    let handed =
-        if handed_off { "<p>Your program has been sent this AuthID and will pick it up by itself.</p>" } else { "" };
+pub fn authid_page(
+    csp: &str,
+    authid: &str,
+    service: &str,
+    openers: &[String],
+    handed_off: bool,
+    handoff_refused: bool,
+) -> Response {
+    let handed = if handed_off {
+        "<p>Your program has been sent this AuthID and will pick it up by itself.</p>"
+    } else if handoff_refused {
+        "<p class=warning>The program that waited for this login had already received an AuthID from another \
+         login, so it was not sent this one. If you did not make that other login, revoke it and check your \
+         program's settings.</p>"
+    } else {
+        ""
+    };
     let body = format!(
         "<div class=card><h1>Your AuthID for {service}</h1>{handed}\
          <p>Paste this AuthID into your backup or sync program (in Duplicati: the <em>AuthID</em> field of the \
@@ -112,16 +161,30 @@ pub fn authid_page(csp: &str, authid: &str, service: &str, openers: &[String], h
 /// The revoke form.
 pub fn revoke_form(csp: &str) -> Response {
     let body = "<div class=card><h1>Revoke an AuthID</h1>\
-        <p>Paste the AuthID to revoke. Programs using it stop working at once; other AuthIDs of the same login keep working. \
-        Revoking the last AuthID of a login also revokes the login at the provider where it allows that.</p>\
+        <p>Paste the AuthID to revoke. Programs using it stop working at once. The next page lists the other AuthIDs \
+        of the same login and lets you revoke the whole login; revoking the last AuthID of a login also revokes the \
+        login at the provider where it allows that.</p>\
         <form method=post action=\"/revoked\"><label for=authid-input>AuthID</label>\
         <input type=text id=authid-input name=authid autocomplete=off required>\
         <input type=submit value=\"Revoke\"></form></div>";
     page(StatusCode::OK, csp, "Revoke", body, false)
 }
 
-/// The result of a revocation.
-pub fn revoked_page(csp: &str, grant_revoked: Option<&str>) -> Response {
+/// One of a login's other AuthIDs, as the revoke page lists it.
+pub struct SiblingRow {
+    /// Its keyid (public).
+    pub keyid: String,
+    /// Its label.
+    pub label: String,
+    /// When it was made.
+    pub created: String,
+    /// When it was last used.
+    pub last_used: String,
+}
+
+/// The result of revoking an AuthID: the login's other AuthIDs and, while
+/// there are any, a button that revokes the whole login.
+pub fn revoked_page(csp: &str, grant_revoked: Option<&str>, siblings: &[SiblingRow], ticket: Option<&str>) -> Response {
     let extra = match grant_revoked {
         Some(provider) => format!(
             "<p>That was the last AuthID of its login, so the login itself was revoked ({}).</p>",
@@ -129,36 +192,125 @@ pub fn revoked_page(csp: &str, grant_revoked: Option<&str>) -> Response {
         ),
         None => String::new(),
     };
-    let body = format!("<div class=card><h1>Revoked</h1><p>The AuthID no longer works.</p>{extra}</div>");
+    let others = if siblings.is_empty() {
+        String::new()
+    } else {
+        let rows: String = siblings
+            .iter()
+            .map(|s| {
+                format!(
+                    "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                    escape(&s.keyid),
+                    escape(&s.label),
+                    escape(&s.created),
+                    escape(&s.last_used)
+                )
+            })
+            .collect();
+        let button = ticket
+            .map(|t| {
+                format!(
+                    "<form method=post action=\"/revoked\"><input type=hidden name=ticket value=\"{}\">\
+                     <button type=submit id=revoke-login>Revoke the whole login</button></form>\
+                     <p class=muted>This revokes every AuthID listed here and the login at the provider. \
+                     It works for ten minutes.</p>",
+                    escape(t)
+                )
+            })
+            .unwrap_or_default();
+        format!(
+            "<div class=card><h2>Other AuthIDs of this login still work</h2>\
+             <p>If you do not recognise them all, someone may have used your AuthID to make more: revoke the \
+             whole login.</p><table id=siblings><thead><tr><th>Key id</th><th>Label</th><th>Created</th>\
+             <th>Last used</th></tr></thead><tbody>{rows}</tbody></table>{button}</div>"
+        )
+    };
+    let body = format!("<div class=card><h1>Revoked</h1><p>The AuthID no longer works.</p>{extra}</div>{others}");
     page(StatusCode::OK, csp, "Revoked", &body, false)
 }
 
+/// The result of revoking a whole login from the revoke page.
+pub fn login_revoked_page(csp: &str, handles: usize, provider: &str) -> Response {
+    let body = format!(
+        "<div class=card><h1>Login revoked</h1><p>{handles} more AuthID(s) revoked; none of this login's AuthIDs \
+         works any more. At the provider: {}.</p></div>",
+        escape(provider)
+    );
+    page(StatusCode::OK, csp, "Login revoked", &body, false)
+}
+
 /// The device page: where a user types the code a headless program shows.
-pub fn device_form(csp: &str, prefill: Option<&str>) -> Response {
+pub fn device_form(csp: &str, prefill: Option<&str>, proof: &str) -> Response {
     let body = format!(
         "<div class=card><h1>Connect a device</h1><p>Type the code your program shows.</p>\
          <form method=post action=\"/device\"><label for=user-code>Code</label>\
          <input type=text id=user-code name=user_code value=\"{}\" autocomplete=off autocapitalize=characters required>\
-         <input type=submit value=\"Continue\"></form></div>",
-        escape(prefill.unwrap_or_default())
+         {}<input type=submit value=\"Continue\"></form></div>",
+        escape(prefill.unwrap_or_default()),
+        login_fields(proof, None),
+    );
+    page(StatusCode::OK, csp, "Connect a device", &body, false)
+}
+
+/// What a typed device code asks for, before the user continues (RFC 8628 §5.4).
+pub fn device_confirm(csp: &str, display: &str, label: &str, user_code: &str, proof: &str) -> Response {
+    let body = format!(
+        "<div class=card><h1>Connect {label} to {display}?</h1>\
+         <p class=warning><strong>A program is waiting for this login:</strong> <em>{label}</em> asked for access to \
+         your {display} account with the code <code>{code}</code>. Continue only if you started this yourself on \
+         your own device; if someone sent you this code, close this tab.</p>\
+         <form method=post action=\"/login\"><input type=hidden name=user_code value=\"{code}\">{fields}\
+         <button type=submit id=continue>Continue to {display}</button></form></div>",
+        display = escape(display),
+        label = escape(label),
+        code = escape(user_code),
+        fields = login_fields(proof, None),
     );
     page(StatusCode::OK, csp, "Connect a device", &body, false)
 }
 
 /// The personal-login-token form (Jottacloud).
-pub fn login_token_form(csp: &str, service: &str, display: &str, token: Option<&str>) -> Response {
-    let token_field =
-        token.map(|t| format!("<input type=hidden name=token value=\"{}\">", escape(t))).unwrap_or_default();
+pub fn login_token_form(csp: &str, service: &str, display: &str, token: Option<&str>, proof: &str) -> Response {
+    let waiting = if token.is_some() { WAITING_PROGRAM } else { "" };
     let body = format!(
-        "<div class=card><h1>Log in to {display}</h1><p>Create a personal login token in your {display} account settings \
-         and paste it here. It is used once to log in and is not kept.</p>\
-         <form method=post action=\"/cli-token-login\"><input type=hidden name=id value=\"{service}\">{token_field}\
+        "<div class=card><h1>Log in to {display}</h1>{waiting}<p>Create a personal login token in your {display} \
+         account settings and paste it here. It is used once to log in and is not kept.</p>\
+         <form method=post action=\"/cli-token-login\"><input type=hidden name=id value=\"{service}\">{fields}\
          <label for=login-token>Personal login token</label><textarea id=login-token name=login_token required></textarea>\
          <input type=submit value=\"Log in\"></form></div>",
         display = escape(display),
         service = escape(service),
+        fields = login_fields(proof, token),
     );
     page(StatusCode::OK, csp, "Log in", &body, false)
+}
+
+/// What became of a grant at its provider, in words.
+pub fn provider_outcome(outcome: &latchkey_core::engine::ProviderRevocation) -> &'static str {
+    use latchkey_core::engine::ProviderRevocation;
+    match outcome {
+        ProviderRevocation::Revoked => "at the provider as well",
+        ProviderRevocation::Unsupported => "the provider offers no revocation",
+        ProviderRevocation::NoToken => "there was no token to revoke",
+        ProviderRevocation::Failed(_) => "the provider could not be reached",
+    }
+}
+
+/// A time as people read it: `2026-11-29 23:38 UTC`.
+pub fn utc_minute(at: latchkey_core::Timestamp) -> String {
+    let secs = at.unix_secs();
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02} UTC", rest / 3600, rest % 3600 / 60)
 }
 
 /// The privacy policy, as plain text.
