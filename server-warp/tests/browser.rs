@@ -14,8 +14,7 @@
 // (`POST /session/{id}/se/log` with `{"type": "browser"}` or
 // `{"type": "performance"}`; the session asks for both with
 // `goog:loggingPrefs`). Each read drains what was logged since the previous
-// one. A few DevTools commands go through chromedriver's
-// `POST /session/{id}/goog/cdp/execute`.
+// one.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -272,13 +271,6 @@ impl Browser {
         requests.clone()
     }
 
-    /// A DevTools command in the current window's page.
-    async fn cdp(&self, cmd: &str, params: Value) -> Value {
-        let body = json!({ "cmd": cmd, "params": params });
-        let command = SessionCommand { method: Method::POST, path: "goog/cdp/execute", body: Some(body) };
-        self.client.issue_cmd(command).await.unwrap_or_else(|e| panic!("DevTools {cmd}: {e}"))
-    }
-
     /// Every console message so far.
     async fn console(&self) -> Vec<String> {
         self.read_console().await;
@@ -378,16 +370,6 @@ enum Here {
     Login,
     Consent,
     Error,
-    /// The browser asked for the broker's callback (`stop_at_callback`).
-    Callback(String),
-}
-
-/// Where a run through the provider's pages ended.
-enum End {
-    /// The AuthID the broker's AuthID page showed.
-    AuthIdPage(String),
-    /// The callback URL the provider sent the browser to.
-    Callback(String),
 }
 
 /// From a page on the way to the provider, through its login (as `user`) and
@@ -398,54 +380,11 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = ()>,
 {
-    match provider_pages(b, broker, user, at_login, false).await {
-        (End::AuthIdPage(authid), steps) => (authid, steps),
-        (End::Callback(url), _) => unreachable!("not asked to stop at the callback: {url}"),
-    }
-}
-
-/// Like [`through_provider`], in a browser that does not load the broker's
-/// callback (blocked with [`block_callbacks`]): the callback URL the
-/// provider sent it to, unused.
-async fn to_callback(b: &Browser, broker: &str, user: &str) -> (String, Steps) {
-    match provider_pages(b, broker, user, || async {}, true).await {
-        (End::Callback(url), steps) => (url, steps),
-        (End::AuthIdPage(authid), _) => panic!("the callback was not blocked: the AuthID page showed {authid}"),
-    }
-}
-
-/// Blocks (or, with `false`, unblocks) every request of the current
-/// window's page for the broker's `/logged-in`: the browser goes through the
-/// provider, and the callback stays unused.
-async fn block_callbacks(b: &Browser, broker: &str, block: bool) {
-    b.cdp("Network.enable", json!({})).await;
-    let urls = if block { vec![format!("{broker}/logged-in*")] } else { Vec::new() };
-    b.cdp("Network.setBlockedURLs", json!({ "urls": urls })).await;
-}
-
-async fn provider_pages<F, Fut>(
-    b: &Browser,
-    broker: &str,
-    user: &str,
-    at_login: F,
-    stop_at_callback: bool,
-) -> (End, Steps)
-where
-    F: FnOnce() -> Fut,
-    Fut: Future<Output = ()>,
-{
-    let callback = format!("{broker}/logged-in?");
     let mut steps = Steps::default();
     let mut at_login = Some(at_login);
     for _ in 0..6 {
         let here = b
             .until("a login or consent form or the AuthID page", || async {
-                if stop_at_callback {
-                    let requests = b.requests().await;
-                    if let Some(sent) = requests.iter().find(|r| r.url.starts_with(&callback)) {
-                        return Some(Here::Callback(sent.url.clone()));
-                    }
-                }
                 for (css, here) in [
                     ("#authid", Here::AuthId),
                     ("#username", Here::Login),
@@ -468,9 +407,8 @@ where
                     (b.script("return document.readyState;").await == "complete").then_some(())
                 })
                 .await;
-                return (End::AuthIdPage(authid_on_page(b).await), steps);
+                return (authid_on_page(b).await, steps);
             }
-            Here::Callback(url) => return (End::Callback(url), steps),
             Here::Login => {
                 assert!(!steps.login, "the login form came back: {}", b.body_text().await);
                 steps.login = true;
@@ -1065,16 +1003,23 @@ async fn a_login_callback_replayed_in_another_browser_is_refused_and_does_not_sp
     let w = world(1).await;
     let token = "replayed-callback-token-0001";
 
-    // Browser A begins a hand-off login with its click and goes through the
-    // provider, but does not load the callback.
+    // Browser A begins a hand-off login with its click: the broker's 303
+    // takes it to the provider. The provider's answer to that authorization
+    // request (its login and consent done by the testkit's own session) is
+    // the callback URL, not loaded anywhere yet.
     let a = Browser::start().await;
-    block_callbacks(&a, &w.url, true).await;
     a.goto(&format!("{}/login?id=oidc&token={token}", w.url)).await;
     let a_cookie = a.client.get_named_cookie(LOGIN_COOKIE).await.unwrap().value().to_owned();
     a.click_away(&confirmation(&a, true).await).await;
-    let (callback, steps) = to_callback(&a, &w.url, "frank").await;
-    assert!(steps.login && steps.consent, "{steps:?}");
-    assert!(callback.contains("code=") && callback.contains("state="), "{callback}");
+    a.find("#username").await;
+    let authorization = a
+        .until("the broker's redirect to the provider in the request log", || async {
+            let requests = a.requests().await;
+            requests.into_iter().map(|r| r.url).find(|u| u.starts_with(w.oidc.authorization_endpoint()))
+        })
+        .await;
+    let callback = w.oidc.login(&authorization, "frank").await.expect("login and consent at the provider");
+    assert!(callback.starts_with(&format!("{}/logged-in?", w.url)) && callback.contains("code="), "{callback}");
     w.fetch_has_no_authid(token, "before any callback").await;
 
     // Browser B (another cookie jar) loads it: refused, nothing created.
@@ -1092,7 +1037,6 @@ async fn a_login_callback_replayed_in_another_browser_is_refused_and_does_not_sp
     assert_eq!(w.fetch(token).await, json!({ "wait": "Not ready" }), "no AuthID was made");
 
     // A, which began the login, still completes it: the replays spent nothing.
-    block_callbacks(&a, &w.url, false).await;
     a.goto(&callback).await;
     a.find("#authid").await;
     assert_eq!(a.title().await, "Your AuthID · latchkey");

@@ -148,6 +148,49 @@ async fn revoking_the_grant_revokes_it_at_the_provider() {
 }
 
 #[tokio::test]
+async fn the_revoke_page_lists_the_other_authids_and_revokes_the_whole_login_at_the_provider() {
+    let t = interop(3600).await;
+    let stolen = login(&t.http, &t.url, &t.oidc, "dave", "/login?id=oidc").await;
+    // The thief minted one more with the stolen AuthID.
+    let minted: Value = t
+        .http
+        .post(format!("{}/v1/handles", t.url))
+        .bearer_auth(&stolen)
+        .json(&serde_json::json!({ "label": "thief's laptop" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let theirs = minted["authid"].as_str().unwrap().to_owned();
+    let access = v1_token(&t.http, &t.url, &theirs).await.json::<Value>().await.unwrap()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(t.oidc.introspect(&access).await.unwrap());
+    // The victim revokes their own AuthID and sees the sibling.
+    let page = t.http.post(format!("{}/revoked", t.url)).form(&[("authid", stolen.as_str())]).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
+    let keyid = theirs.split(':').next().unwrap();
+    assert!(html.contains(keyid) && html.contains("thief&#39;s laptop"), "the sibling is listed: {html}");
+    assert!(!html.contains(theirs.split(':').nth(1).unwrap()), "never a sibling's secret");
+    assert_eq!(v1_token(&t.http, &t.url, &theirs).await.status(), 200, "the sibling still works until the victim acts");
+    let ticket = crate::support::form_fields(&html, "/revoked");
+    let done = t.http.post(format!("{}/revoked", t.url)).form(&ticket).send().await.unwrap();
+    assert_eq!(done.status(), 200);
+    let done = done.text().await.unwrap();
+    assert!(done.contains("Login revoked") && done.contains("at the provider as well"), "{done}");
+    assert!(!t.oidc.introspect(&access).await.unwrap(), "RFC 7009 ended the grant at the provider");
+    assert_eq!(v1_token(&t.http, &t.url, &theirs).await.status(), 401);
+    let again = t.http.post(format!("{}/revoked", t.url)).form(&ticket).send().await.unwrap();
+    assert_eq!(again.status(), 200, "a second use finds nothing left to revoke");
+    let forged = t.http.post(format!("{}/revoked", t.url)).form(&[("ticket", "AAAA")]).send().await.unwrap();
+    assert_eq!(forged.status(), 400);
+}
+
+#[tokio::test]
 async fn the_device_flow_end_to_end_against_oidc_provider() {
     let t = interop(3600).await;
     let start = device_code(&t.http, &t.url, "oidc").await;

@@ -73,16 +73,18 @@ pub(crate) async fn harness_tuned(
     tune: impl FnOnce(&mut latchkey_core::EngineConfig),
 ) -> Harness {
     capture_logs();
+    let issuer = fake.issuer.as_ref().map(|i| format!("issuer = \"{i}\"")).unwrap_or_default();
     let fake = FakeProvider::start(fake).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let keys = "k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
     // Top-level keys go first, tables last.
     let (top, tables) = if extra.trim_start().starts_with('[') { ("", extra) } else { (extra, "") };
+    let public_url = if top.contains("public_url") { String::new() } else { format!("public_url = \"{url}\"") };
     let text = format!(
         r#"
         {top}
-        public_url = "{url}"
+        {public_url}
         [keys]
         master_keys = ["{keys}"]
         [providers.fake]
@@ -93,6 +95,7 @@ pub(crate) async fn harness_tuned(
         client_id = "latchkey-test"
         client_secrets = ["{CLIENT_SECRET}"]
         rotates_refresh_tokens = true
+        {issuer}
         [services.fake]
         provider = "fake"
         display_name = "Fake storage"
