@@ -10,7 +10,7 @@
 use latchkey_core::envelope;
 use latchkey_core::{
     AuthId, DeviceGrant, Grant, GrantId, GrantPayload, GrantState, Handle, Handoff, HandoffId, Lease, LoginId,
-    LoginTransaction, MasterKeyring, PassphraseParams, Record, Timestamp, UserCodeId,
+    LoginTransaction, MasterKeyring, PassphraseParams, Record, Tagged, Timestamp, UserCodeId,
 };
 use secrecy::SecretString;
 
@@ -121,19 +121,27 @@ fn record_decode(seeds: &mut Vec<Seed>) {
     let mut old = old;
     old.revoked_at = Some(t(1_790_000_500_000));
     add(seeds, T, "handle_old_key_revoked", old.encode());
+    let keys = ring.record_keys();
     let mut tx = LoginTransaction {
-        id: LoginId::for_state("state-for-fuzzing"),
+        id: LoginId::for_state(&keys, "state-for-fuzzing"),
         version: 0,
         service: "googledrive".to_owned(),
         pkce_verifier: None,
-        handoff: Some(HandoffId::for_token(HANDOFF_TOKEN)),
+        handoff: Some(HandoffId::for_token(&keys, HANDOFF_TOKEN)),
+        browser: Some([9; 32]),
+        label: "first login".to_owned(),
         created_at: t(1_790_000_000_000),
         expires_at: t(1_790_000_600_000),
+        completed_at: None,
+        tag: [0; 32],
     };
+    tx.sign(&keys);
     add(seeds, T, "login_without_pkce", tx.encode());
     tx.seal_verifier(&SecretString::from("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"), &ring, &rng);
+    tx.completed_at = Some(t(1_790_000_100_000));
+    tx.sign(&keys);
     add(seeds, T, "login_with_pkce", tx.encode());
-    let mut handoff = Handoff::new(HANDOFF_TOKEN, t(1_790_000_000_000), t(1_790_000_900_000));
+    let mut handoff = Handoff::new(&keys, HANDOFF_TOKEN, t(1_790_000_000_000), t(1_790_000_900_000));
     add(seeds, T, "handoff_pending", handoff.encode());
     handoff.seal_authid(&authid(), &rng);
     add(seeds, T, "handoff_ready", handoff.encode());
@@ -142,12 +150,14 @@ fn record_decode(seeds: &mut Vec<Seed>) {
     handoff.denied_at = Some(t(1_790_000_100_001));
     add(seeds, T, "handoff_delivered", handoff.encode());
     let device = DeviceGrant {
-        id: UserCodeId::for_user_code("WDJB-MJHT"),
+        id: UserCodeId::for_user_code(&keys, "WDJB-MJHT"),
         version: 0,
         service: "dropbox".to_owned(),
-        handoff: HandoffId::for_token("device-code"),
+        handoff: HandoffId::for_token(&keys, "device-code-for-fuzzing"),
+        label: "nightly backup".to_owned(),
         created_at: t(1_790_000_000_000),
         expires_at: t(1_790_000_900_000),
+        tag: [0; 32],
     };
     add(seeds, T, "device_grant", device.encode());
     let lease =

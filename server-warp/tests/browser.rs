@@ -140,7 +140,7 @@ struct Browser {
     /// Every console entry read so far.
     console: Mutex<Vec<Value>>,
     /// Every request the browser was seen to send so far, in any window.
-    requests: Mutex<Vec<Sent>>,
+    traffic: Mutex<Traffic>,
     _driver: Driver,
     _profile: tempfile::TempDir,
 }
@@ -185,7 +185,7 @@ impl Browser {
             pid,
             closed: false,
             console: Mutex::default(),
-            requests: Mutex::default(),
+            traffic: Mutex::default(),
             _driver: driver,
             _profile: profile,
         }
@@ -257,18 +257,28 @@ impl Browser {
             SessionCommand { method: Method::POST, path: "se/log", body: Some(json!({ "type": "performance" })) };
         let entries = self.client.issue_cmd(command).await.expect("chromedriver's performance log");
         let entries = entries.as_array().cloned().unwrap_or_else(|| panic!("a log is a list: {entries}"));
-        let mut requests = self.requests.lock().unwrap();
+        let mut traffic = self.traffic.lock().unwrap();
         for entry in entries {
             let Some(Ok(event)) = entry["message"].as_str().map(serde_json::from_str::<Value>) else { continue };
-            let event = &event["message"];
-            if event["method"] == "Network.requestWillBeSent" {
-                let request = &event["params"]["request"];
+            let (event, params) = (&event["message"]["method"], &event["message"]["params"]);
+            let id = params["requestId"].as_str().unwrap_or_default().to_owned();
+            if event == "Network.requestWillBeSent" {
+                let request = &params["request"];
                 if let (Some(method), Some(url)) = (request["method"].as_str(), request["url"].as_str()) {
-                    requests.push(Sent { method: method.to_owned(), url: url.to_owned() });
+                    let (method, url) = (method.to_owned(), url.to_owned());
+                    traffic.sent.push(Sent { id, method, url, wire_headers: Value::Null });
                 }
+            } else if event == "Network.requestWillBeSentExtraInfo" {
+                traffic.wire_headers.push((id, params["headers"].clone()));
             }
         }
-        requests.clone()
+        let Traffic { sent, wire_headers } = &*traffic;
+        sent.iter()
+            .map(|s| {
+                let headers = wire_headers.iter().rev().find(|(id, _)| *id == s.id).map(|(_, h)| h.clone());
+                Sent { wire_headers: headers.unwrap_or(Value::Null), ..s.clone() }
+            })
+            .collect()
     }
 
     /// Every console message so far.
@@ -335,8 +345,29 @@ impl Drop for Browser {
 /// A request the browser sent.
 #[derive(Debug, Clone)]
 struct Sent {
+    /// DevTools' request id (shared by the hops of a redirect chain).
+    id: String,
     method: String,
     url: String,
+    /// The headers that went on the wire (with `Cookie` and `Sec-Fetch-*`),
+    /// for the last hop of the request's chain; null if not logged (yet).
+    wire_headers: Value,
+}
+
+impl Sent {
+    /// A header as it went on the wire (names compared case-insensitively).
+    fn header(&self, name: &str) -> Option<&str> {
+        let headers = self.wire_headers.as_object()?;
+        headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).and_then(|(_, v)| v.as_str())
+    }
+}
+
+/// What the performance log showed of the browser's requests.
+#[derive(Default)]
+struct Traffic {
+    sent: Vec<Sent>,
+    /// `Network.requestWillBeSentExtraInfo`: (request id, headers).
+    wire_headers: Vec<(String, Value)>,
 }
 
 /// `scheme://host:port` of `url`.
@@ -423,7 +454,12 @@ where
                 assert!(!steps.consent, "the consent form came back: {}", b.body_text().await);
                 steps.consent = true;
                 let scopes = b.find("#scopes").await.text().await.unwrap();
-                assert!(scopes.contains("offline_access") && scopes.contains("files"), "{scopes}");
+                // A new provider session asks for the scopes; one that
+                // already granted them shows the consent again only because
+                // the broker asks for it (`prompt=consent`), with nothing new.
+                if steps.login {
+                    assert!(scopes.contains("offline_access") && scopes.contains("files"), "{scopes}");
+                }
                 b.click_away(&b.find("#allow").await).await;
             }
             Here::Error => panic!("an error page at {}:\n{}", b.url().await, b.body_text().await),
@@ -869,7 +905,11 @@ async fn the_pages_render_on_desktop_and_phone_and_their_forms_work() {
     assert_eq!(b.url().await, format!("{}/device", w.url), "nothing started yet");
     shoot(&b, "device-confirm").await;
     b.click_away(&button).await;
-    let (shown, _) = through_provider(&b, &w.url, "carol", || async {}).await;
+    let (shown, steps) = through_provider(&b, &w.url, "carol", || async {}).await;
+    assert!(
+        !steps.login && steps.consent,
+        "the provider's session skips the login, the broker's prompt=consent forces its screen: {steps:?}"
+    );
     assert!(b.body_text().await.contains("will pick it up by itself"));
     let (_, poll_token) = crate::support::device_token(&w.http, &w.url, start["device_code"].as_str().unwrap()).await;
     assert_eq!(poll_token["authid"], shown.as_str(), "the device receives the AuthID the page showed");
@@ -965,9 +1005,17 @@ async fn another_page_that_opens_the_login_and_posts_its_form_never_reaches_the_
     // The log did see both forged forms reach the broker (so it sees the
     // popup's requests too), and not one request to the provider.
     let requests = b.requests().await;
-    let posts = requests.iter().filter(|r| r.method == "POST" && r.url == login).count();
-    assert_eq!(posts, 2, "both forged forms were posted: {requests:#?}");
+    let posts: Vec<&Sent> = requests.iter().filter(|r| r.method == "POST" && r.url == login).collect();
+    assert_eq!(posts.len(), 2, "both forged forms were posted: {requests:#?}");
     assert!(to_provider(&b, &issuer).await.is_empty(), "{requests:#?}");
+    // From another site, Chromium says so and keeps the SameSite=Lax cookie
+    // back; from another origin of the same site, the cookie goes along and
+    // only `Sec-Fetch-Site: same-site` (and the made-up csrf) refuse it.
+    let cookie = |sent: &Sent| sent.header("cookie").unwrap_or_default().contains(&format!("{LOGIN_COOKIE}="));
+    assert_eq!(posts[0].header("sec-fetch-site"), Some("cross-site"), "{:#?}", posts[0]);
+    assert!(!cookie(posts[0]), "{:#?}", posts[0]);
+    assert_eq!(posts[1].header("sec-fetch-site"), Some("same-site"), "{:#?}", posts[1]);
+    assert!(cookie(posts[1]), "{:#?}", posts[1]);
 
     // The control: the user's own click on the confirmation page of a
     // program's login link goes to the provider (which the log sees), and the

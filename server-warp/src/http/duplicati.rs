@@ -118,7 +118,8 @@ fn error_page(state: &State, title: &str, e: &EngineError) -> Response {
 fn refused_page(route: &str, reason: &str, client: IpAddr, state: &State) -> Response {
     audit::browser_refused(route, reason, client);
     let message = format!(
-        "This step was refused: {reason}. Logins continue only from this broker's own pages, in the browser that          began them. Go back to the program or link you started from and begin again."
+        "This step was refused: {reason}. Logins continue only from this broker's own pages, in the browser that \
+         began them. Go back to the program or link you started from and begin again."
     );
     pages::error_page(StatusCode::FORBIDDEN, &state.csp, "Refused", &message)
 }
