@@ -351,7 +351,7 @@ async fn login_states_are_single_use_and_expire() {
     let world = World::new(ScriptedProvider::new());
     let broker = world.broker("a", |_| {}).await;
     let begun = begin(&broker, SERVICE, None).await;
-    let start_url = broker.begin_login(SERVICE, None, &broker.new_browser_proof().expose_secret().to_owned()).await;
+    let start_url = broker.begin_login(SERVICE, None, broker.new_browser_proof().expose_secret()).await;
     assert!(start_url.unwrap().authorization_url.contains("code_challenge_method=S256"));
     let code = world.provider.approve(&begun.state).unwrap();
     let callback = begun.callback(Some(&code));
