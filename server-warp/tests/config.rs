@@ -281,6 +281,23 @@ fn master_key_rotate_replaces_the_generated_key_beside_the_data_and_audits_it() 
     for secret in [OLD_KEY.split_once(':').unwrap().1, lines[0].split_once(':').unwrap().1] {
         assert!(!stderr.contains(secret), "no key on stderr: {stderr}");
     }
+
+    // With `log.format = "json"` the audit line is a JSON object on its own target.
+    std::fs::write(&config, format!("[store]\npath = {:?}\n[log]\nformat = \"json\"\n", data.display().to_string()))
+        .unwrap();
+    let output = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let audit: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "latchkey::audit")
+        .collect();
+    assert_eq!(audit.len(), 1, "{stderr}");
+    assert_eq!(audit[0]["fields"]["event"], "master_key_rotated", "{stderr}");
+    let newest = std::fs::read_to_string(&new).unwrap();
+    let newest_id = newest.lines().next().unwrap().split_once(':').unwrap().0.to_owned();
+    assert_eq!(audit[0]["fields"]["key_id"], newest_id.as_str());
 }
 
 #[tokio::test]
