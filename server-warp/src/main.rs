@@ -196,8 +196,11 @@ async fn master_key_rotate(args: &Args) -> anyhow::Result<()> {
     if generated {
         // Creates the key file on a first run (or moves one an older version
         // left in the data directory), and checks an existing one parses.
-        setup::load_keyring(&config)?;
-        let new = MasterKey::generate(MasterKeyId::new(&format!("k{}", setup::unix_now() + 1))?, &OsRandom);
+        let ring = setup::load_keyring(&config)?;
+        // Ids are `k<seconds>`; two rotations within a second must not share one.
+        let taken: Vec<String> = ring.ids().iter().map(|id| id.as_str().to_owned()).collect();
+        let id = (setup::unix_now() + 1..).map(|n| format!("k{n}")).find(|id| !taken.contains(id)).unwrap_or_default();
+        let new = MasterKey::generate(MasterKeyId::new(&id)?, &OsRandom);
         let mut lines = vec![new.expose_config_text().as_str().to_owned()];
         let old_text = std::fs::read_to_string(&key_file)?;
         lines.extend(old_text.lines().filter(|l| !l.trim().is_empty()).map(str::to_owned));
