@@ -131,7 +131,16 @@ impl AuthId {
         if keyid.eq_ignore_ascii_case("v2") {
             return Err(AuthIdError::DuplicatiV2);
         }
-        let keyid = decode_fixed::<KEYID_LEN>(keyid, KEYID_TEXT_LEN).map(KeyId).ok_or(AuthIdError::MalformedKeyId)?;
+        let Some(keyid) = decode_fixed::<KEYID_LEN>(keyid, KEYID_TEXT_LEN).map(KeyId) else {
+            // Duplicati's hosted OAuth service issues `<hex keyid>:<secret>`;
+            // ours are 22 base64url characters. Say where it came from.
+            let hex = (16..=64).contains(&keyid.len()) && keyid.bytes().all(|b| b.is_ascii_hexdigit());
+            return Err(if hex && !secret.is_empty() {
+                AuthIdError::IssuedElsewhere
+            } else {
+                AuthIdError::MalformedKeyId
+            });
+        };
         let secret = decode_fixed::<SECRET_LEN>(secret, SECRET_TEXT_LEN)
             .map(AuthIdSecret)
             .ok_or(AuthIdError::MalformedSecret)?;
@@ -185,9 +194,12 @@ pub enum AuthIdError {
     MissingSeparator,
     /// A token of Duplicati's newer (v2) OAuth service.
     #[error(
-        "this is a token of Duplicati's v2 OAuth service, which this broker does not support; log in again here to get an AuthID"
+        "this AuthID was issued by another OAuth service (Duplicati's v2 service), not by this broker; log in again here to get an AuthID"
     )]
     DuplicatiV2,
+    /// An AuthID in the shape of Duplicati's hosted OAuth service (hex key id).
+    #[error("this AuthID was issued by another OAuth service, not by this broker; log in again here to get an AuthID")]
+    IssuedElsewhere,
     /// The part before `:` is not a keyid.
     #[error("the AuthID's key id (before ':') is malformed; copy the whole AuthID again")]
     MalformedKeyId,
@@ -258,6 +270,7 @@ mod tests {
             ("x".repeat(300), AuthIdError::TooLong),
             ("ya29.a0AfH6SMBrawaccesstoken".into(), AuthIdError::MissingSeparator),
             ("v2:abcdef".into(), AuthIdError::DuplicatiV2),
+            ("0123456789abcdef0123456789ABCDEF:Zm9vYmFyYmF6".into(), AuthIdError::IssuedElsewhere),
             (format!("{k}x:{s}"), AuthIdError::MalformedKeyId),
             (format!("{}:{s}", &k[1..]), AuthIdError::MalformedKeyId),
             (format!("{k}:{s}="), AuthIdError::MalformedSecret),

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use base64::Engine;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE};
+use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
 use latchkey_core::provider::{
     AuthorizationRequest, CodeExchange, DeviceAuthorization, Provider, ProviderError, RefreshRequest, TokenKind,
     TokenResponse,
@@ -393,8 +393,15 @@ impl Provider for OAuthProvider {
         let bad = || ProviderError::InvalidGrant {
             description: Some("the login token is not a valid personal login token".into()),
         };
-        let text = token.expose_secret().trim();
-        let bytes = STANDARD.decode(text).or_else(|_| URL_SAFE.decode(text)).map_err(|_| bad())?;
+        // Real tokens come URL-safe and unpadded; pasted ones may be wrapped
+        // or re-encoded: accept both alphabets, padded or not, and line breaks.
+        let text: String = token.expose_secret().chars().filter(|c| !c.is_ascii_whitespace()).collect();
+        let text = zeroize::Zeroizing::new(text);
+        let bytes = [&STANDARD, &STANDARD_NO_PAD, &URL_SAFE, &URL_SAFE_NO_PAD]
+            .iter()
+            .find_map(|engine| engine.decode(text.as_bytes()).ok())
+            .map(zeroize::Zeroizing::new)
+            .ok_or_else(bad)?;
         let login: LoginToken = serde_json::from_slice(&bytes).map_err(|_| bad())?;
         let mut form = Form::new();
         form.add("grant_type", "password").add("username", login.username).add("password", login.auth_token);

@@ -252,6 +252,52 @@ async fn jottacloud_trades_a_personal_login_token_by_password_grant_without_a_se
 }
 
 #[tokio::test]
+async fn jottacloud_login_tokens_are_accepted_in_both_alphabets_padded_or_not() {
+    use base64::Engine;
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    // A real-shaped token whose encoding needs padding and uses '/' (or '_'),
+    // so the four encodings really differ.
+    let auth = "auth-token-value~?>x";
+    let json = format!(
+        r#"{{"username":"user@example.com","realm":"jottacloud","well_known_link":"https://id.jottacloud.com/x","auth_token":"{auth}"}}"#
+    );
+    let standard = STANDARD.encode(&json);
+    assert!(standard.contains('/') && standard.ends_with('='), "{standard}");
+    let fake = FakeProvider::start(FakeConfig {
+        client_id: "jottacli".into(),
+        client_secrets: vec![],
+        password_logins: vec![("user@example.com".into(), auth.into())],
+        ..FakeConfig::default()
+    })
+    .await
+    .unwrap();
+    let over =
+        CatalogueConfig::parse(&format!("[providers.jottacloud]\ntoken_url = \"{}\"", fake.token_url())).unwrap();
+    let config = CatalogueConfig::built_in().unwrap().with_overrides(&over);
+    let built =
+        build(&config, &BuildOptions { redirect_uri: REDIRECT.into(), default_timeout: Duration::from_secs(5) })
+            .unwrap();
+    let client = built.catalogue.provider("jottacloud").unwrap().client.clone();
+    let scopes = vec!["openid".to_owned(), "offline_access".to_owned()];
+    let url_safe_unpadded = URL_SAFE_NO_PAD.encode(&json);
+    let wrapped = format!("{}\n{}", &url_safe_unpadded[..40], &url_safe_unpadded[40..]);
+    for (name, token) in [
+        ("standard, padded", standard.clone()),
+        ("standard, unpadded", STANDARD_NO_PAD.encode(&json)),
+        ("url-safe, padded", URL_SAFE.encode(&json)),
+        ("url-safe, unpadded (as Jottacloud issues them)", url_safe_unpadded.clone()),
+        ("pasted with a line break", wrapped),
+    ] {
+        let tokens = client.exchange_login_token(&secret(&token), &scopes).await;
+        assert!(tokens.is_ok(), "{name}: {tokens:?}");
+        assert_eq!(fake.token_requests().pop().unwrap().form("password"), Some(auth), "{name}");
+    }
+    let truncated = &url_safe_unpadded[..url_safe_unpadded.len() - 5];
+    let err = client.exchange_login_token(&secret(truncated), &scopes).await.unwrap_err();
+    assert!(matches!(err, ProviderError::InvalidGrant { .. }), "a truncated paste: {err:?}");
+}
+
+#[tokio::test]
 async fn client_secrets_are_tried_in_order_and_the_working_one_is_kept() {
     let fake = FakeProvider::start(FakeConfig { client_secrets: vec!["new-secret".into()], ..FakeConfig::default() })
         .await

@@ -6,6 +6,7 @@ mod bad_input;
 mod browser;
 mod config;
 mod duplicati;
+mod duplicati_clients;
 mod front_door;
 mod interop;
 mod processes;

@@ -7,26 +7,28 @@ use std::net::IpAddr;
 use std::time::Instant;
 
 use latchkey_core::engine::{Callback, HandoffFetch, HandoffState, LoginComplete};
-use latchkey_core::{AuthId, Clock, EngineError, ErrorCode, SystemClock};
+use latchkey_core::{AuthId, AuthIdError, Clock, EngineError, ErrorCode, SystemClock};
 use secrecy::ExposeSecret;
-use serde_json::json;
+use serde_json::{Value, json};
 use warp::Filter;
 use warp::http::StatusCode;
 use warp::reply::Response;
 
 use super::front_door::{self, BrowserRequest};
 use super::pages;
-use super::reply::{Failure, Surface, error, json_reply, redirect, with_body};
+use super::reply::{Failure, Surface, error, error_body, is_callback_name, json_reply, jsonp, redirect, with_body};
 use super::{State, body, client_ip, duplicati_authid, fields, query, with_state};
 use crate::audit;
 
 /// Seconds reported for access tokens that never expire.
 const NEVER_EXPIRES_SECS: u64 = 365 * 86_400;
+/// Duplicati parses `expires` as a 32-bit integer: a larger value fails every request.
+const MAX_EXPIRES_SECS: u64 = i32::MAX as u64;
 
 /// `/refresh`, on its own: the busiest route, tried before every other.
 pub(super) fn refresh_route(state: State) -> warp::filters::BoxedFilter<(Response,)> {
     warp::path!("refresh")
-        .and(warp::get().or(warp::post()).unify())
+        .and(warp::get().map(|| true).or(warp::post().map(|| false)).unify())
         .and(warp::header::optional::<String>("x-authid"))
         .and(query())
         .and(body())
@@ -248,19 +250,31 @@ fn see_other(location: &str) -> Response {
     response
 }
 
-/// The Duplicati failure for an engine error; `reauth_required` names the login link.
+/// The Duplicati failure for an engine error; `reauth_required` and an
+/// AuthID from another OAuth service name the login link.
 fn duplicati_failure(state: &State, e: &EngineError) -> Failure {
     let mut failure = Failure::from(e);
-    if let EngineError::ReauthRequired { service } = e {
-        failure.text = format!(
-            "The provider no longer accepts this login; log in again at {} and use the new AuthID",
-            state.login_link(service)
-        );
+    match e {
+        EngineError::ReauthRequired { service } => {
+            failure.text = format!(
+                "The provider no longer accepts this login; log in again at {} and use the new AuthID",
+                state.login_link(service)
+            );
+        }
+        EngineError::AuthIdMalformed(AuthIdError::IssuedElsewhere | AuthIdError::DuplicatiV2) => {
+            failure.text = format!(
+                "This AuthID was issued by another OAuth service, not by this one; log in again at {}/ and use the \
+                 new AuthID",
+                state.public_url
+            );
+        }
+        _ => {}
     }
     failure
 }
 
 async fn refresh(
+    get: bool,
     header: Option<String>,
     q: HashMap<String, String>,
     body: Vec<u8>,
@@ -268,19 +282,29 @@ async fn refresh(
     state: State,
 ) -> Response {
     let raw = duplicati_authid(header, &fields(&body), &q);
+    // Duplicati's new web UI opens an `--oauth-url` ending in `/refresh` in
+    // its login popup, with the service as `type`: that is a login link.
+    if get && raw.trim().is_empty() {
+        if let Some(service) = q.get("type") {
+            return redirect(&format!("/?type={}", pages::q(service)));
+        }
+    }
     let parsed = AuthId::parse(&raw);
     if let Err(wait) = state.limiter.token_request(parsed.as_ref().ok().map(AuthId::keyid), ip, Instant::now()) {
         return error(Surface::Duplicati, &Failure::rate_limited(wait));
     }
     let authid = match parsed {
         Ok(authid) => authid,
-        Err(e) => return error(Surface::Duplicati, &Failure::from(&EngineError::from(e))),
+        Err(e) => return error(Surface::Duplicati, &duplicati_failure(&state, &EngineError::from(e))),
     };
     match state.broker.token(&authid, None).await {
         Ok(token) => {
             state.note_success(&authid);
-            let expires =
-                token.expires_at.map(|at| at.duration_since(SystemClock.now()).as_secs()).unwrap_or(NEVER_EXPIRES_SECS);
+            let expires = token
+                .expires_at
+                .map(|at| at.duration_since(SystemClock.now()).as_secs())
+                .unwrap_or(NEVER_EXPIRES_SECS)
+                .min(MAX_EXPIRES_SECS);
             json_reply(
                 StatusCode::OK,
                 &json!({ "access_token": token.access_token.expose_secret(), "expires": expires, "type": token.service }),
@@ -293,43 +317,80 @@ async fn refresh(
     }
 }
 
-async fn fetch(q: HashMap<String, String>, ip: IpAddr, state: State) -> Response {
-    if let Err(wait) = state.limiter.fetch_request(ip, Instant::now()) {
-        return error(Surface::Duplicati, &Failure::rate_limited(wait));
-    }
-    let token = q.get("token").map(String::as_str).unwrap_or_default();
-    match state.broker.fetch_handoff(token).await {
-        Ok(HandoffFetch::Ready(authid)) => {
-            audit::handoff_delivered(&authid.keyid(), ip);
-            json_reply(StatusCode::OK, &json!({ "authid": authid.expose_text().as_str() }))
-        }
-        Ok(HandoffFetch::Pending) => json_reply(StatusCode::OK, &json!({ "wait": "Not ready" })),
-        Ok(HandoffFetch::Denied) => {
-            error(Surface::Duplicati, &Failure::bad_request("the login was refused at the provider; start again"))
-        }
-        Ok(HandoffFetch::Gone) => {
-            let mut response = error(
-                Surface::Duplicati,
-                &Failure::bad_request("unknown, expired or already fetched token; start the login again"),
-            );
-            *response.status_mut() = StatusCode::NOT_FOUND;
-            response
-        }
-        Err(e) => error(Surface::Duplicati, &Failure::from(&e)),
+/// How a hand-off poll wants its answer: JSON, or JSONP (`callback=` or
+/// `jsonp=`) as Duplicati's classic web UI polls through AngularJS's
+/// `$http.jsonp`. A callback that is not a plain dotted name is refused.
+fn jsonp_callback(q: &HashMap<String, String>) -> Result<Option<&str>, Response> {
+    match q.get("callback").or_else(|| q.get("jsonp")) {
+        None => Ok(None),
+        Some(name) if is_callback_name(name) => Ok(Some(name)),
+        Some(_) => Err(error(
+            Surface::Duplicati,
+            &Failure::bad_request("callback must be a JavaScript name such as angular.callbacks._0"),
+        )),
     }
 }
 
-async fn token_state(q: HashMap<String, String>, ip: IpAddr, state: State) -> Response {
+/// A hand-off answer in the format asked for. JSONP answers every outcome
+/// with 200 (a script cannot read a status) and the same JSON body.
+fn handoff_answer(callback: Option<&str>, outcome: Result<Value, (Failure, Option<StatusCode>)>) -> Response {
+    match (callback, outcome) {
+        (Some(callback), Ok(value)) => jsonp(callback, &value),
+        (Some(callback), Err((failure, _))) => jsonp(callback, &error_body(Surface::Duplicati, &failure)),
+        (None, Ok(value)) => json_reply(StatusCode::OK, &value),
+        (None, Err((failure, status))) => {
+            let mut response = error(Surface::Duplicati, &failure);
+            if let Some(status) = status {
+                *response.status_mut() = status;
+            }
+            response
+        }
+    }
+}
+
+async fn fetch(q: HashMap<String, String>, ip: IpAddr, state: State) -> Response {
+    let callback = match jsonp_callback(&q) {
+        Ok(callback) => callback,
+        Err(refused) => return refused,
+    };
     if let Err(wait) = state.limiter.fetch_request(ip, Instant::now()) {
-        return error(Surface::Duplicati, &Failure::rate_limited(wait));
+        return handoff_answer(callback, Err((Failure::rate_limited(wait), None)));
     }
     let token = q.get("token").map(String::as_str).unwrap_or_default();
-    match state.broker.handoff_state(token).await {
-        Ok(HandoffState::Pending) => json_reply(StatusCode::OK, &json!({ "wait": "Not ready" })),
-        Ok(HandoffState::Ready | HandoffState::Delivered) => json_reply(StatusCode::OK, &json!({ "success": true })),
-        Ok(HandoffState::Denied | HandoffState::Unknown) => json_reply(StatusCode::OK, &json!({ "success": false })),
-        Err(e) => error(Surface::Duplicati, &Failure::from(&e)),
+    let outcome = match state.broker.fetch_handoff(token).await {
+        Ok(HandoffFetch::Ready(authid)) => {
+            audit::handoff_delivered(&authid.keyid(), ip);
+            Ok(json!({ "authid": authid.expose_text().as_str() }))
+        }
+        Ok(HandoffFetch::Pending) => Ok(json!({ "wait": "Not ready" })),
+        Ok(HandoffFetch::Denied) => {
+            Err((Failure::bad_request("the login was refused at the provider; start again"), None))
+        }
+        Ok(HandoffFetch::Gone) => Err((
+            Failure::bad_request("unknown, expired or already fetched token; start the login again"),
+            Some(StatusCode::NOT_FOUND),
+        )),
+        Err(e) => Err((Failure::from(&e), None)),
+    };
+    handoff_answer(callback, outcome)
+}
+
+async fn token_state(q: HashMap<String, String>, ip: IpAddr, state: State) -> Response {
+    let callback = match jsonp_callback(&q) {
+        Ok(callback) => callback,
+        Err(refused) => return refused,
+    };
+    if let Err(wait) = state.limiter.fetch_request(ip, Instant::now()) {
+        return handoff_answer(callback, Err((Failure::rate_limited(wait), None)));
     }
+    let token = q.get("token").map(String::as_str).unwrap_or_default();
+    let outcome = match state.broker.handoff_state(token).await {
+        Ok(HandoffState::Pending) => Ok(json!({ "wait": "Not ready" })),
+        Ok(HandoffState::Ready | HandoffState::Delivered) => Ok(json!({ "success": true })),
+        Ok(HandoffState::Denied | HandoffState::Unknown) => Ok(json!({ "success": false })),
+        Err(e) => Err((Failure::from(&e), None)),
+    };
+    handoff_answer(callback, outcome)
 }
 
 async fn revoked(body: Vec<u8>, ip: IpAddr, state: State) -> Response {

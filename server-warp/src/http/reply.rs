@@ -88,6 +88,34 @@ pub fn redirect(location: &str) -> Response {
     response
 }
 
+/// The longest JSONP callback name taken.
+const MAX_CALLBACK_LEN: usize = 128;
+
+/// Whether `name` is a plain dotted JavaScript identifier path
+/// (`angular.callbacks._0`): the only thing a JSONP answer ever echoes.
+pub fn is_callback_name(name: &str) -> bool {
+    let ident = |part: &str| {
+        let mut chars = part.chars();
+        chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == '$')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$')
+    };
+    !name.is_empty() && name.len() <= MAX_CALLBACK_LEN && name.split('.').all(ident)
+}
+
+/// A JSONP answer: `<callback>(<json>);`, always 200 (a script tag cannot
+/// read a status), never sniffed as anything else, never cached.
+/// `callback` must have passed [`is_callback_name`].
+pub fn jsonp(callback: &str, value: &Value) -> Response {
+    // JSON is JavaScript except for U+2028/U+2029 in older engines.
+    let json = value.to_string().replace('\u{2028}', "\\u2028").replace('\u{2029}', "\\u2029");
+    let mut response =
+        with_body(StatusCode::OK, "application/javascript; charset=utf-8", format!("{callback}({json});"));
+    response
+        .headers_mut()
+        .insert(HeaderName::from_static("x-content-type-options"), HeaderValue::from_static("nosniff"));
+    response
+}
+
 /// One printable ASCII line: a header value can carry no CR/LF and nothing
 /// a proxy might mangle.
 pub fn one_line(text: &str) -> String {
@@ -123,16 +151,21 @@ fn oauth_code(code: ErrorCode) -> &'static str {
     }
 }
 
+/// The JSON body of an error on `surface`.
+pub fn error_body(surface: Surface, failure: &Failure) -> Value {
+    let text = one_line(&failure.text);
+    match surface {
+        Surface::Duplicati => json!({ "error": text, "code": failure.code.as_str() }),
+        Surface::V1 => json!({ "error": failure.code.as_str(), "error_description": text }),
+        Surface::OAuth2 => json!({ "error": oauth_code(failure.code), "error_description": text }),
+    }
+}
+
 /// The error response for `failure` on `surface`.
 pub fn error(surface: Surface, failure: &Failure) -> Response {
     let text = one_line(&failure.text);
     let status = status_for(surface, failure.code);
-    let body = match surface {
-        Surface::Duplicati => json!({ "error": text, "code": failure.code.as_str() }),
-        Surface::V1 => json!({ "error": failure.code.as_str(), "error_description": text }),
-        Surface::OAuth2 => json!({ "error": oauth_code(failure.code), "error_description": text }),
-    };
-    let mut response = json_reply(status, &body);
+    let mut response = json_reply(status, &error_body(surface, failure));
     let headers = response.headers_mut();
     if surface == Surface::Duplicati {
         if let Ok(value) = HeaderValue::from_str(&text) {
@@ -165,6 +198,48 @@ mod tests {
         for (code, duplicati, v1, oauth2) in rows {
             let got = [Surface::Duplicati, Surface::V1, Surface::OAuth2].map(|s| status_for(s, code).as_u16());
             assert_eq!(got, [duplicati, v1, oauth2], "{code:?}");
+        }
+    }
+
+    /// What Duplicati's `OAuthHelper` does with a failed answer (read in its
+    /// client code): a 4xx is final after one try; a 5xx is retried, five
+    /// times with back-off, except a 503 carrying `X-Reason`, which fails at once.
+    fn duplicati_retries(status: StatusCode, has_reason: bool) -> bool {
+        status.is_server_error() && !(status == StatusCode::SERVICE_UNAVAILABLE && has_reason)
+    }
+
+    #[test]
+    fn duplicati_retries_exactly_the_failures_that_can_pass() {
+        use ErrorCode::*;
+        // (code, status Duplicati sees, does its client retry)
+        let rows = [
+            (AuthIdInvalid, 401, false),
+            (AuthIdRevoked, 401, false),
+            (ReauthRequired, 401, false),
+            (RateLimited, 503, false), // fail fast: retrying sooner only extends the limit
+            (ProviderUnavailable, 502, true),
+            (StoreUnavailable, 500, true),
+            (ProviderMisconfigured, 500, true),
+            (BadRequest, 400, false),
+        ];
+        for (code, status, retried) in rows {
+            let failure = Failure { code, text: "why".into(), retry_after: None };
+            let response = error(Surface::Duplicati, &failure);
+            let has_reason = response.headers().contains_key("x-reason");
+            assert!(has_reason, "{code:?}: every Duplicati failure says why");
+            assert_eq!(response.status().as_u16(), status, "{code:?}");
+            assert_eq!(duplicati_retries(response.status(), has_reason), retried, "{code:?}");
+        }
+    }
+
+    #[test]
+    fn only_plain_dotted_names_are_jsonp_callbacks() {
+        for good in ["angular.callbacks._0", "cb", "$jsonp_12", "a.b.c.d", "_"] {
+            assert!(is_callback_name(good), "{good}");
+        }
+        let long = "a".repeat(200);
+        for bad in ["", "alert(1)", "a]b", "a..b", ".a", "a.", "1a", "a b", "a;b", "a-b", "ä", "a\u{2028}", &long] {
+            assert!(!is_callback_name(bad), "{bad:?}");
         }
     }
 
