@@ -20,12 +20,22 @@ pub struct ProviderSpec {
     pub issuer: Option<String>,
     /// How long a refresh token lives unused, where known (Microsoft: 90 days).
     pub refresh_idle_lifetime: Option<Duration>,
+    /// The login hands the user the provider's access token itself and keeps
+    /// nothing (pCloud: tokens never expire, there is no refresh token, and
+    /// Duplicati's backend sends what it is given straight to the provider).
+    pub hands_out_access_token: bool,
 }
 
 impl ProviderSpec {
     /// A provider with PKCE, no known issuer and no known idle lifetime.
     pub fn new(id: &str) -> Self {
-        ProviderSpec { id: id.to_owned(), pkce: true, issuer: None, refresh_idle_lifetime: None }
+        ProviderSpec {
+            id: id.to_owned(),
+            pkce: true,
+            issuer: None,
+            refresh_idle_lifetime: None,
+            hands_out_access_token: false,
+        }
     }
 }
 

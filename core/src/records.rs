@@ -786,24 +786,36 @@ impl Handoff {
 
     /// Seals `authid` to this hand-off's public key. Needs no token.
     pub fn seal_authid(&mut self, authid: &AuthId, rng: &dyn Random) {
+        self.seal_text(&authid.expose_text(), rng);
+    }
+
+    /// Seals a credential's text (an AuthID, or a handed-out access token)
+    /// to this hand-off's public key. Needs no token.
+    pub fn seal_text(&mut self, text: &str, rng: &dyn Random) {
         let ephemeral = x25519_dalek::StaticSecret::from(array::<32>(rng));
         let ephemeral_public = x25519_dalek::PublicKey::from(&ephemeral).to_bytes();
         let shared = ephemeral.diffie_hellman(&x25519_dalek::PublicKey::from(self.recipient));
         let key = Self::agreed_key(&shared, &ephemeral_public, &self.recipient);
         let ids: [&[u8]; 1] = [&self.id.0];
-        let blob = envelope::seal(&key, &Self::ctx(&ids), authid.expose_text().as_bytes(), rng);
+        let blob = envelope::seal(&key, &Self::ctx(&ids), text.as_bytes(), rng);
         self.authid = Some(SealedAuthId { ephemeral: ephemeral_public, blob });
     }
 
-    /// Opens the sealed AuthID with the hand-off token; `None` while pending.
-    pub fn open_authid(&self, token: &str) -> Result<Option<AuthId>, RecordError> {
+    /// Opens the sealed text with the hand-off token; `None` while pending.
+    pub fn open_text(&self, token: &str) -> Result<Option<Zeroizing<String>>, RecordError> {
         let Some(sealed) = &self.authid else { return Ok(None) };
         let shared = Self::recipient_secret(token).diffie_hellman(&x25519_dalek::PublicKey::from(sealed.ephemeral));
         let key = Self::agreed_key(&shared, &sealed.ephemeral, &self.recipient);
         let ids: [&[u8]; 1] = [&self.id.0];
         let plain = envelope::open(&key, &Self::ctx(&ids), &sealed.blob)?;
         let text = std::str::from_utf8(&plain).map_err(|_| DecodeError::Invalid("handoff authid"))?;
-        AuthId::parse(text).map(Some).map_err(|_| RecordError::Decode(DecodeError::Invalid("handoff authid")))
+        Ok(Some(Zeroizing::new(text.to_owned())))
+    }
+
+    /// Opens the sealed AuthID with the hand-off token; `None` while pending.
+    pub fn open_authid(&self, token: &str) -> Result<Option<AuthId>, RecordError> {
+        let Some(text) = self.open_text(token)? else { return Ok(None) };
+        AuthId::parse(&text).map(Some).map_err(|_| RecordError::Decode(DecodeError::Invalid("handoff authid")))
     }
 }
 

@@ -60,6 +60,9 @@ pub struct ProviderConfig {
     pub api_hosts: Option<Vec<String>>,
     /// The provider takes a pasted personal login token (Jottacloud).
     pub login_token: Option<bool>,
+    /// What the user is handed after a login: `authid` (the default), or
+    /// `access_token` — the provider's token itself, nothing kept (pCloud).
+    pub handout: Option<String>,
     /// `id_token` or `field:<name>`.
     pub account_id: Option<String>,
     /// Total timeout of one provider request, in seconds.
@@ -181,6 +184,7 @@ impl ProviderConfig {
         merge(&mut self.api_host_param, &o.api_host_param);
         merge(&mut self.api_hosts, &o.api_hosts);
         merge(&mut self.login_token, &o.login_token);
+        merge(&mut self.handout, &o.handout);
         merge(&mut self.account_id, &o.account_id);
         merge(&mut self.timeout_secs, &o.timeout_secs);
     }
@@ -369,11 +373,17 @@ fn build_provider(
         },
         timeout: p.timeout_secs.map(Duration::from_secs).unwrap_or(options.default_timeout),
     };
+    let hands_out_access_token = match p.handout.as_deref().unwrap_or("authid") {
+        "authid" => false,
+        "access_token" => true,
+        other => return Err(invalid("handout", &format!("'{other}' is not authid or access_token"))),
+    };
     let spec = ProviderSpec {
         id: id.to_owned(),
         pkce: p.pkce.unwrap_or(true),
         issuer: p.issuer.clone(),
         refresh_idle_lifetime: idle_lifetime,
+        hands_out_access_token,
     };
     let client =
         OAuthProvider::new(settings).map_err(|e| invalid("client", &format!("cannot build the HTTP client: {e}")))?;

@@ -18,6 +18,11 @@ pub fn login_completed(service: &str, grant: &GrantId, keyid: &KeyId, handed_off
     tracing::info!(target: TARGET, event = "login_completed", service, grant_id = %grant, keyid = %keyid, handed_off, client = %client);
 }
 
+/// A login handed out the provider's access token itself (pCloud); nothing was stored.
+pub fn access_token_handed_out(service: &str, handed_off: bool, client: IpAddr) {
+    tracing::info!(target: TARGET, event = "access_token_handed_out", service, handed_off, client = %client);
+}
+
 /// A hand-off that already carried another AuthID was named by a second login: refused.
 pub fn handoff_refused(service: &str, grant: &GrantId, client: IpAddr) {
     tracing::warn!(target: TARGET, event = "handoff_refused", service, grant_id = %grant, client = %client, "a second AuthID for one hand-off was refused");

@@ -32,8 +32,8 @@ use latchkey_testkit::oidc::OidcProvider;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use warp::Filter;
 use warp::http::Method;
+use warp::{Filter, Reply};
 
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -441,31 +441,72 @@ where
                 return (authid_on_page(b).await, steps);
             }
             Here::Login => {
-                assert!(!steps.login, "the login form came back: {}", b.body_text().await);
-                steps.login = true;
                 if let Some(at_login) = at_login.take() {
                     at_login().await;
                 }
-                b.find("#username").await.send_keys(user).await.unwrap();
-                b.find("#password").await.send_keys("browser-password").await.unwrap();
-                b.click_away(&b.find("#submit").await).await;
+                log_in_at_provider(b, user, &mut steps).await;
             }
-            Here::Consent => {
-                assert!(!steps.consent, "the consent form came back: {}", b.body_text().await);
-                steps.consent = true;
-                let scopes = b.find("#scopes").await.text().await.unwrap();
-                // A new provider session asks for the scopes; one that
-                // already granted them shows the consent again only because
-                // the broker asks for it (`prompt=consent`), with nothing new.
-                if steps.login {
-                    assert!(scopes.contains("offline_access") && scopes.contains("files"), "{scopes}");
-                }
-                b.click_away(&b.find("#allow").await).await;
-            }
+            Here::Consent => allow_at_provider(b, &mut steps).await,
             Here::Error => panic!("an error page at {}:\n{}", b.url().await, b.body_text().await),
         }
     }
     panic!("no AuthID page after six pages; at {}:\n{}", b.url().await, b.body_text().await);
+}
+
+/// Fills and submits the provider's login form (once per way through).
+async fn log_in_at_provider(b: &Browser, user: &str, steps: &mut Steps) {
+    assert!(!steps.login, "the login form came back: {}", b.body_text().await);
+    steps.login = true;
+    b.find("#username").await.send_keys(user).await.unwrap();
+    b.find("#password").await.send_keys("browser-password").await.unwrap();
+    b.click_away(&b.find("#submit").await).await;
+}
+
+/// Allows the provider's consent form (once per way through).
+async fn allow_at_provider(b: &Browser, steps: &mut Steps) {
+    assert!(!steps.consent, "the consent form came back: {}", b.body_text().await);
+    steps.consent = true;
+    let scopes = b.find("#scopes").await.text().await.unwrap();
+    // A new provider session asks for the scopes; one that already granted
+    // them shows the consent again only because the broker asks for it
+    // (`prompt=consent`), with nothing new.
+    if steps.login {
+        assert!(scopes.contains("offline_access") && scopes.contains("files"), "{scopes}");
+    }
+    b.click_away(&b.find("#allow").await).await;
+}
+
+/// Like [`through_provider`], in a popup whose opener closes it once the
+/// AuthID page has posted it the AuthID (as Duplicati's new web UI does): from
+/// a page on the way to the provider, through its forms, until `popup` is
+/// gone. The browser is left on no window; switch to the opener.
+async fn through_provider_until_closed(b: &Browser, popup: &WindowHandle, user: &str) -> Steps {
+    let mut steps = Steps::default();
+    for _ in 0..6 {
+        let here = b
+            .until("a login or consent form, or the popup closed by its opener", || async {
+                if !b.client.windows().await.ok()?.contains(popup) {
+                    return Some(None);
+                }
+                for (css, here) in
+                    [("#username", Here::Login), ("#allow", Here::Consent), (".error, #error", Here::Error)]
+                {
+                    if b.find_now(css).await.is_some() {
+                        return Some(Some(here));
+                    }
+                }
+                None
+            })
+            .await;
+        match here {
+            None => return steps,
+            Some(Here::Login) => log_in_at_provider(b, user, &mut steps).await,
+            Some(Here::Consent) => allow_at_provider(b, &mut steps).await,
+            Some(Here::Error) => panic!("an error page at {}:\n{}", b.url().await, b.body_text().await),
+            Some(Here::AuthId) => unreachable!("not looked for"),
+        }
+    }
+    panic!("the popup was not closed after six pages; at {}:\n{}", b.url().await, b.body_text().await);
 }
 
 /// The AuthID on the AuthID page: `#authid`'s text, equal to its `data-authid`.
@@ -547,9 +588,14 @@ impl World {
 }
 
 /// A page server of the test's own, on its own port:
-/// - `/opener?token=T` is Duplicati's UI: its button opens the broker's
-///   picker for the service in a popup (`/?type=oidc&token=T`) and it writes
-///   every message it receives into `#messages`;
+/// - `/opener[?token=T]` is Duplicati's new web UI (ngclient): its button
+///   opens the broker's picker for the service in a popup
+///   (`/?type=oidc[&token=T]`), it takes the AuthID from the first
+///   `authid:<AuthID>` message into `#authid` and closes the popup; every
+///   message it receives is also listed in `#messages`;
+/// - `/classic?token=T` is Duplicati's classic web UI (AngularJS 1.4, from
+///   `/angular.min.js`): its button opens the same popup and polls the
+///   broker's `/fetch` with `$http.jsonp` (see [`CLASSIC_PAGE`]);
 /// - `/csp-control` has an inline script its strict CSP blocks;
 /// - `/hostile/open?token=T` is a hostile page: on load it opens the
 ///   broker's login link `/login?id=oidc&token=T` in a popup named
@@ -569,6 +615,86 @@ const VICTIM_WINDOW: &str = "latchkey-victim";
 
 const CSP_CONTROL_TITLE: &str = "CSP control";
 
+/// AngularJS 1.4 as npm installs it (`npm ci --prefix interop/oidc`).
+fn angular_js_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../interop/oidc/node_modules/angular/angular.min.js")
+}
+
+/// How often the classic page polls `/fetch` (Duplicati's: 3 s), and at
+/// most how many times (Duplicati's: 100).
+const CLASSIC_POLL_EVERY: Duration = Duration::from_secs(1);
+const CLASSIC_POLLS: u32 = 60;
+
+/// Duplicati's classic web UI, reduced to its OAuth part
+/// (`ngax/scripts/directives/backendEditorUri.js`, `oauth_start_token_creation`):
+/// the service link is the broker's URL with a `/`, the popup is
+/// `<link>?type=oidc&token=T`, and `recheck` polls
+/// `$http.jsonp(<link> + 'fetch?callback=JSON_CALLBACK', {params: {token: T}})`
+/// until an answer carries an `authid` (into the `AuthID` field), a JSONP
+/// load fails with 404, or the polls run out. Unlike Duplicati it polls
+/// every [`CLASSIC_POLL_EVERY`] from the start and leaves the popup open (so
+/// the test can read the AuthID page); every answer is kept, as JSON, in
+/// `#states`, the last one in `#state`.
+const CLASSIC_PAGE: &str = r#"<!doctype html><html lang=en ng-app=classic><head><meta charset=utf-8>
+<title>Duplicati (classic UI)</title>
+<script src="/angular.min.js"></script>
+<script>
+angular.module("classic", []).controller("BackendController", ["$scope", "$http", function ($scope, $http) {
+  $scope.oauth_service_link = __BROKER__ + "/";
+  $scope.oauth_create_token = new URLSearchParams(location.search).get("token");
+  $scope.oauth_in_progress = false;
+  $scope.AuthID = "";
+  $scope.states = [];
+  $scope.oauth_start_token_creation = function () {
+    $scope.oauth_in_progress = true;
+    var url = $scope.oauth_service_link + "?type=oidc&token=" + $scope.oauth_create_token;
+    var countDown = __POLLS__;
+    var ft = $scope.oauth_create_token;
+    window.open(url, "_blank", "height=600,width=450,menubar=0,status=0,titlebar=0,toolbar=0");
+    var recheck = function () {
+      countDown--;
+      if (countDown > 0 && ft == $scope.oauth_create_token) {
+        $http.jsonp($scope.oauth_service_link + "fetch?callback=JSON_CALLBACK", { params: { token: ft } }).then(
+          function (response) {
+            $scope.states.push(JSON.stringify(response.data));
+            if (response.data.authid) {
+              $scope.AuthID = response.data.authid;
+              $scope.oauth_in_progress = false;
+              countDown = 0;
+            } else {
+              setTimeout(recheck, __EVERY__);
+            }
+          },
+          function (response) {
+            $scope.states.push(JSON.stringify({ failed: response.status }));
+            if (response.status == 404) {
+              $scope.oauth_in_progress = false;
+              countDown = 0;
+            } else {
+              setTimeout(recheck, __EVERY__);
+            }
+          }
+        );
+      } else {
+        $scope.$apply(function () {
+          $scope.states.push(JSON.stringify({ gave_up: true }));
+          $scope.oauth_in_progress = false;
+        });
+      }
+    };
+    setTimeout(recheck, __EVERY__);
+    return false;
+  };
+}]);
+</script></head>
+<body ng-controller=BackendController>
+<button id=open type=button ng-click="oauth_start_token_creation()">AuthID</button>
+<label for=authid>AuthID</label> <input id=authid type=text ng-model=AuthID>
+<p id=progress>{{oauth_in_progress ? "in progress" : "idle"}}</p>
+<p id=state>{{states[states.length - 1]}}</p>
+<ol id=states><li ng-repeat="state in states track by $index">{{state}}</li></ol>
+</body></html>"#;
+
 impl Pages {
     fn serve(listener: TcpListener, broker: &str) -> Pages {
         let address = listener.local_addr().unwrap();
@@ -577,13 +703,10 @@ impl Pages {
         let opener = format!(
             r#"<!doctype html><html lang=en><head><meta charset=utf-8><title>Opener</title></head><body>
 <button id=open type=button>Log in</button>
+<label for=authid>AuthID</label> <input id=authid type=text>
 <ol id=messages></ol>
 <script>
 var token = new URLSearchParams(location.search).get("token");
-document.getElementById("open").addEventListener("click", function () {{
-  window.open({broker_js} + "/?type=oidc&token=" + encodeURIComponent(token), "latchkey-login",
-    "popup,width=480,height=720");
-}});
 window.addEventListener("message", function (event) {{
   var item = document.createElement("li");
   item.setAttribute("data-data", typeof event.data === "string" ? event.data : JSON.stringify(event.data));
@@ -591,8 +714,31 @@ window.addEventListener("message", function (event) {{
   item.textContent = event.origin + " " + event.data;
   document.getElementById("messages").appendChild(item);
 }});
+// As Duplicati's new web UI (ngclient, oauthStartTokenCreation): the popup,
+// and a listener that takes the first authid: message and closes it.
+document.getElementById("open").addEventListener("click", function () {{
+  var startlink = {broker_js} + "/?type=oidc" + (token ? "&token=" + encodeURIComponent(token) : "");
+  var w = 450, h = 600;
+  var left = screen.width / 2 - w / 2, top = screen.height / 2 - h / 2;
+  var wnd = window.open(startlink, "_blank",
+    "height=" + h + ",width=" + w + ",menubar=0,status=0,titlebar=0,toolbar=0,left=" + left + ",top=" + top);
+  window.addEventListener("message", function (event) {{
+    var hasAuthId = typeof event.data === "string" && event.data.startsWith("authid:");
+    var authId = hasAuthId ? event.data.replace("authid:", "") : null;
+    if (hasAuthId) {{
+      document.getElementById("authid").value = authId;
+      if (wnd) {{ wnd.close(); }}
+    }}
+  }});
+}});
 </script></body></html>"#
         );
+        let classic = CLASSIC_PAGE
+            .replace("__BROKER__", &broker_js)
+            .replace("__POLLS__", &CLASSIC_POLLS.to_string())
+            .replace("__EVERY__", &CLASSIC_POLL_EVERY.as_millis().to_string());
+        // Read now; a missing file is the classic test's to report.
+        let angular = std::fs::read_to_string(angular_js_path()).ok();
         let control = format!(
             "<!doctype html><html lang=en><head><meta charset=utf-8><title>{CSP_CONTROL_TITLE}</title></head>\
              <body><p>The inline script below must not run.</p>\
@@ -623,6 +769,12 @@ form.submit();
             login_js = serde_json::to_string(&format!("{broker}/login")).unwrap(),
         );
         let opener = warp::path!("opener").map(move || warp::reply::html(opener.clone()));
+        let classic = warp::path!("classic").map(move || warp::reply::html(classic.clone()));
+        let angular = warp::path!("angular.min.js").map(move || match &angular {
+            Some(js) => warp::reply::with_header(js.clone(), "content-type", "application/javascript; charset=utf-8")
+                .into_response(),
+            None => warp::http::StatusCode::NOT_FOUND.into_response(),
+        });
         let hostile_open = warp::path!("hostile" / "open").map(move || warp::reply::html(hostile_open.clone()));
         let hostile_post = warp::path!("hostile" / "post").map(move || warp::reply::html(hostile_post.clone()));
         let control = warp::path!("csp-control").map(move || {
@@ -632,7 +784,7 @@ form.submit();
                 "default-src 'none'",
             )
         });
-        let routes = warp::get().and(opener.or(control).or(hostile_open).or(hostile_post));
+        let routes = warp::get().and(opener.or(classic).or(angular).or(control).or(hostile_open).or(hostile_post));
         let task = tokio::spawn(warp::serve(routes).incoming(listener).run());
         Pages { origin, port: address.port(), task }
     }
@@ -766,7 +918,7 @@ async fn a_browser_logs_in_from_the_picker_copies_the_authid_and_it_refreshes_wi
     w.stop().await;
 }
 
-// ------------------------------------------------------------------ 2: postMessage to openers
+// ------------------------------------------------------------------ 2: postMessage to openers (the new web UI)
 
 /// The messages the opener page in the current window received: (data, origin).
 async fn received(b: &Browser) -> Vec<(String, String)> {
@@ -779,11 +931,14 @@ async fn received(b: &Browser) -> Vec<(String, String)> {
     serde_json::from_value(list).unwrap()
 }
 
-/// Clicks the opener's button, clicks the one service the popup's picker
-/// shows (a hand-off: it warns that a program waits), logs in, and comes back
-/// to the opener's window: the AuthID the popup showed, and the provider's
-/// steps.
-async fn log_in_through_popup(b: &Browser, broker: &str, user: &str) -> (String, Steps) {
+/// The value of the input `css` in the current window.
+async fn field(b: &Browser, css: &str) -> String {
+    b.find(css).await.prop("value").await.unwrap().unwrap_or_default()
+}
+
+/// Clicks the opener's `#open` button and switches to the popup it opens:
+/// (the opener's window, the popup's).
+async fn open_popup(b: &Browser) -> (WindowHandle, WindowHandle) {
     let opener = b.client.window().await.unwrap();
     let before = b.client.windows().await.unwrap();
     b.find("#open").await.click().await.unwrap();
@@ -792,74 +947,290 @@ async fn log_in_through_popup(b: &Browser, broker: &str, user: &str) -> (String,
             b.client.windows().await.unwrap().into_iter().find(|w| !before.contains(w))
         })
         .await;
-    b.client.switch_to_window(popup).await.unwrap();
+    b.client.switch_to_window(popup.clone()).await.unwrap();
+    (opener, popup)
+}
+
+/// In the popup: the picker `/?type=oidc[&token=T]` shows that one service
+/// (warning that a program waits when `handoff`); clicks it.
+async fn pick_the_service(b: &Browser, handoff: bool) {
     let button = service_button(b, DISPLAY_NAME).await;
     let buttons = b.client.find_all(Locator::Css("ul.services button")).await.unwrap();
     assert_eq!(buttons.len(), 1, "`?type=oidc` shows that one service");
-    assert!(b.body_text().await.contains("A program is waiting for this login"), "{}", b.body_text().await);
+    let body = b.body_text().await;
+    assert_eq!(body.contains("A program is waiting for this login"), handoff, "{body}");
     b.click_away(&button).await;
+}
+
+/// Clicks the opener's button, clicks the one service the popup's picker
+/// shows (a hand-off: it warns that a program waits), logs in, checks the
+/// AuthID page offers the AuthID to copy, closes the popup and comes back to
+/// the opener's window: the AuthID the popup showed, and the provider's steps.
+async fn log_in_through_popup(b: &Browser, broker: &str, user: &str) -> (String, Steps) {
+    let (opener, _) = open_popup(b).await;
+    pick_the_service(b, true).await;
     let done = through_provider(b, broker, user, || async {}).await;
+    assert_eq!(b.find("#copy").await.text().await.unwrap(), "Copy AuthID");
     b.client.close_window().await.unwrap();
     b.client.switch_to_window(opener).await.unwrap();
     done
+}
+
+/// Waits for the one message the opener page in the current window receives:
+/// an AuthID from the broker. Checks the page took it into its field (as
+/// Duplicati's new UI does) and answers it.
+async fn authid_message(b: &Browser, broker: &str) -> String {
+    let got = b
+        .until("a message at the allowed opener", || async {
+            let got = received(b).await;
+            (!got.is_empty()).then_some(got)
+        })
+        .await;
+    let [(data, origin)] = &got[..] else { panic!("one message: {got:?}") };
+    assert_eq!(origin, broker, "from the broker's AuthID page");
+    let authid = data.strip_prefix("authid:").unwrap_or_else(|| panic!("`authid:<AuthID>`: {data:?}"));
+    assert!(authid.len() > 40 && authid.contains(':'), "an AuthID: {authid}");
+    assert_eq!(field(b, "#authid").await, authid, "the page took it, as Duplicati's new UI does");
+    authid.to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_authid_page_posts_the_authid_to_an_allowed_opener_only() {
     let w = world(2).await;
     let (allowed, other) = (w.pages[0].origin.clone(), w.pages[1].origin.clone());
+    let hostile = w.pages[1].hostile_origin();
     let b = Browser::start().await;
     let token = "duplicati-popup-token-0001";
 
-    // Duplicati's popup flow: the opener opens `/?type=oidc&token=T`, one
-    // click goes to the provider, and the allowed opener gets exactly
-    // `authid:<AuthID>`, from the broker's origin.
+    // Duplicati's new web UI, at an allowed origin: it opens
+    // `/?type=oidc&token=T`, one click goes to the provider, and the page gets
+    // exactly `authid:<AuthID>`, from the broker's origin, takes it into its
+    // field and closes the popup.
     b.goto(&format!("{allowed}/opener?token={token}")).await;
-    let allowed_window = b.client.window().await.unwrap();
-    let (first, steps) = log_in_through_popup(&b, &w.url, "alice").await;
+    let (allowed_window, popup) = open_popup(&b).await;
+    pick_the_service(&b, true).await;
+    let steps = through_provider_until_closed(&b, &popup, "alice").await;
     assert!(steps.login && steps.consent, "{steps:?}");
-    let got = b
-        .until("a message at the allowed opener", || async {
-            let got = received(&b).await;
-            (!got.is_empty()).then_some(got)
-        })
-        .await;
-    assert_eq!(got, vec![(format!("authid:{first}"), w.url.clone())]);
+    b.client.switch_to_window(allowed_window.clone()).await.unwrap();
+    assert_eq!(b.client.windows().await.unwrap(), vec![allowed_window.clone()], "the page closed its popup");
+    let first = authid_message(&b, &w.url).await;
+    assert_eq!(w.refresh(&first).await.status(), 200);
     // The program polling the hand-off receives the same AuthID, once.
     assert_eq!(w.fetch(token).await, json!({ "authid": first }));
     w.fetch_has_no_authid(token, "a hand-off is delivered once").await;
 
-    // Another origin opens the same login in a new tab: the popup shows an
-    // AuthID, and the opener receives nothing.
-    let tab = b.client.new_window(true).await.unwrap();
-    b.client.switch_to_window(tab.handle).await.unwrap();
-    b.goto(&format!("{other}/opener?token=another-popup-token-0002")).await;
-    b.client.delete_all_cookies().await.unwrap();
-    let (second, steps) = log_in_through_popup(&b, &w.url, "bob").await;
-    assert!(steps.login && steps.consent, "without its cookies the provider asks again: {steps:?}");
-    assert_ne!(first, second);
-    let deadline = Instant::now() + ABSENCE;
-    while Instant::now() < deadline {
-        let got = received(&b).await;
-        assert!(got.is_empty(), "an opener the broker does not allow received {got:?}");
-        tokio::time::sleep(POLL_EVERY).await;
+    // The current new UI opens `/?type=oidc` without a token: no hand-off,
+    // the same message. (The provider remembers alice: only its consent.)
+    b.goto(&format!("{allowed}/opener")).await;
+    let (_, popup) = open_popup(&b).await;
+    pick_the_service(&b, false).await;
+    let steps = through_provider_until_closed(&b, &popup, "alice").await;
+    assert!(!steps.login && steps.consent, "{steps:?}");
+    b.client.switch_to_window(allowed_window.clone()).await.unwrap();
+    assert_eq!(b.client.windows().await.unwrap(), vec![allowed_window.clone()], "the page closed its popup");
+    let without_token = authid_message(&b, &w.url).await;
+    assert_ne!(first, without_token);
+    assert_eq!(w.refresh(&without_token).await.status(), 200);
+
+    // The same page at origins the broker does not list -- another port of
+    // its site, another site -- opens the same login in a new tab: the popup
+    // shows an AuthID to copy, and the page receives nothing.
+    for (round, (origin, user)) in [(other, "bob"), (hostile, "dave")].into_iter().enumerate() {
+        let token = format!("another-popup-token-000{round}");
+        let tab = b.client.new_window(true).await.unwrap();
+        b.client.switch_to_window(tab.handle.clone()).await.unwrap();
+        b.goto(&format!("{origin}/opener?token={token}")).await;
+        // Deleting the cookies of 127.0.0.1 (the first round) deletes the
+        // provider's session; the second round's page is on another host.
+        b.client.delete_all_cookies().await.unwrap();
+        let (page, popup) = open_popup(&b).await;
+        pick_the_service(&b, true).await;
+        let (authid, steps) = through_provider(&b, &w.url, user, || async {}).await;
+        assert!(steps.consent && (round == 1 || steps.login), "without its cookies the provider asks again: {steps:?}");
+        assert_eq!(b.find("#copy").await.text().await.unwrap(), "Copy AuthID");
+        assert!(authid != first && authid != without_token);
+        b.client.switch_to_window(page.clone()).await.unwrap();
+        let deadline = Instant::now() + ABSENCE;
+        while Instant::now() < deadline {
+            let got = received(&b).await;
+            assert!(got.is_empty(), "an opener the broker does not allow ({origin}) received {got:?}");
+            tokio::time::sleep(POLL_EVERY).await;
+        }
+        assert_eq!(field(&b, "#authid").await, "");
+        let console = b.console().await;
+        eprintln!("DEBUG console {console:#?}");
+        b.client.switch_to_window(popup.clone()).await.unwrap();
+        let probe = b.script("return [window.opener === null, location.href];").await;
+        eprintln!("DEBUG probe {probe}");
+        b.script("window.opener.postMessage('control', '*'); return null;").await;
+        let console = b.console().await;
+        eprintln!("DEBUG console2 {console:#?}");
+        b.client.switch_to_window(page.clone()).await.unwrap();
+        eprintln!("DEBUG received {:?}", received(&b).await);
+        // The login itself completed: the AuthID works, and a program
+        // polling the hand-off gets it.
+        assert_eq!(w.refresh(&authid).await.status(), 200);
+        assert_eq!(w.fetch(&token).await, json!({ "authid": authid }));
+        b.client.switch_to_window(popup).await.unwrap();
+        b.client.close_window().await.unwrap();
+        b.client.switch_to_window(page).await.unwrap();
+        b.client.close_window().await.unwrap();
+        b.client.switch_to_window(allowed_window.clone()).await.unwrap();
     }
-    // The popup did try: Chromium refused to deliver to the wrong origin.
-    let console = b.console().await;
-    assert!(
-        console.iter().any(|m| m.contains("postMessage") && m.contains(&allowed) && m.contains(&other)),
-        "the AuthID page addressed its message to {allowed} only: {console:#?}"
-    );
     // And the allowed opener still has its one message.
-    b.client.switch_to_window(allowed_window).await.unwrap();
     assert_eq!(received(&b).await.len(), 1);
+    let console = b.console().await;
     let violations: Vec<&String> = console.iter().filter(|m| is_csp_violation(m)).collect();
     assert!(violations.is_empty(), "CSP violations: {violations:#?}");
     b.close().await;
     w.stop().await;
 }
 
-// ------------------------------------------------------------------ 3: screenshots
+// ------------------------------------------------------------------ 3: JSONP polls (the classic web UI)
+
+/// The answers the classic page received so far, in order.
+async fn classic_states(b: &Browser) -> Vec<Value> {
+    let list = b
+        .script(
+            "return Array.from(document.querySelectorAll('#states li')).map(function (li) { return li.textContent; });",
+        )
+        .await;
+    let list: Vec<String> = serde_json::from_value(list).unwrap();
+    list.iter().map(|s| serde_json::from_str(s).unwrap_or_else(|e| panic!("{s:?}: {e}"))).collect()
+}
+
+/// Runs one `$http.jsonp(url)` through the classic page's AngularJS:
+/// `{status, data}`, or `{failed: status}`.
+async fn angular_jsonp(b: &Browser, url: &str) -> Value {
+    let script = "var done = arguments[arguments.length - 1];\
+                  var http = angular.element(document.body).injector().get('$http');\
+                  http.jsonp(arguments[0]).then(\
+                    function (r) { done({ status: r.status, data: r.data }); },\
+                    function (r) { done({ failed: r.status }); });";
+    b.client.execute_async(script, vec![json!(url)]).await.unwrap_or_else(|e| panic!("$http.jsonp({url}): {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_classic_angularjs_ui_polls_fetch_by_jsonp_and_receives_the_authid_the_popup_shows() {
+    assert!(
+        angular_js_path().is_file(),
+        "{} is missing: npm ci --prefix interop/oidc (its package.json pins angular 1.4)",
+        angular_js_path().display()
+    );
+    let w = world(1).await;
+    let page = w.pages[0].origin.clone();
+    let b = Browser::start().await;
+    let token = "classic-angularjs-token-0001";
+
+    // The page boots AngularJS 1.4 and binds its controller.
+    b.goto(&format!("{page}/classic?token={token}")).await;
+    b.until("AngularJS to bind the page", || async {
+        (b.find_now("#progress").await?.text().await.ok()? == "idle").then_some(())
+    })
+    .await;
+    let version = b.script("return angular.version.full;").await;
+    assert!(version.as_str().is_some_and(|v| v.starts_with("1.4.")), "AngularJS 1.4, not {version}");
+
+    // Its button opens `/?type=oidc&token=T` and starts polling. Before the
+    // login, every poll is answered "Not ready".
+    let (opener, popup) = open_popup(&b).await;
+    b.client.switch_to_window(opener.clone()).await.unwrap();
+    assert_eq!(b.find("#progress").await.text().await.unwrap(), "in progress");
+    let early = b
+        .until("two polls answered", || async {
+            let states = classic_states(&b).await;
+            (states.len() >= 2).then_some(states)
+        })
+        .await;
+    assert!(early.iter().all(|s| *s == json!({ "wait": "Not ready" })), "{early:?}");
+    assert_eq!(b.find("#state").await.text().await.unwrap(), r#"{"wait":"Not ready"}"#);
+
+    // The user logs in in the popup.
+    b.client.switch_to_window(popup).await.unwrap();
+    pick_the_service(&b, true).await;
+    let (shown, steps) = through_provider(&b, &w.url, "grace", || async {}).await;
+    assert!(steps.login && steps.consent, "{steps:?}");
+    assert!(b.body_text().await.contains("will pick it up by itself"));
+    b.screenshot("classic-popup-authid").await;
+
+    // The page's next poll receives the AuthID the popup shows, into its
+    // AuthID field, and it stops polling.
+    b.client.switch_to_window(opener).await.unwrap();
+    let authid = b
+        .until("the AuthID in the page's field", || async {
+            let value = field(&b, "#authid").await;
+            (!value.is_empty()).then_some(value)
+        })
+        .await;
+    assert_eq!(authid, shown, "the AuthID the popup shows");
+    assert_eq!(b.find("#progress").await.text().await.unwrap(), "idle");
+    b.screenshot("classic-page").await;
+    let states = classic_states(&b).await;
+    let (last, before) = states.split_last().unwrap();
+    assert_eq!(*last, json!({ "authid": shown }));
+    assert!(before.len() >= 2 && before.iter().all(|s| *s == json!({ "wait": "Not ready" })), "{states:?}");
+    // Every poll was a script of the broker's /fetch, each with its own
+    // AngularJS callback in place of JSON_CALLBACK; the page ran each
+    // answer (with `nosniff`, only as JavaScript).
+    let polls: Vec<Sent> =
+        b.requests().await.into_iter().filter(|r| r.url.starts_with(&format!("{}/fetch?", w.url))).collect();
+    assert_eq!(polls.len(), states.len(), "one answer per poll: {polls:#?}");
+    let mut callbacks = Vec::new();
+    for poll in &polls {
+        let callback = poll
+            .url
+            .strip_prefix(&format!("{}/fetch?callback=", w.url))
+            .and_then(|rest| rest.strip_suffix(&format!("&token={token}")))
+            .unwrap_or_else(|| panic!("`fetch?callback=<name>&token=T`: {}", poll.url));
+        let id = callback.strip_prefix("angular.callbacks._").unwrap_or_else(|| panic!("{callback}"));
+        assert!(!id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric()), "{callback}");
+        assert_eq!(poll.method, "GET");
+        callbacks.push(callback);
+    }
+    callbacks.sort_unstable();
+    callbacks.dedup();
+    assert_eq!(callbacks.len(), polls.len(), "a callback per poll");
+    // No more polls after the AuthID (two of the page's intervals).
+    let deadline = Instant::now() + 2 * CLASSIC_POLL_EVERY;
+    while Instant::now() < deadline {
+        assert_eq!(classic_states(&b).await.len(), states.len(), "the page polls no more");
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+
+    // The AuthID works at /refresh.
+    let refresh = w.refresh(&authid).await;
+    assert_eq!(refresh.status(), 200);
+    let body: Value = refresh.json().await.unwrap();
+    assert!(w.oidc.introspect(body["access_token"].as_str().unwrap()).await.unwrap(), "{body}");
+    // The hand-off was delivered once: the same JSONP poll now carries an
+    // error (still a 200 script), and /token-state says it succeeded.
+    w.fetch_has_no_authid(token, "after the page received it").await;
+    let again = angular_jsonp(&b, &format!("{}/fetch?callback=JSON_CALLBACK&token={token}", w.url)).await;
+    assert_eq!(again["status"], 200, "{again}");
+    assert!(again["data"]["error"].is_string() && again["data"].get("authid").is_none(), "{again}");
+    let state = angular_jsonp(&b, &format!("{}/token-state?callback=JSON_CALLBACK&token={token}", w.url)).await;
+    assert_eq!(state, json!({ "status": 200, "data": { "success": true } }));
+
+    // A callback that is not a plain name is not echoed into a script: the
+    // script that would run it fails to load.
+    let evil = format!("{}/fetch?callback=(function(){{window.ran=true}})&token={token}", w.url);
+    let load = "var done = arguments[arguments.length - 1];\
+                var s = document.createElement('script');\
+                s.onload = function () { done({ event: 'load', ran: window.ran === true }); };\
+                s.onerror = function () { done({ event: 'error', ran: window.ran === true }); };\
+                s.src = arguments[0];\
+                document.body.appendChild(s);";
+    let loaded = b.client.execute_async(load, vec![json!(evil)]).await.unwrap();
+    assert_eq!(loaded, json!({ "event": "error", "ran": false }), "{evil}");
+
+    let console = b.console().await;
+    let violations: Vec<&String> = console.iter().filter(|m| is_csp_violation(m)).collect();
+    assert!(violations.is_empty(), "CSP violations: {violations:#?}");
+    b.close().await;
+    w.stop().await;
+}
+
+// ------------------------------------------------------------------ 4: screenshots
 
 /// Screenshots of the current page at desktop and phone width, after
 /// checking that nothing is wider than the phone's viewport.
@@ -933,7 +1304,7 @@ async fn the_pages_render_on_desktop_and_phone_and_their_forms_work() {
     w.stop().await;
 }
 
-// ------------------------------------------------------------------ 4: hostile pages
+// ------------------------------------------------------------------ 5: hostile pages
 
 /// The requests so far that went to the provider (the issuer's origin).
 async fn to_provider(b: &Browser, issuer: &str) -> Vec<Sent> {
@@ -1044,7 +1415,7 @@ async fn another_page_that_opens_the_login_and_posts_its_form_never_reaches_the_
     w.stop().await;
 }
 
-// ------------------------------------------------------------------ 5: a callback in another browser
+// ------------------------------------------------------------------ 6: a callback in another browser
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_login_callback_replayed_in_another_browser_is_refused_and_does_not_spend_the_login() {

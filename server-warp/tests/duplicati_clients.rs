@@ -115,3 +115,51 @@ async fn expires_fits_duplicatis_32_bit_integer() {
     let body: Value = refresh(&h.http, &h.url, &authid).await.json().await.unwrap();
     assert_eq!(body["expires"].as_u64(), Some(i32::MAX as u64), "{body}");
 }
+
+#[tokio::test]
+async fn a_pcloud_shaped_service_hands_out_the_access_token_and_keeps_nothing() {
+    use latchkey_core::RecordKind;
+    let fake = latchkey_testkit::FakeConfig {
+        issue_refresh_tokens: false,
+        access_lifetime: None,
+        extra_callback_params: vec![("hostname".into(), "localhost".into())],
+        ..fake_config()
+    };
+    let extra = r#"
+        [providers.cloudish]
+        authorize_url = "{fake_authorize}"
+        token_url = "{fake_token}"
+        client_auth = "basic"
+        client_id = "latchkey-test"
+        client_secrets = ["fake-client-secret-value"]
+        pkce = false
+        access_tokens_expire = false
+        api_host_param = "hostname"
+        api_hosts = ["localhost"]
+        handout = "access_token"
+        [services.cloudish]
+        provider = "cloudish"
+        display_name = "Cloudish"
+    "#;
+    let store = std::sync::Arc::new(latchkey_core::MemoryStore::new());
+    let h = crate::support::harness_on(fake, extra, store.clone()).await;
+    let kept = |kind| store.count(kind);
+    let before = (kept(RecordKind::Grant), kept(RecordKind::Handle));
+    let token = "pcloud-handoff-token-0123";
+    let page = h.browser_login("cloudish", Some(token)).await;
+    assert!(page.contains("Your access token for Cloudish") && page.contains("the token itself"), "{page}");
+    assert!(page.contains("keeps nothing"), "{page}");
+    assert!(page.contains("<code id=api-host>localhost</code>"), "the API host the callback named: {page}");
+    let access = crate::support::authid_from_page(&page);
+    assert!(h.fake.is_active(&access), "the provider's own access token");
+    assert!(!access.contains(':'), "not an AuthID");
+    let request = h.fake.token_requests().pop().unwrap();
+    assert_eq!(request.form("grant_type"), Some("authorization_code"));
+    assert_eq!((kept(RecordKind::Grant), kept(RecordKind::Handle)), before, "no grant, no handle");
+    // The waiting program receives the token where it expects an AuthID.
+    let fetched: Value = h.get(&format!("/fetch?token={token}")).await.json().await.unwrap();
+    assert_eq!(fetched["authid"], access.as_str());
+    assert!(crate::support::logs().contains("event=\"access_token_handed_out\""));
+    let device = crate::support::device_code(&h.http, &h.url, "cloudish").await;
+    assert!(device["error_description"].as_str().unwrap().contains("login page"), "{device}");
+}

@@ -79,6 +79,8 @@ pub struct FakeConfig {
     pub password_logins: Vec<(String, String)>,
     /// Extra top-level fields added to every token response (e.g. `account_id`).
     pub extra_token_fields: Vec<(String, String)>,
+    /// Extra parameters on every redirect back to the client (pCloud's `hostname`).
+    pub extra_callback_params: Vec<(String, String)>,
 }
 
 impl Default for FakeConfig {
@@ -97,6 +99,7 @@ impl Default for FakeConfig {
             auto_approve: true,
             password_logins: Vec::new(),
             extra_token_fields: Vec::new(),
+            extra_callback_params: Vec::new(),
         }
     }
 }

@@ -137,6 +137,7 @@ fn finish_login(shared: &Shared, config: &FakeConfig, login: PendingLogin, appro
     if let Some(issuer) = &config.issuer {
         params.push(("iss", issuer));
     }
+    params.extend(config.extra_callback_params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     redirect(&with_params(&login.redirect_uri, &params))
 }
 

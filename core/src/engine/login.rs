@@ -65,6 +65,45 @@ pub struct LoginComplete {
     pub handoff_refused: bool,
 }
 
+/// The provider's access token itself, handed to the user (a provider whose
+/// `hands_out_access_token` is set: pCloud). Nothing is stored.
+pub struct TokenHandout {
+    /// The access token, to show once.
+    pub access_token: SecretString,
+    /// The API host the provider named for this account (pCloud's `hostname`).
+    pub api_host: Option<String>,
+    /// The service.
+    pub service: String,
+    /// Whether the token was also sealed into a waiting hand-off.
+    pub handed_off: bool,
+    /// A hand-off was named but already held another credential: refused.
+    pub handoff_refused: bool,
+}
+
+impl std::fmt::Debug for TokenHandout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenHandout")
+            .field("access_token", &"<redacted>")
+            .field("api_host", &self.api_host)
+            .field("service", &self.service)
+            .field("handed_off", &self.handed_off)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a completed login gave the user.
+#[derive(Debug)]
+pub enum Completed {
+    /// A new grant and its first AuthID.
+    Grant(LoginComplete),
+    /// The provider's access token itself; nothing kept.
+    Token(TokenHandout),
+}
+
+/// The prefix a handed-out access token carries inside a hand-off's sealed
+/// text, so a fetch knows it from an AuthID.
+const TOKEN_IN_HANDOFF: &str = "access_token\n";
+
 /// What the device page shows before the user continues (RFC 8628 §5.4).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceConfirmation {
@@ -77,7 +116,7 @@ pub struct DeviceConfirmation {
 }
 
 /// The answer to a hand-off fetch.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum HandoffFetch {
     /// The AuthID, released now and never again.
     Ready(AuthId),
@@ -87,6 +126,21 @@ pub enum HandoffFetch {
     Denied,
     /// Unknown, expired, or already delivered.
     Gone,
+    /// A handed-out access token (pCloud), released now and never again.
+    Token(SecretString),
+}
+
+impl PartialEq for HandoffFetch {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (HandoffFetch::Ready(a), HandoffFetch::Ready(b)) => a == b,
+            (HandoffFetch::Token(a), HandoffFetch::Token(b)) => a.expose_secret() == b.expose_secret(),
+            (HandoffFetch::Pending, HandoffFetch::Pending)
+            | (HandoffFetch::Denied, HandoffFetch::Denied)
+            | (HandoffFetch::Gone, HandoffFetch::Gone) => true,
+            _ => false,
+        }
+    }
 }
 
 /// Where a hand-off stands, without releasing anything.
@@ -238,6 +292,17 @@ impl Broker {
     /// (single use, not expired, same browser, service and issuer), exchanges
     /// the code, creates the grant and its first AuthID.
     pub async fn complete_login(&self, callback: &Callback<'_>) -> Result<LoginComplete, EngineError> {
+        match self.complete_login_any(callback).await? {
+            Completed::Grant(done) => Ok(done),
+            Completed::Token(_) => {
+                Err(EngineError::bad_request("this service hands out its access token, not an AuthID"))
+            }
+        }
+    }
+
+    /// [`Broker::complete_login`] for every kind of service: a provider that
+    /// hands out its access token gives the user that token and stores nothing.
+    pub async fn complete_login_any(&self, callback: &Callback<'_>) -> Result<Completed, EngineError> {
         let inner = &self.inner;
         let id = LoginId::for_state(&inner.record_keys, callback.state);
         let mut tx: LoginTransaction = inner.load_tagged(id.as_bytes()).await?.ok_or_else(login_gone)?;
@@ -320,7 +385,10 @@ impl Broker {
             .exchange_code(&exchange)
             .await
             .map_err(|e| from_provider(&e, inner.config.provider_retry_after))?;
-        inner.create_grant(&tx.service, response, tx.handoff, &tx.label).await
+        if entry.spec.hands_out_access_token {
+            return inner.hand_out(&tx.service, response, tx.handoff).await.map(Completed::Token);
+        }
+        inner.create_grant(&tx.service, response, tx.handoff, &tx.label).await.map(Completed::Grant)
     }
 
     /// Logs in with a token the user pasted (Jottacloud's personal login
@@ -372,15 +440,18 @@ impl Broker {
             if handoff.denied_at.is_some() {
                 return Ok(HandoffFetch::Denied);
             }
-            let Some(authid) =
-                handoff.open_authid(token).map_err(|e| EngineError::Corrupt { detail: format!("hand-off: {e}") })?
-            else {
+            let corrupt = |detail: String| EngineError::Corrupt { detail: format!("hand-off: {detail}") };
+            let Some(text) = handoff.open_text(token).map_err(|e| corrupt(e.to_string()))? else {
                 return Ok(HandoffFetch::Pending);
+            };
+            let released = match text.strip_prefix(TOKEN_IN_HANDOFF) {
+                Some(access_token) => HandoffFetch::Token(SecretString::from(access_token.to_owned())),
+                None => HandoffFetch::Ready(AuthId::parse(&text).map_err(|e| corrupt(e.to_string()))?),
             };
             handoff.authid = None;
             handoff.delivered_at = Some(inner.now());
             match inner.update_tagged(&mut handoff).await {
-                Ok(()) => return Ok(HandoffFetch::Ready(authid)),
+                Ok(()) => return Ok(released),
                 Err(StoreError::Conflict | StoreError::NotFound) => continue,
                 Err(e) => return Err(e.into()),
             }
@@ -411,7 +482,11 @@ impl Broker {
     /// the program's name for itself, shown to the user before they continue.
     pub async fn begin_device(&self, service: &str, label: Option<&str>) -> Result<DeviceStart, EngineError> {
         let inner = &self.inner;
-        inner.service_entry(service)?;
+        if inner.service_entry(service)?.spec.hands_out_access_token {
+            return Err(EngineError::bad_request(
+                "this service hands out its access token on the login page; log in there in a browser",
+            ));
+        }
         let label = device_label(label)?;
         let now = inner.now();
         let expires_at = now.saturating_add(inner.config.device_ttl);
@@ -489,6 +564,8 @@ impl Broker {
             HandoffFetch::Ready(authid) => Ok(DevicePoll::Ready(authid)),
             HandoffFetch::Pending => Ok(DevicePoll::Pending),
             HandoffFetch::Denied => Ok(DevicePoll::Denied),
+            // Device codes are never made for services that hand out tokens.
+            HandoffFetch::Token(_) => Ok(DevicePoll::Invalid),
             HandoffFetch::Gone => Ok(match inner.store.load::<Handoff>(id.as_bytes()).await? {
                 Some(_) => DevicePoll::Expired,
                 None => DevicePoll::Invalid,
@@ -603,6 +680,32 @@ impl Inner {
         })
     }
 
+    /// Hands the provider's access token to the user (and to a waiting
+    /// hand-off); stores no grant and no handle.
+    async fn hand_out(
+        &self,
+        service: &str,
+        response: crate::provider::TokenResponse,
+        handoff: Option<HandoffId>,
+    ) -> Result<TokenHandout, EngineError> {
+        let api_host = response.extra.iter().find(|(k, _)| k == "api_host").map(|(_, v)| v.clone());
+        let access_token = response.access_token;
+        let delivery = match handoff {
+            Some(handoff) => {
+                let sealed = zeroize::Zeroizing::new(format!("{TOKEN_IN_HANDOFF}{}", access_token.expose_secret()));
+                self.deliver_text(&handoff, &sealed).await?
+            }
+            None => Delivery::NoHandoff,
+        };
+        Ok(TokenHandout {
+            access_token,
+            api_host,
+            service: service.to_owned(),
+            handed_off: delivery == Delivery::Sealed,
+            handoff_refused: delivery == Delivery::Refused,
+        })
+    }
+
     fn service_entry(&self, service: &str) -> Result<&crate::catalogue::ProviderEntry, EngineError> {
         self.catalogue
             .provider_for(service)
@@ -705,6 +808,10 @@ impl Inner {
     /// (or delivered) one: a hand-off carries exactly one AuthID, so a second
     /// login cannot swap its own AuthID in before the client fetches.
     async fn deliver_to_handoff(&self, id: &HandoffId, authid: &AuthId) -> Result<Delivery, EngineError> {
+        self.deliver_text(id, &authid.expose_text()).await
+    }
+
+    async fn deliver_text(&self, id: &HandoffId, text: &str) -> Result<Delivery, EngineError> {
         loop {
             let Some(mut handoff) = self.load_tagged::<Handoff>(id.as_bytes()).await? else {
                 return Ok(Delivery::Gone);
@@ -715,7 +822,7 @@ impl Inner {
             if handoff.denied_at.is_some() || self.now() >= handoff.expires_at {
                 return Ok(Delivery::Gone);
             }
-            handoff.seal_authid(authid, self.rng.as_ref());
+            handoff.seal_text(text, self.rng.as_ref());
             match self.update_tagged(&mut handoff).await {
                 Ok(()) => return Ok(Delivery::Sealed),
                 Err(StoreError::Conflict | StoreError::NotFound) => continue,

@@ -43,8 +43,8 @@ pub use self::handles::{
     GrantRevocation, HandleInfo, MintedHandle, PageRevocation, ProviderRevocation, REVOKE_TICKET_TTL,
 };
 pub use self::login::{
-    BROWSER_PROOF_LEN, Callback, DeviceConfirmation, DevicePoll, DeviceStart, HandoffFetch, HandoffState,
-    LoginComplete, LoginStart, MIN_HANDOFF_TOKEN_LEN,
+    BROWSER_PROOF_LEN, Callback, Completed, DeviceConfirmation, DevicePoll, DeviceStart, HandoffFetch, HandoffState,
+    LoginComplete, LoginStart, MIN_HANDOFF_TOKEN_LEN, TokenHandout,
 };
 pub use self::maintenance::{GcCandidate, GcReport, ResealReport, Stats};
 pub use self::metrics::{LATENCY_BUCKETS_MS, LatencyHistogram, MetricsSnapshot, RefreshOutcome};

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Instant;
 
-use latchkey_core::engine::{Callback, HandoffFetch, HandoffState, LoginComplete};
+use latchkey_core::engine::{Callback, Completed, HandoffFetch, HandoffState, LoginComplete};
 use latchkey_core::{AuthId, AuthIdError, Clock, EngineError, ErrorCode, SystemClock};
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
@@ -225,8 +225,13 @@ async fn logged_in(q: HashMap<String, String>, browser: BrowserRequest, ip: IpAd
         params: &params,
         browser: proof.as_deref(),
     };
-    match state.broker.complete_login(&callback).await {
-        Ok(done) => login_done(&state, &done, ip),
+    match state.broker.complete_login_any(&callback).await {
+        Ok(Completed::Grant(done)) => login_done(&state, &done, ip),
+        Ok(Completed::Token(token)) => {
+            audit::access_token_handed_out(&token.service, token.handed_off, ip);
+            let name = display_name(&state, &token.service);
+            pages::token_page(&state.csp, &token, &name, &state.openers)
+        }
         Err(EngineError::Forbidden(reason)) => refused_page("/logged-in", &reason, ip, &state),
         Err(e) => error_page(&state, "Login failed", &e),
     }
@@ -362,6 +367,9 @@ async fn fetch(q: HashMap<String, String>, ip: IpAddr, state: State) -> Response
             audit::handoff_delivered(&authid.keyid(), ip);
             Ok(json!({ "authid": authid.expose_text().as_str() }))
         }
+        // A handed-out access token goes where the AuthID would: Duplicati's
+        // pCloud backend takes its "AuthID" as the token.
+        Ok(HandoffFetch::Token(token)) => Ok(json!({ "authid": token.expose_secret() })),
         Ok(HandoffFetch::Pending) => Ok(json!({ "wait": "Not ready" })),
         Ok(HandoffFetch::Denied) => {
             Err((Failure::bad_request("the login was refused at the provider; start again"), None))

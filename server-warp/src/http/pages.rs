@@ -158,6 +158,43 @@ pub fn authid_page(
     page(StatusCode::OK, csp, "Your AuthID", &body, true)
 }
 
+/// The page of a service that hands out the provider's access token itself
+/// (pCloud): the token, the API host, and that the broker keeps nothing.
+pub fn token_page(
+    csp: &str,
+    token: &latchkey_core::engine::TokenHandout,
+    service: &str,
+    openers: &[String],
+) -> Response {
+    use secrecy::ExposeSecret;
+    let handed = if token.handed_off {
+        "<p>Your program has been sent this token and will pick it up by itself.</p>"
+    } else if token.handoff_refused {
+        "<p class=warning>The program that waited for this login had already received a token from another \
+         login, so it was not sent this one.</p>"
+    } else {
+        ""
+    };
+    let host = token
+        .api_host
+        .as_deref()
+        .map(|h| format!("<p>API host for this account: <code id=api-host>{}</code></p>", escape(h)))
+        .unwrap_or_default();
+    let body = format!(
+        "<div class=card><h1>Your access token for {service}</h1>{handed}\
+         <p>{service} hands out access tokens that do not expire, so this is <strong>the token itself</strong>, \
+         not an AuthID: paste it into your program's <em>AuthID</em> field. This broker keeps nothing of it: \
+         it cannot refresh or revoke it for you, and this page is the only time it is shown. To revoke it, \
+         remove this app's access in your {service} account settings.</p>\
+         <code id=authid data-authid=\"{id}\" data-openers=\"{openers}\">{id}</code>{host}\
+         <button id=copy type=button>Copy token</button> <span id=copy-status class=muted role=status></span></div>",
+        service = escape(service),
+        id = escape(token.access_token.expose_secret()),
+        openers = escape(&openers.join(" ")),
+    );
+    page(StatusCode::OK, csp, "Your access token", &body, true)
+}
+
 /// The revoke form.
 pub fn revoke_form(csp: &str) -> Response {
     let body = "<div class=card><h1>Revoke an AuthID</h1>\
