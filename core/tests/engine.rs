@@ -6,6 +6,7 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use latchkey_core::engine::{
     BreakerState, Callback, DevicePoll, EngineError, GrantRevocation, HandoffFetch, HandoffState, ProviderRevocation,
+    RefreshOutcome,
 };
 use latchkey_core::records::LoginTransaction;
 use latchkey_core::testing::{Behaviour, ScriptedProvider};
@@ -90,6 +91,75 @@ async fn a_dead_lease_holder_loses_the_lease_at_its_deadline() {
     let token = waiting.await.unwrap().unwrap();
     assert_eq!(world.provider.refresh_calls(), 1, "b took over at the deadline");
     assert_ne!(access(&token), "at-1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_slower_than_the_lease_never_lets_a_second_instance_refresh() {
+    // Strict rotation: a second refresh with the same token would end the grant.
+    let world = World::new(ScriptedProvider::new().rotating(true).strict_reuse(true));
+    let lease = Duration::from_secs(30);
+    let a = world.broker("instance-a", |c| c.lease_ttl = lease).await;
+    let b = world.broker("instance-b", |c| c.lease_ttl = lease).await;
+    let login = world.login(&a).await;
+    world.expire_tokens();
+    world.provider.hold(); // the provider answers only when released: far slower than the lease
+    let first = tokio::spawn({
+        let (a, id) = (a.clone(), login.authid.clone());
+        async move { a.token(&id, None).await }
+    });
+    until("a is refreshing", || world.provider.in_flight() == 1).await;
+    let second = tokio::spawn({
+        let (b, id) = (b.clone(), login.authid.clone());
+        async move { b.token(&id, None).await }
+    });
+    until("b waits on a's lease", || b.metrics().lease_waits >= 1).await;
+    // Four lease periods pass with a's provider call still open. Each step
+    // ends when a has renewed its lease or b has called the provider too
+    // (which, without renewals, happens when a's lease lapses at 30 s).
+    for step in 1..=12u64 {
+        world.clock.advance(lease / 3);
+        let give_up = std::time::Instant::now() + Duration::from_secs(2);
+        while a.metrics().lease_renewals < step && world.provider.in_flight() < 2 && std::time::Instant::now() < give_up
+        {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(world.provider.in_flight(), 1, "nobody else calls the provider while a's call is open");
+    }
+    assert!(a.metrics().lease_renewals >= 12, "a renewed its lease every third of its TTL");
+    let waited = second.await.unwrap().unwrap_err();
+    assert_eq!(waited.code().as_str(), "store_unavailable", "b gave up waiting after one lease period: {waited:?}");
+    world.provider.release();
+    let token = first.await.unwrap().unwrap();
+    assert_eq!(world.provider.reuse_detected(), 0, "the provider never saw a refresh token twice");
+    let adopted = b.token(&login.authid, None).await.unwrap();
+    assert_eq!(access(&adopted), access(&token), "b adopts a's stored token");
+    assert_eq!(world.provider.refresh_calls(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_whose_lease_was_taken_is_given_up() {
+    let world = World::new(ScriptedProvider::new().rotating(true));
+    let lease = Duration::from_secs(30);
+    let a = world.broker("instance-a", |c| c.lease_ttl = lease).await;
+    let login = world.login(&a).await;
+    world.expire_tokens();
+    world.provider.hold();
+    let first = tokio::spawn({
+        let (a, id) = (a.clone(), login.authid.clone());
+        async move { a.token(&id, None).await }
+    });
+    until("a is refreshing", || world.provider.in_flight() == 1).await;
+    // The store lost a's lease (an operator, a clock jump): another instance holds it.
+    let now = world.clock.now();
+    world.memory.delete(latchkey_core::Lease::KIND, login.grant_id.as_bytes(), None).await.unwrap();
+    let taken = world.memory.acquire_lease(&login.grant_id, "instance-b", now.saturating_add(lease), now).await;
+    assert!(matches!(taken, Ok(latchkey_core::LeaseOutcome::Acquired { .. })));
+    world.clock.advance(lease / 3);
+    let lost = first.await.unwrap().unwrap_err();
+    assert_eq!(lost.code().as_str(), "store_unavailable", "{lost:?}");
+    let refreshes = a.metrics().refreshes;
+    assert_eq!(refreshes.get(&("scripted".to_owned(), RefreshOutcome::LeaseLost)).copied(), Some(1), "{refreshes:?}");
+    world.provider.release();
 }
 
 // c. Persist before answer.

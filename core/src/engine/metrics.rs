@@ -17,6 +17,9 @@ pub enum RefreshOutcome {
     Misconfigured,
     /// Refused locally by the open circuit breaker.
     BreakerOpen,
+    /// Given up because this instance's lease could not be kept while the
+    /// provider was slow (another instance holds it now).
+    LeaseLost,
 }
 
 impl RefreshOutcome {
@@ -28,6 +31,7 @@ impl RefreshOutcome {
             RefreshOutcome::Transient => "transient",
             RefreshOutcome::Misconfigured => "misconfigured",
             RefreshOutcome::BreakerOpen => "breaker_open",
+            RefreshOutcome::LeaseLost => "lease_lost",
         }
     }
 }
@@ -61,6 +65,7 @@ pub(crate) struct Metrics {
     pub(crate) cache_misses: AtomicU64,
     pub(crate) single_flight_joins: AtomicU64,
     pub(crate) lease_waits: AtomicU64,
+    pub(crate) lease_renewals: AtomicU64,
     pub(crate) adopted_tokens: AtomicU64,
     pub(crate) stale_served: AtomicU64,
     pub(crate) persist_failures: AtomicU64,
@@ -91,6 +96,7 @@ impl Metrics {
             cache_misses: get(&self.cache_misses),
             single_flight_joins: get(&self.single_flight_joins),
             lease_waits: get(&self.lease_waits),
+            lease_renewals: get(&self.lease_renewals),
             adopted_tokens: get(&self.adopted_tokens),
             stale_served: get(&self.stale_served),
             persist_failures: get(&self.persist_failures),
@@ -114,6 +120,8 @@ pub struct MetricsSnapshot {
     pub single_flight_joins: u64,
     /// Times a refresh waited for another instance's lease.
     pub lease_waits: u64,
+    /// Times this instance renewed its lease while a slow provider answered.
+    pub lease_renewals: u64,
     /// Times another instance's (or an earlier) token was adopted instead of refreshing.
     pub adopted_tokens: u64,
     /// Stored tokens served while the provider was failing.

@@ -24,6 +24,9 @@ use crate::runtime::BoxFuture;
 use crate::store::{LeaseOutcome, Notice, StoreError, StoreExt};
 use crate::time::Timestamp;
 
+/// A refresh's lease is renewed every TTL / this while the provider answers.
+const LEASE_RENEW_FRACTION: u32 = 3;
+
 /// A token answer and the token's lifetime (for the cache's half-lifetime cap).
 pub(crate) type Fresh = (TokenGrant, Option<Duration>);
 type FlightResult = Result<Fresh, EngineError>;
@@ -322,7 +325,15 @@ impl Inner {
             return Attempt::Done(self.provider_down(&grant, &payload, retry_after));
         }
         let used = payload.refresh_token.clone();
-        let result = self.call_refresh(&entry, &payload).await;
+        let result = match self.call_refresh_leased(&grant_id, &entry, &payload).await {
+            Ok(result) => result,
+            Err(lost) => {
+                // Another instance holds the lease now: it refreshes; this
+                // attempt's answer, whatever it was, is not ours to store.
+                self.metrics.refresh(&provider, RefreshOutcome::LeaseLost);
+                return Attempt::Done(Err(lost));
+            }
+        };
         self.with_breaker(&provider, |breaker, now| match &result {
             // Whatever it said, the provider answered: it is alive.
             Ok(_) | Err(ProviderError::InvalidGrant { .. } | ProviderError::InvalidClient { .. }) => {
@@ -367,7 +378,51 @@ impl Inner {
         f(breaker, now)
     }
 
-    /// Asks the provider, retrying transient failures with jittered backoff.
+    /// The provider call with this instance's lease kept alive: a heartbeat
+    /// renews it every [`LEASE_RENEW_FRACTION`]th of its TTL, so a provider
+    /// slower than the lease never lets a second instance refresh with the
+    /// same refresh token (which a strict-rotation provider punishes by
+    /// revoking the grant). If the lease is lost anyway (the store refused the
+    /// renewals until it lapsed, and another instance took it), the attempt is
+    /// given up.
+    async fn call_refresh_leased(
+        &self,
+        grant_id: &GrantId,
+        entry: &ProviderEntry,
+        payload: &GrantPayload,
+    ) -> Result<Result<TokenResponse, ProviderError>, EngineError> {
+        let call = std::pin::pin!(self.call_refresh(entry, payload));
+        let heartbeat = std::pin::pin!(self.heartbeat(grant_id));
+        match select(call, heartbeat).await {
+            futures_util::future::Either::Left((result, _)) => Ok(result),
+            futures_util::future::Either::Right((lost, _)) => Err(lost),
+        }
+    }
+
+    /// Renews the lease on `grant_id` until dropped; returns only when it is lost.
+    async fn heartbeat(&self, grant_id: &GrantId) -> EngineError {
+        let ttl = self.config.lease_ttl;
+        let mut held_until = self.now().saturating_add(ttl);
+        loop {
+            self.rt.sleep_until(self.now().saturating_add(ttl / LEASE_RENEW_FRACTION)).await;
+            let now = self.now();
+            let deadline = now.saturating_add(ttl);
+            match self.store.acquire_lease(grant_id, &self.config.instance_id, deadline, now).await {
+                Ok(LeaseOutcome::Acquired { .. }) => {
+                    held_until = deadline;
+                    Metrics::bump(&self.metrics.lease_renewals);
+                }
+                // The store is unreachable: the lease is still ours until it lapses.
+                Err(_) if now < held_until => {}
+                Ok(LeaseOutcome::Held { .. }) | Err(_) => {
+                    return EngineError::StoreUnavailable { retry_after: STORE_RETRY_AFTER };
+                }
+            }
+        }
+    }
+
+    /// Asks the provider, retrying transient failures with jittered backoff;
+    /// no retry starts later than one lease TTL after the first try.
     async fn call_refresh(
         &self,
         entry: &ProviderEntry,
@@ -377,6 +432,7 @@ impl Inner {
             return Err(ProviderError::InvalidGrant { description: Some("no refresh token stored".into()) });
         };
         let request = RefreshRequest { refresh_token, scopes: &payload.scopes, extra: &payload.extra };
+        let retries_until = self.now().saturating_add(self.config.lease_ttl);
         let mut attempt = 0;
         loop {
             let started = self.now();
@@ -392,6 +448,9 @@ impl Inner {
                 },
                 _ => return result,
             };
+            if self.now().saturating_add(wait) >= retries_until {
+                return result;
+            }
             attempt += 1;
             self.rt.sleep_until(self.now().saturating_add(wait)).await;
         }

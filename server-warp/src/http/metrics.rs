@@ -138,6 +138,12 @@ fn render(state: State) -> Response {
     counter(&mut out, "latchkey_lease_waits_total", "Waits on another instance's refresh lease.", engine.lease_waits);
     counter(
         &mut out,
+        "latchkey_lease_renewals_total",
+        "Refresh leases renewed while a provider was slow to answer.",
+        engine.lease_renewals,
+    );
+    counter(
+        &mut out,
         "latchkey_adopted_tokens_total",
         "Stored tokens adopted instead of refreshing.",
         engine.adopted_tokens,
