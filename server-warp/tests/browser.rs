@@ -1026,8 +1026,9 @@ async fn the_authid_page_posts_the_authid_to_an_allowed_opener_only() {
         let tab = b.client.new_window(true).await.unwrap();
         b.client.switch_to_window(tab.handle.clone()).await.unwrap();
         b.goto(&format!("{origin}/opener?token={token}")).await;
-        // Deleting the cookies of 127.0.0.1 (the first round) deletes the
-        // provider's session; the second round's page is on another host.
+        // Deleting the cookies of 127.0.0.1 (the first round) ends the
+        // provider's session: it asks for a login again. The second round's
+        // page is on another host: bob's session stays, only the consent.
         b.client.delete_all_cookies().await.unwrap();
         let (page, popup) = open_popup(&b).await;
         pick_the_service(&b, true).await;

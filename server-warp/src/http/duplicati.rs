@@ -325,14 +325,11 @@ async fn refresh(
 /// How a hand-off poll wants its answer: JSON, or JSONP (`callback=` or
 /// `jsonp=`) as Duplicati's classic web UI polls through AngularJS's
 /// `$http.jsonp`. A callback that is not a plain dotted name is refused.
-fn jsonp_callback(q: &HashMap<String, String>) -> Result<Option<&str>, Response> {
+fn jsonp_callback(q: &HashMap<String, String>) -> Result<Option<&str>, Failure> {
     match q.get("callback").or_else(|| q.get("jsonp")) {
         None => Ok(None),
         Some(name) if is_callback_name(name) => Ok(Some(name)),
-        Some(_) => Err(error(
-            Surface::Duplicati,
-            &Failure::bad_request("callback must be a JavaScript name such as angular.callbacks._0"),
-        )),
+        Some(_) => Err(Failure::bad_request("callback must be a JavaScript name such as angular.callbacks._0")),
     }
 }
 
@@ -356,7 +353,7 @@ fn handoff_answer(callback: Option<&str>, outcome: Result<Value, (Failure, Optio
 async fn fetch(q: HashMap<String, String>, ip: IpAddr, state: State) -> Response {
     let callback = match jsonp_callback(&q) {
         Ok(callback) => callback,
-        Err(refused) => return refused,
+        Err(refused) => return error(Surface::Duplicati, &refused),
     };
     if let Err(wait) = state.limiter.fetch_request(ip, Instant::now()) {
         return handoff_answer(callback, Err((Failure::rate_limited(wait), None)));
@@ -386,7 +383,7 @@ async fn fetch(q: HashMap<String, String>, ip: IpAddr, state: State) -> Response
 async fn token_state(q: HashMap<String, String>, ip: IpAddr, state: State) -> Response {
     let callback = match jsonp_callback(&q) {
         Ok(callback) => callback,
-        Err(refused) => return refused,
+        Err(refused) => return error(Surface::Duplicati, &refused),
     };
     if let Err(wait) = state.limiter.fetch_request(ip, Instant::now()) {
         return handoff_answer(callback, Err((Failure::rate_limited(wait), None)));
