@@ -15,7 +15,7 @@ use latchkey_core::{
 };
 use secrecy::ExposeSecret;
 
-use crate::engine_world::{ISSUER, OTHER_SERVICE, SERVICE, World, begin, until};
+use crate::engine_world::{ISSUER, OTHER_SERVICE, SERVICE, World, begin, spawn_token, until};
 
 fn access(token: &latchkey_core::TokenGrant) -> String {
     token.access_token.expose_secret().to_owned()
@@ -54,15 +54,9 @@ async fn a_second_instance_waits_on_the_lease_and_adopts_the_stored_token() {
     let login = world.login(&a).await;
     world.expire_tokens();
     world.provider.hold();
-    let first = tokio::spawn({
-        let (a, id) = (a.clone(), login.authid.clone());
-        async move { a.token(&id, None).await }
-    });
+    let first = spawn_token(&a, &login.authid);
     until("a is refreshing", || world.provider.in_flight() == 1).await;
-    let second = tokio::spawn({
-        let (b, id) = (b.clone(), login.authid.clone());
-        async move { b.token(&id, None).await }
-    });
+    let second = spawn_token(&b, &login.authid);
     until("b waits on a's lease", || b.metrics().lease_waits >= 1).await;
     world.provider.release();
     let (first, second) = (first.await.unwrap().unwrap(), second.await.unwrap().unwrap());
@@ -81,10 +75,7 @@ async fn a_dead_lease_holder_loses_the_lease_at_its_deadline() {
     let now = world.clock.now();
     // An instance took the lease and died.
     world.store.acquire_lease(&login.grant_id, "dead", now.saturating_add(Duration::from_secs(30)), now).await.unwrap();
-    let waiting = tokio::spawn({
-        let (b, id) = (b.clone(), login.authid.clone());
-        async move { b.token(&id, None).await }
-    });
+    let waiting = spawn_token(&b, &login.authid);
     until("b waits on the dead lease", || b.metrics().lease_waits >= 1 && world.clock.sleepers() >= 1).await;
     assert_eq!(world.provider.refresh_calls(), 0, "nobody refreshes while the lease is held");
     world.clock.advance(Duration::from_secs(30));
@@ -103,15 +94,9 @@ async fn a_provider_slower_than_the_lease_never_lets_a_second_instance_refresh()
     let login = world.login(&a).await;
     world.expire_tokens();
     world.provider.hold(); // the provider answers only when released: far slower than the lease
-    let first = tokio::spawn({
-        let (a, id) = (a.clone(), login.authid.clone());
-        async move { a.token(&id, None).await }
-    });
+    let first = spawn_token(&a, &login.authid);
     until("a is refreshing", || world.provider.in_flight() == 1).await;
-    let second = tokio::spawn({
-        let (b, id) = (b.clone(), login.authid.clone());
-        async move { b.token(&id, None).await }
-    });
+    let second = spawn_token(&b, &login.authid);
     until("b waits on a's lease", || b.metrics().lease_waits >= 1).await;
     // Four lease periods pass with a's provider call still open. Each step
     // ends when a has renewed its lease or b has called the provider too
@@ -144,10 +129,7 @@ async fn a_refresh_whose_lease_was_taken_is_given_up() {
     let login = world.login(&a).await;
     world.expire_tokens();
     world.provider.hold();
-    let first = tokio::spawn({
-        let (a, id) = (a.clone(), login.authid.clone());
-        async move { a.token(&id, None).await }
-    });
+    let first = spawn_token(&a, &login.authid);
     until("a is refreshing", || world.provider.in_flight() == 1).await;
     // The store lost a's lease (an operator, a clock jump): another instance holds it.
     let now = world.clock.now();
@@ -248,10 +230,7 @@ async fn invalid_grant_after_another_instance_rotated_adopts_the_newer_token() {
     world.expire_tokens();
     world.provider.hold();
     world.provider.script([Behaviour::InvalidGrant]);
-    let pending = tokio::spawn({
-        let (b, id) = (broker.clone(), login.authid.clone());
-        async move { b.token(&id, None).await }
-    });
+    let pending = spawn_token(&broker, &login.authid);
     until("a is refreshing", || world.provider.in_flight() == 1).await;
     // Meanwhile "another instance" stores a newer token (its lease lapsed ours).
     let handle: latchkey_core::Handle = world.memory.load(login.authid.keyid().as_bytes()).await.unwrap().unwrap();
@@ -321,13 +300,11 @@ async fn transient_failures_are_retried_with_backoff_within_a_request() {
     let login = world.login(&broker).await;
     world.expire_tokens();
     world.provider.script([Behaviour::Transient, Behaviour::Transient]);
-    let task = tokio::spawn({
-        let (b, id) = (broker.clone(), login.authid.clone());
-        async move { b.token(&id, None).await }
-    });
+    let task = spawn_token(&broker, &login.authid);
     for round in 1..=2 {
+        // Two sleepers: the retry's back-off and the lease heartbeat.
         until("the retry waits on the clock", || {
-            world.clock.sleepers() >= 1 && world.provider.refresh_calls() == round
+            world.clock.sleepers() >= 2 && world.provider.refresh_calls() == round
         })
         .await;
         world.clock.advance(Duration::from_secs(1));

@@ -144,6 +144,15 @@ impl World {
 
 /// Yields to other tasks until `done` holds. Drives progress; the wall-clock
 /// bound only turns a hang into a failure.
+/// A token request on its own task, as a client's would be.
+pub(crate) fn spawn_token(
+    broker: &Broker,
+    authid: &AuthId,
+) -> tokio::task::JoinHandle<Result<latchkey_core::TokenGrant, latchkey_core::EngineError>> {
+    let (broker, authid) = (broker.clone(), authid.clone());
+    tokio::spawn(async move { broker.token(&authid, None).await })
+}
+
 pub(crate) async fn until(what: &str, mut done: impl FnMut() -> bool) {
     let give_up = std::time::Instant::now() + Duration::from_secs(20);
     while !done() {

@@ -214,6 +214,17 @@ async fn pcloud_takes_its_api_host_from_the_callback_and_only_a_listed_one() {
     assert_eq!(fake.token_requests().len(), 1, "nothing was sent to an unlisted host");
 }
 
+/// The built-in Jottacloud provider, its token endpoint at the fake.
+fn jottacloud_at(fake: &FakeProvider) -> std::sync::Arc<dyn latchkey_core::Provider> {
+    let over =
+        CatalogueConfig::parse(&format!("[providers.jottacloud]\ntoken_url = \"{}\"", fake.token_url())).unwrap();
+    let config = CatalogueConfig::built_in().unwrap().with_overrides(&over);
+    let built =
+        build(&config, &BuildOptions { redirect_uri: REDIRECT.into(), default_timeout: Duration::from_secs(5) })
+            .unwrap();
+    built.catalogue.provider("jottacloud").unwrap().client.clone()
+}
+
 #[tokio::test]
 async fn jottacloud_trades_a_personal_login_token_by_password_grant_without_a_secret() {
     let fake = FakeProvider::start(FakeConfig {
@@ -225,13 +236,7 @@ async fn jottacloud_trades_a_personal_login_token_by_password_grant_without_a_se
     })
     .await
     .unwrap();
-    let over =
-        CatalogueConfig::parse(&format!("[providers.jottacloud]\ntoken_url = \"{}\"", fake.token_url())).unwrap();
-    let config = CatalogueConfig::built_in().unwrap().with_overrides(&over);
-    let built =
-        build(&config, &BuildOptions { redirect_uri: REDIRECT.into(), default_timeout: Duration::from_secs(5) })
-            .unwrap();
-    let client = built.catalogue.provider("jottacloud").unwrap().client.clone();
+    let client = jottacloud_at(&fake);
     let login_token = {
         use base64::Engine;
         base64::engine::general_purpose::STANDARD.encode(
@@ -271,13 +276,7 @@ async fn jottacloud_login_tokens_are_accepted_in_both_alphabets_padded_or_not() 
     })
     .await
     .unwrap();
-    let over =
-        CatalogueConfig::parse(&format!("[providers.jottacloud]\ntoken_url = \"{}\"", fake.token_url())).unwrap();
-    let config = CatalogueConfig::built_in().unwrap().with_overrides(&over);
-    let built =
-        build(&config, &BuildOptions { redirect_uri: REDIRECT.into(), default_timeout: Duration::from_secs(5) })
-            .unwrap();
-    let client = built.catalogue.provider("jottacloud").unwrap().client.clone();
+    let client = jottacloud_at(&fake);
     let scopes = vec!["openid".to_owned(), "offline_access".to_owned()];
     let url_safe_unpadded = URL_SAFE_NO_PAD.encode(&json);
     let wrapped = format!("{}\n{}", &url_safe_unpadded[..40], &url_safe_unpadded[40..]);

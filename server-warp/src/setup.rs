@@ -73,16 +73,19 @@ pub fn check_secret_file(key: &str, path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+/// Writes a file with mode 0600 and syncs it; with `new_only`, never
+/// replaces an existing file.
+fn write_private_file(path: &Path, text: &str, new_only: bool) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).mode(0o600);
+    if new_only {
+        options.create_new(true);
+    } else {
+        options.create(true).truncate(true);
+    }
+    let mut file = options.open(path).with_context(|| format!("cannot write {}", path.display()))?;
     file.write_all(text.as_bytes())?;
     file.sync_all()?;
     Ok(())
@@ -165,7 +168,7 @@ fn move_legacy_key(old: &Path, new: &Path) -> anyhow::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::CrossesDevices => {
             // Another filesystem: copy, make the copy durable, and only then
             // remove the original.
-            if let Err(e) = write_new_private(new, &text) {
+            if let Err(e) = write_private_file(new, &text, true) {
                 let _ = std::fs::remove_file(new);
                 return Err(e.context(format!("cannot copy {} to {}", old.display(), new.display())));
             }
@@ -182,21 +185,6 @@ fn move_legacy_key(old: &Path, new: &Path) -> anyhow::Result<()> {
         to = %new.display(),
         "moved the generated master key out of the data directory; back it up separately from the data"
     );
-    Ok(())
-}
-
-/// Writes a new file (never replacing one) with mode 0600, synced.
-fn write_new_private(path: &Path, text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()?;
     Ok(())
 }
 
@@ -226,7 +214,7 @@ pub fn load_keyring(config: &Config) -> anyhow::Result<MasterKeyring> {
                     Ok(text) => PassphraseParams::parse(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?,
                     Err(_) => {
                         let params = PassphraseParams::generate(&OsRandom);
-                        write_private(&path, &params.to_text())?;
+                        write_private_file(&path, &params.to_text(), false)?;
                         params
                     }
                 }
@@ -260,7 +248,7 @@ pub fn load_keyring(config: &Config) -> anyhow::Result<MasterKeyring> {
         return MasterKeyring::parse(&key_lines(&text)).map_err(|e| anyhow!("{}: {e}", path.display()));
     }
     let key = MasterKey::generate(MasterKeyId::new(&format!("k{}", unix_now()))?, &OsRandom);
-    write_new_private(&path, &format!("{}\n", key.expose_config_text().as_str()))?;
+    write_private_file(&path, &format!("{}\n", key.expose_config_text().as_str()), true)?;
     sync_dir(&path)?;
     Ok(MasterKeyring::single(key))
 }

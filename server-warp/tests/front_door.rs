@@ -182,16 +182,7 @@ async fn security_events_are_audited_without_secrets() {
     let fetched: Value = h.get(&format!("/fetch?token={token}")).await.json().await.unwrap();
     assert_eq!(fetched["authid"], authid.as_str());
     let minted = mint_handle(&h.http, &h.url, &authid).await["authid"].as_str().unwrap().to_owned();
-    let rotated: Value = h
-        .http
-        .post(format!("{}/v1/handles/rotate", h.url))
-        .bearer_auth(&minted)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rotated = crate::support::bearer_post(&h.http, &h.url, "/v1/handles/rotate", &minted, None).await;
     let rotated = rotated["authid"].as_str().unwrap().to_owned();
     let keyid = authid.split(':').next().unwrap();
     // Failed secrets for a keyid nobody holds (failures charged to a real

@@ -9,7 +9,7 @@ use latchkey_server::config::Config;
 use latchkey_testkit::oidc::{ClientAuthMethod, OidcOptions, OidcProvider};
 use serde_json::Value;
 
-use crate::support::{device_code, device_token, form_fields, open_page, post_form, refresh, v1_token};
+use crate::support::{bearer_post, device_code, device_token, form_fields, open_page, post_form, refresh, v1_token};
 
 pub(crate) const CLIENT_ID: &str = "latchkey-interop";
 /// Needs form-urlencoding in HTTP Basic, which oidc-provider checks.
@@ -131,16 +131,7 @@ async fn revoking_the_grant_revokes_it_at_the_provider() {
     let v1: Value = v1_token(&t.http, &t.url, &authid).await.json().await.unwrap();
     let access = v1["access_token"].as_str().unwrap().to_owned();
     assert!(t.oidc.introspect(&access).await.unwrap());
-    let report: Value = t
-        .http
-        .post(format!("{}/v1/grant/revoke", t.url))
-        .bearer_auth(&authid)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let report = bearer_post(&t.http, &t.url, "/v1/grant/revoke", &authid, None).await;
     assert_eq!(report["provider"], "revoked", "{report}");
     assert!(!t.oidc.introspect(&access).await.unwrap(), "RFC 7009 revocation of the refresh token ended the grant");
     let after = refresh(&t.http, &t.url, &authid).await;
@@ -152,17 +143,8 @@ async fn the_revoke_page_lists_the_other_authids_and_revokes_the_whole_login_at_
     let t = interop(3600).await;
     let stolen = login(&t.http, &t.url, &t.oidc, "dave", "/login?id=oidc").await;
     // The thief minted one more with the stolen AuthID.
-    let minted: Value = t
-        .http
-        .post(format!("{}/v1/handles", t.url))
-        .bearer_auth(&stolen)
-        .json(&serde_json::json!({ "label": "thief's laptop" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let label = serde_json::json!({ "label": "thief's laptop" });
+    let minted = bearer_post(&t.http, &t.url, "/v1/handles", &stolen, Some(label)).await;
     let theirs = minted["authid"].as_str().unwrap().to_owned();
     let access = v1_token(&t.http, &t.url, &theirs).await.json::<Value>().await.unwrap()["access_token"]
         .as_str()

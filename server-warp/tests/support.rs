@@ -257,5 +257,20 @@ pub(crate) async fn device_token(
 
 /// `POST /v1/handles` with the AuthID as bearer and no label: a new AuthID for the same grant.
 pub(crate) async fn mint_handle(http: &reqwest::Client, base: &str, authid: &str) -> serde_json::Value {
-    http.post(format!("{base}/v1/handles")).bearer_auth(authid).send().await.unwrap().json().await.unwrap()
+    bearer_post(http, base, "/v1/handles", authid, None).await
+}
+
+/// `POST <path>` of the `/v1` API with the AuthID as bearer and an optional JSON body; the JSON answer.
+pub(crate) async fn bearer_post(
+    http: &reqwest::Client,
+    base: &str,
+    path: &str,
+    authid: &str,
+    body: Option<serde_json::Value>,
+) -> serde_json::Value {
+    let mut request = http.post(format!("{base}{path}")).bearer_auth(authid);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    request.send().await.unwrap().json().await.unwrap()
 }
