@@ -607,6 +607,9 @@ impl Inner {
             return Err(refused());
         }
         let bytes = URL_SAFE_NO_PAD.decode(proof).map_err(|_| refused())?;
+        if bytes.len() != PROOF_NONCE + 8 + PROOF_MAC {
+            return Err(refused());
+        }
         let (body, mac) = bytes.split_at(PROOF_NONCE + 8);
         let expected = self.record_keys.lookup(b"latchkey/v1/browser-proof", body);
         if !bool::from(subtle::ConstantTimeEq::ct_eq(&expected[..PROOF_MAC], mac)) {
