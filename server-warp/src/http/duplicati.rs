@@ -43,7 +43,7 @@ pub(super) fn routes(state: State) -> warp::filters::BoxedFilter<(Response,)> {
     let s = || with_state(state.clone());
     let ip = || client_ip(state.clone());
     let b = front_door::browser;
-    let index = warp::get().and(warp::path::end()).and(query()).and(b()).and(ip()).and(s()).then(index).boxed();
+    let index = warp::get().and(warp::path::end()).and(query()).and(b()).and(s()).then(index).boxed();
     let login = warp::get().and(warp::path!("login")).and(query()).and(b()).and(s()).then(login);
     let login_post = warp::post().and(warp::path!("login")).and(body()).and(b()).and(ip()).and(s()).then(login_post);
     let logged_in =
@@ -130,7 +130,7 @@ fn display_name(state: &State, service: &str) -> String {
     state.broker.catalogue().service(service).map(|s| s.display_name.clone()).unwrap_or_else(|| service.to_owned())
 }
 
-async fn index(q: HashMap<String, String>, browser: BrowserRequest, _ip: IpAddr, state: State) -> Response {
+async fn index(q: HashMap<String, String>, browser: BrowserRequest, state: State) -> Response {
     let token = q.get("token").map(String::as_str);
     if let Some(service) = q.get("redirect") {
         return confirm(&state, service, token, &browser).await;
