@@ -72,8 +72,11 @@ pub struct Limiter {
     per_keyid: Buckets<KeyId>,
     per_address: Buckets<IpAddr>,
     fetch_per_address: Buckets<IpAddr>,
-    failures: Mutex<HashMap<KeyId, Failures>>,
-    /// How many keyids `failures` holds, readable without its lock: the
+    /// Failed secrets per (keyid, client address): a keyid is public, so
+    /// whoever sends wrong secrets for it backs off alone; its owner, at
+    /// another address, never waits for them.
+    failures: Mutex<HashMap<(KeyId, IpAddr), Failures>>,
+    /// How many entries `failures` holds, readable without its lock: the
     /// common case (no failed secrets anywhere) takes no lock at all.
     failing: AtomicUsize,
 }
@@ -90,15 +93,22 @@ impl Limiter {
         }
     }
 
-    /// A token request: counted per keyid (when one parsed) and per address,
-    /// and refused while the keyid is backing off after failed secrets.
+    /// A token request, before its AuthID is checked: counted per address,
+    /// and refused while this address is backing off after failed secrets
+    /// for this keyid. The per-keyid bucket is charged only once the secret
+    /// proved right ([`Limiter::authenticated`]), so strangers who know a
+    /// keyid cannot spend its owner's allowance.
     pub fn token_request(&self, keyid: Option<KeyId>, address: IpAddr, now: Instant) -> Result<(), Duration> {
         self.per_address.take(address, now)?;
         if let Some(keyid) = keyid {
-            self.backoff(&keyid, now)?;
-            self.per_keyid.take(keyid, now)?;
+            self.backoff(&(keyid, address), now)?;
         }
         Ok(())
+    }
+
+    /// A token request whose AuthID was right: counted against its keyid.
+    pub fn authenticated(&self, keyid: KeyId, now: Instant) -> Result<(), Duration> {
+        self.per_keyid.take(keyid, now)
     }
 
     /// A hand-off or device poll from `address`.
@@ -106,12 +116,12 @@ impl Limiter {
         self.fetch_per_address.take(address, now)
     }
 
-    fn backoff(&self, keyid: &KeyId, now: Instant) -> Result<(), Duration> {
+    fn backoff(&self, key: &(KeyId, IpAddr), now: Instant) -> Result<(), Duration> {
         if self.failing.load(Ordering::Acquire) == 0 {
             return Ok(());
         }
         let failures = lock(&self.failures);
-        let Some(f) = failures.get(keyid) else { return Ok(()) };
+        let Some(f) = failures.get(key) else { return Ok(()) };
         if f.count <= FREE_FAILURES || now.saturating_duration_since(f.last) >= FAILURE_MEMORY {
             return Ok(());
         }
@@ -120,14 +130,14 @@ impl Limiter {
         if now < until { Err(until - now) } else { Ok(()) }
     }
 
-    /// A request with this keyid presented a wrong secret (or an unknown keyid);
-    /// answers whether this failure is the one that engages the back-off.
-    pub fn failed_secret(&self, keyid: KeyId, now: Instant) -> bool {
+    /// A request from `address` presented a wrong secret for this keyid (or an
+    /// unknown keyid); answers whether this failure engages the back-off.
+    pub fn failed_secret(&self, keyid: KeyId, address: IpAddr, now: Instant) -> bool {
         let mut failures = lock(&self.failures);
         if failures.len() >= MAX_TRACKED {
             failures.retain(|_, f| now.saturating_duration_since(f.last) < FAILURE_MEMORY);
         }
-        let f = failures.entry(keyid).or_insert(Failures { count: 0, last: now });
+        let f = failures.entry((keyid, address)).or_insert(Failures { count: 0, last: now });
         if now.saturating_duration_since(f.last) >= FAILURE_MEMORY {
             f.count = 0;
         }
@@ -138,13 +148,14 @@ impl Limiter {
         engaged
     }
 
-    /// A request with this keyid succeeded: its failures are forgotten.
-    pub fn succeeded(&self, keyid: &KeyId) {
+    /// A request with this keyid from `address` succeeded: that address's
+    /// failures for it are forgotten.
+    pub fn succeeded(&self, keyid: &KeyId, address: IpAddr) {
         if self.failing.load(Ordering::Acquire) == 0 {
             return;
         }
         let mut failures = lock(&self.failures);
-        failures.remove(keyid);
+        failures.remove(&(*keyid, address));
         self.failing.store(failures.len(), Ordering::Release);
     }
 }
@@ -163,13 +174,19 @@ mod tests {
         let t0 = Instant::now();
         let key = KeyId::from_bytes([1; 16]);
         let addr: IpAddr = "192.0.2.1".parse().unwrap();
-        for _ in 0..3 {
-            assert!(limiter.token_request(Some(key), addr, t0).is_ok());
+        for _ in 0..10 {
+            assert!(
+                limiter.token_request(Some(key), addr, t0).is_ok(),
+                "before the secret is checked: per address only"
+            );
         }
-        let wait = limiter.token_request(Some(key), addr, t0).unwrap_err();
+        for _ in 0..3 {
+            assert!(limiter.authenticated(key, t0).is_ok());
+        }
+        let wait = limiter.authenticated(key, t0).unwrap_err();
         assert_eq!(wait, Duration::from_secs(20), "one token every 20 s at 3/min");
-        assert!(limiter.token_request(Some(KeyId::from_bytes([2; 16])), addr, t0).is_ok(), "per keyid");
-        assert!(limiter.token_request(Some(key), addr, t0 + Duration::from_secs(20)).is_ok(), "refilled");
+        assert!(limiter.authenticated(KeyId::from_bytes([2; 16]), t0).is_ok(), "per keyid");
+        assert!(limiter.authenticated(key, t0 + Duration::from_secs(20)).is_ok(), "refilled");
         assert!(limiter.fetch_request(addr, t0).is_ok() && limiter.fetch_request(addr, t0).is_ok());
         assert!(limiter.fetch_request(addr, t0).is_err());
         assert!(limiter.fetch_request("192.0.2.2".parse().unwrap(), t0).is_ok(), "per address");
@@ -182,23 +199,25 @@ mod tests {
         let key = KeyId::from_bytes([3; 16]);
         let addr: IpAddr = "192.0.2.1".parse().unwrap();
         for _ in 0..5 {
-            assert!(!limiter.failed_secret(key, t0));
+            assert!(!limiter.failed_secret(key, addr, t0));
         }
         assert!(limiter.token_request(Some(key), addr, t0).is_ok(), "five failures are free");
-        assert!(limiter.failed_secret(key, t0), "the sixth engages the back-off");
+        assert!(limiter.failed_secret(key, addr, t0), "the sixth engages the back-off");
         assert_eq!(limiter.token_request(Some(key), addr, t0).unwrap_err(), Duration::from_secs(2));
-        assert!(!limiter.failed_secret(key, t0), "engaged once, not again");
+        assert!(!limiter.failed_secret(key, addr, t0), "engaged once, not again");
         assert_eq!(limiter.token_request(Some(key), addr, t0).unwrap_err(), Duration::from_secs(4), "growing");
         assert!(limiter.token_request(Some(key), addr, t0 + Duration::from_secs(4)).is_ok());
         for _ in 0..30 {
-            let _ = limiter.failed_secret(key, t0);
+            let _ = limiter.failed_secret(key, addr, t0);
         }
         assert_eq!(limiter.token_request(Some(key), addr, t0).unwrap_err(), MAX_BACKOFF, "capped");
-        limiter.succeeded(&key);
+        limiter.succeeded(&key, addr);
         assert!(limiter.token_request(Some(key), addr, t0).is_ok());
         for _ in 0..6 {
-            let _ = limiter.failed_secret(key, t0);
+            let _ = limiter.failed_secret(key, addr, t0);
         }
         assert!(limiter.token_request(Some(key), addr, t0).is_err(), "failures after a reset count again");
+        let owner: IpAddr = "198.51.100.9".parse().unwrap();
+        assert!(limiter.token_request(Some(key), owner, t0).is_ok(), "another address never waits for them");
     }
 }

@@ -51,7 +51,7 @@ async fn bad_requests_get_exact_statuses_and_reasons() {
         refresh("no AuthID", None, 401, "authid_invalid", "no AuthID was given"),
         refresh("no separator", Some("ya29.raw-access-token".into()), 401, "authid_invalid", "no ':' separator"),
         refresh("malformed keyid", Some(format!("{keyid}x:{secret}")), 401, "authid_invalid", "key id"),
-        refresh("v2 token", Some("v2:abc".into()), 401, "authid_invalid", "v2 OAuth service"),
+        refresh("v2 token", Some("v2:abc".into()), 401, "authid_invalid", "issued by another OAuth service"),
         refresh("wrong secret", Some(format!("{keyid}:{wrong}")), 401, "authid_invalid", "not known to this broker"),
         refresh("revoked", Some(revoked.clone()), 401, "authid_revoked", "revoked"),
         Case {

@@ -232,3 +232,30 @@ async fn security_events_are_audited_without_secrets() {
         }
     }
 }
+
+#[tokio::test]
+async fn someone_who_knows_a_keyid_cannot_lock_its_owner_out() {
+    // Requests arrive through a trusted proxy, so X-Forwarded-For names the client.
+    let extra = "trusted_proxies = [\"127.0.0.1/32\"]\n[limits]\ntoken_requests_per_minute_per_keyid = 5";
+    let h = harness(fake_config(), extra).await;
+    let authid = h.login().await;
+    let keyid = authid.split(':').next().unwrap();
+    let wrong = format!("{keyid}:{}", "A".repeat(43));
+    let from = |client: &'static str, authid: String| {
+        let request =
+            h.http.get(format!("{}/refresh", h.url)).header("X-AuthID", authid).header("X-Forwarded-For", client);
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        statuses.push(from("203.0.113.7", wrong.clone()).await);
+    }
+    assert!(statuses[..6].iter().all(|s| *s == 401), "{statuses:?}");
+    assert_eq!(statuses.last(), Some(&503), "the stranger backs off: {statuses:?}");
+    // The owner, elsewhere, is not refused for the stranger's failures, and
+    // their keyid's allowance was not spent by requests that were not theirs.
+    for _ in 0..5 {
+        assert_eq!(from("198.51.100.2", authid.clone()).await, 200);
+    }
+    assert_eq!(from("198.51.100.2", authid.clone()).await, 503, "the owner's own allowance still applies");
+}

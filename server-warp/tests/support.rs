@@ -78,8 +78,9 @@ pub(crate) async fn harness_tuned(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let keys = "k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
-    // Top-level keys go first, tables last.
-    let (top, tables) = if extra.trim_start().starts_with('[') { ("", extra) } else { (extra, "") };
+    // Top-level keys go first, tables last; `extra` may hold both, tables after keys.
+    let tables_at = if extra.trim_start().starts_with('[') { Some(0) } else { extra.find("\n[").map(|i| i + 1) };
+    let (top, tables) = extra.split_at(tables_at.unwrap_or(extra.len()));
     let public_url = if top.contains("public_url") { String::new() } else { format!("public_url = \"{url}\"") };
     let text = format!(
         r#"

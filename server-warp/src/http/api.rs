@@ -117,7 +117,9 @@ async fn v1_token(header: Option<String>, body: Vec<u8>, ip: IpAddr, state: Stat
     };
     match state.broker.token(&authid, min_validity).await {
         Ok(token) => {
-            state.note_success(&authid);
+            if let Err(wait) = state.note_success(&authid, ip) {
+                return error(Surface::V1, &Failure::rate_limited(wait));
+            }
             json_reply(
                 StatusCode::OK,
                 &json!({
@@ -324,7 +326,9 @@ async fn oauth2_token(body: Vec<u8>, ip: IpAddr, state: State) -> Response {
     };
     match state.broker.token(&authid, None).await {
         Ok(token) => {
-            state.note_success(&authid);
+            if let Err(wait) = state.note_success(&authid, ip) {
+                return error(Surface::OAuth2, &Failure::rate_limited(wait));
+            }
             let mut body = json!({
                 "access_token": token.access_token.expose_secret(),
                 "token_type": "Bearer",

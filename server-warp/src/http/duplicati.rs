@@ -304,7 +304,9 @@ async fn refresh(
     };
     match state.broker.token(&authid, None).await {
         Ok(token) => {
-            state.note_success(&authid);
+            if let Err(wait) = state.note_success(&authid, ip) {
+                return error(Surface::Duplicati, &Failure::rate_limited(wait));
+            }
             let expires = token
                 .expires_at
                 .map(|at| at.duration_since(SystemClock.now()).as_secs())

@@ -93,17 +93,23 @@ impl AppState {
         format!("{}/?type={}", self.public_url, pages::q(service))
     }
 
-    /// A served token request: forgets the keyid's failed secrets. Logged
-    /// at debug level (`LATCHKEY_LOG=latchkey_server=debug`): the keyid names the
-    /// client, never its secret.
-    fn note_success(&self, authid: &AuthId) {
-        self.limiter.succeeded(&authid.keyid());
+    /// A token request whose AuthID was right: charged to its keyid's bucket
+    /// (which only right secrets reach), and this address's failed secrets
+    /// for it are forgotten. Logged at debug level
+    /// (`LATCHKEY_LOG=latchkey_server=debug`): the keyid names the client,
+    /// never its secret.
+    fn note_success(&self, authid: &AuthId, client: IpAddr) -> Result<(), std::time::Duration> {
+        self.limiter.succeeded(&authid.keyid(), client);
+        self.limiter.authenticated(authid.keyid(), Instant::now())?;
         tracing::debug!(keyid = %authid.keyid(), "token served");
+        Ok(())
     }
 
     /// A refused token request: counts a failed secret against the keyid.
     fn note_failure(&self, authid: &AuthId, error: &EngineError, client: IpAddr) {
-        if matches!(error, EngineError::AuthIdInvalid) && self.limiter.failed_secret(authid.keyid(), Instant::now()) {
+        if matches!(error, EngineError::AuthIdInvalid)
+            && self.limiter.failed_secret(authid.keyid(), client, Instant::now())
+        {
             crate::audit::backoff_engaged(&authid.keyid(), client);
         }
         tracing::info!(keyid = %authid.keyid(), code = error.code().as_str(), "token request refused");
