@@ -160,12 +160,12 @@ impl RecordKeys {
 
     /// HMAC-SHA256 of `value` under the lookup key, separated by `domain`.
     pub fn lookup(&self, domain: &[u8], value: &[u8]) -> [u8; 32] {
-        mac(&self.lookup, &[domain, &[0], value])
+        hmac_sha256(&self.lookup, &[domain, &[0], value])
     }
 
     /// HMAC-SHA256 of a record's stored bytes under the tag key.
     pub fn tag(&self, kind: u8, body: &[u8]) -> [u8; 32] {
-        mac(&self.tag, &[b"latchkey/v1/record-tag", &[kind], body])
+        hmac_sha256(&self.tag, &[b"latchkey/v1/record-tag", &[kind], body])
     }
 }
 
@@ -175,7 +175,8 @@ impl fmt::Debug for RecordKeys {
     }
 }
 
-fn mac(key: &SymmetricKey, parts: &[&[u8]]) -> [u8; 32] {
+/// HMAC-SHA256 under `key` over `parts`, one after another.
+pub(crate) fn hmac_sha256(key: &SymmetricKey, parts: &[&[u8]]) -> [u8; 32] {
     use hmac::Mac;
     // HMAC takes keys of any length; 32 bytes never fails.
     #[allow(clippy::expect_used)]

@@ -175,9 +175,12 @@ byte_id!(
 impl UserCodeId {
     /// The store key for a user code as typed: case, spaces and dashes do not matter.
     pub fn for_user_code(keys: &RecordKeys, code: &str) -> Self {
-        let normal: String =
-            code.chars().filter(|c| c.is_ascii_alphanumeric()).map(|c| c.to_ascii_uppercase()).collect();
-        UserCodeId(keys.lookup(b"latchkey/v1/user-code", normal.as_bytes()))
+        UserCodeId(keys.lookup(b"latchkey/v1/user-code", Self::normalize(code).as_bytes()))
+    }
+
+    /// A user code as typed, without case, spaces or dashes: `bcdf ghjk` → `BCDFGHJK`.
+    pub fn normalize(code: &str) -> String {
+        code.chars().filter(|c| c.is_ascii_alphanumeric()).map(|c| c.to_ascii_uppercase()).collect()
     }
 }
 

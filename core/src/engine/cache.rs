@@ -11,11 +11,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
-
 use crate::authid::AuthId;
-use crate::keys::SymmetricKey;
+use crate::keys::{SymmetricKey, hmac_sha256};
 use crate::records::GrantId;
 use crate::time::Timestamp;
 
@@ -61,12 +58,7 @@ impl TokenCache {
     }
 
     pub(crate) fn key_for(&self, authid: &AuthId) -> CacheKey {
-        // HMAC accepts keys of any length; a 32-byte key never fails.
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.key.expose_secret())
-            .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
-        mac.update(authid.keyid().as_bytes());
-        mac.update(authid.secret().expose_secret());
-        CacheKey(mac.finalize().into_bytes().into())
+        CacheKey(hmac_sha256(&self.key, &[authid.keyid().as_bytes(), authid.secret().expose_secret()]))
     }
 
     /// The purge epoch; pass it back to [`TokenCache::insert`].

@@ -35,6 +35,19 @@ pub struct HandleInfo {
     pub is_caller: bool,
 }
 
+impl HandleInfo {
+    fn of(handle: Handle, data_key: &DataKey, caller: &KeyId) -> Self {
+        HandleInfo {
+            label: handle.open_label(data_key).unwrap_or_default(),
+            keyid: handle.keyid,
+            created_at: handle.created_at,
+            last_used_at: handle.last_used_at,
+            revoked_at: handle.revoked_at,
+            is_caller: handle.keyid == *caller,
+        }
+    }
+}
+
 /// A newly minted AuthID.
 #[derive(Debug)]
 pub struct MintedHandle {
@@ -102,17 +115,7 @@ impl Broker {
         let (caller, data_key) = inner.authenticate(authid).await?;
         inner.live_grant(&caller.grant_id).await?;
         let handles: Vec<Handle> = inner.store.load_group(caller.grant_id.as_bytes()).await?;
-        Ok(handles
-            .into_iter()
-            .map(|h| HandleInfo {
-                keyid: h.keyid,
-                label: h.open_label(&data_key).unwrap_or_default(),
-                created_at: h.created_at,
-                last_used_at: h.last_used_at,
-                revoked_at: h.revoked_at,
-                is_caller: h.keyid == caller.keyid,
-            })
-            .collect())
+        Ok(handles.into_iter().map(|h| HandleInfo::of(h, &data_key, &caller.keyid)).collect())
     }
 
     /// Mints another AuthID for the caller's grant (one per machine).
@@ -127,32 +130,8 @@ impl Broker {
     /// Revokes one of the grant's handles (the caller's own included). When no
     /// live handle is left, the grant is revoked too, at the provider as well.
     pub async fn revoke_handle(&self, authid: &AuthId, target: KeyId) -> Result<Option<GrantRevocation>, EngineError> {
-        let inner = &self.inner;
-        let (caller, data_key) = inner.authenticate(authid).await?;
-        let handle = if target == caller.keyid {
-            caller.clone()
-        } else {
-            match inner.store.load::<Handle>(target.as_bytes()).await? {
-                Some(h) if h.grant_id == caller.grant_id => h,
-                _ => return Err(EngineError::bad_request("this login has no AuthID with that key id")),
-            }
-        };
-        // Revoking the last live handle revokes the grant, and the grant goes
-        // first: if that fails, the caller's AuthID still works to retry.
-        let live =
-            |handles: &[Handle]| handles.iter().filter(|h| h.revoked_at.is_none()).map(|h| h.keyid).collect::<Vec<_>>();
-        let before: Vec<Handle> = inner.store.load_group(caller.grant_id.as_bytes()).await?;
-        if live(&before) == [handle.keyid] {
-            return inner.revoke_grant(caller.grant_id, &data_key).await.map(Some);
-        }
-        inner.revoke_one(handle).await?;
-        inner.grant_changed(&caller.grant_id).await;
-        // Two handles revoked at once may each have seen the other live.
-        let after: Vec<Handle> = inner.store.load_group(caller.grant_id.as_bytes()).await?;
-        if !live(&after).is_empty() {
-            return Ok(None);
-        }
-        inner.revoke_grant(caller.grant_id, &data_key).await.map(Some)
+        let (caller, data_key) = self.inner.authenticate(authid).await?;
+        self.inner.revoke_handle_of(&caller, &data_key, target).await
     }
 
     /// The revoke page: revokes the caller's AuthID, and answers the
@@ -160,21 +139,14 @@ impl Broker {
     pub async fn revoke_for_page(&self, authid: &AuthId) -> Result<PageRevocation, EngineError> {
         let inner = &self.inner;
         let (caller, data_key) = inner.authenticate(authid).await?;
-        let grant = self.revoke_handle(authid, caller.keyid).await?;
+        let grant = inner.revoke_handle_of(&caller, &data_key, caller.keyid).await?;
         let service =
             inner.store.load::<Grant>(caller.grant_id.as_bytes()).await?.map(|g| g.service).unwrap_or_default();
         let handles: Vec<Handle> = inner.store.load_group(caller.grant_id.as_bytes()).await?;
         let siblings: Vec<HandleInfo> = handles
             .into_iter()
             .filter(|h| h.revoked_at.is_none() && h.keyid != caller.keyid)
-            .map(|h| HandleInfo {
-                keyid: h.keyid,
-                label: h.open_label(&data_key).unwrap_or_default(),
-                created_at: h.created_at,
-                last_used_at: h.last_used_at,
-                revoked_at: None,
-                is_caller: false,
-            })
+            .map(|h| HandleInfo::of(h, &data_key, &caller.keyid))
             .collect();
         let ticket = (grant.is_none() && !siblings.is_empty()).then(|| inner.revoke_ticket(caller.grant_id, &data_key));
         Ok(PageRevocation { service, grant, siblings, ticket })
@@ -245,6 +217,40 @@ impl Inner {
         let mut bytes = grant_id.as_bytes().to_vec();
         bytes.extend_from_slice(blob.as_bytes());
         SecretString::from(URL_SAFE_NO_PAD.encode(bytes))
+    }
+
+    /// Revokes `target`, one of the authenticated `caller`'s grant's handles;
+    /// the last live one takes the grant with it.
+    async fn revoke_handle_of(
+        &self,
+        caller: &Handle,
+        data_key: &DataKey,
+        target: KeyId,
+    ) -> Result<Option<GrantRevocation>, EngineError> {
+        let handle = if target == caller.keyid {
+            caller.clone()
+        } else {
+            match self.store.load::<Handle>(target.as_bytes()).await? {
+                Some(h) if h.grant_id == caller.grant_id => h,
+                _ => return Err(EngineError::bad_request("this login has no AuthID with that key id")),
+            }
+        };
+        // Revoking the last live handle revokes the grant, and the grant goes
+        // first: if that fails, the caller's AuthID still works to retry.
+        let live =
+            |handles: &[Handle]| handles.iter().filter(|h| h.revoked_at.is_none()).map(|h| h.keyid).collect::<Vec<_>>();
+        let before: Vec<Handle> = self.store.load_group(caller.grant_id.as_bytes()).await?;
+        if live(&before) == [handle.keyid] {
+            return self.revoke_grant(caller.grant_id, data_key).await.map(Some);
+        }
+        self.revoke_one(handle).await?;
+        self.grant_changed(&caller.grant_id).await;
+        // Two handles revoked at once may each have seen the other live.
+        let after: Vec<Handle> = self.store.load_group(caller.grant_id.as_bytes()).await?;
+        if !live(&after).is_empty() {
+            return Ok(None);
+        }
+        self.revoke_grant(caller.grant_id, data_key).await.map(Some)
     }
 
     /// The grant, if it can still be used or managed.

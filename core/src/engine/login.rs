@@ -207,13 +207,16 @@ const PROOF_MAC: usize = 16;
 const MAX_DEVICE_LABEL_CHARS: usize = 64;
 
 fn check_token(token: &str) -> Result<(), EngineError> {
-    if token.len() < MIN_HANDOFF_TOKEN_LEN && !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic()) {
+    let well_formed = !token.is_empty() && token.len() <= MAX_TOKEN_LEN && token.bytes().all(|b| b.is_ascii_graphic());
+    if !well_formed {
+        return Err(EngineError::bad_request("the hand-off token is missing or malformed"));
+    }
+    if token.len() < MIN_HANDOFF_TOKEN_LEN {
         return Err(EngineError::bad_request(format!(
             "the hand-off token is too short (at least {MIN_HANDOFF_TOKEN_LEN} characters); the program must make a longer one"
         )));
     }
-    let ok = !token.is_empty() && token.len() <= MAX_TOKEN_LEN && token.bytes().all(|b| b.is_ascii_graphic());
-    if ok { Ok(()) } else { Err(EngineError::bad_request("the hand-off token is missing or malformed")) }
+    Ok(())
 }
 
 fn login_gone() -> EngineError {
@@ -313,8 +316,7 @@ impl Broker {
         // spend the real user's login.
         if let Some(bound) = tx.browser {
             let same = callback.browser.is_some_and(|proof| {
-                let presented = inner.record_keys.lookup(b"latchkey/v1/browser", proof.as_bytes());
-                bool::from(subtle::ConstantTimeEq::ct_eq(&presented[..], &bound[..]))
+                bool::from(subtle::ConstantTimeEq::ct_eq(&inner.browser_binding(proof)[..], &bound[..]))
             });
             if !same {
                 return Err(EngineError::Forbidden(
@@ -528,9 +530,8 @@ impl Broker {
     /// What the `/device` page shows for a typed user code before the user
     /// continues: the service and the program's label. Creates nothing.
     pub async fn device_confirmation(&self, user_code: &str) -> Result<DeviceConfirmation, EngineError> {
-        let (device, _) = self.inner.waiting_device(user_code).await?;
-        let normal: String =
-            user_code.chars().filter(|c| c.is_ascii_alphanumeric()).map(|c| c.to_ascii_uppercase()).collect();
+        let device = self.inner.waiting_device(user_code).await?;
+        let normal = UserCodeId::normalize(user_code);
         let user_code = if normal.len() == 8 { format!("{}-{}", &normal[..4], &normal[4..]) } else { normal };
         Ok(DeviceConfirmation { user_code, service: device.service, label: device.label })
     }
@@ -540,7 +541,7 @@ impl Broker {
     pub async fn begin_device_login(&self, user_code: &str, proof: &str) -> Result<LoginStart, EngineError> {
         let inner = &self.inner;
         inner.check_proof(proof)?;
-        let (device, _) = inner.waiting_device(user_code).await?;
+        let device = inner.waiting_device(user_code).await?;
         inner.begin_login(&device.service, Some(device.handoff), &device.label, proof).await
     }
 
@@ -625,6 +626,11 @@ impl Inner {
         Ok(issued)
     }
 
+    /// What a login stores of the browser proof that began it: a keyed hash.
+    fn browser_binding(&self, proof: &str) -> [u8; 32] {
+        self.record_keys.lookup(b"latchkey/v1/browser", proof.as_bytes())
+    }
+
     /// The `state` of the login a proof begins: derived, so the same proof
     /// always names the same login record and can begin only one.
     fn state_for(&self, proof: &str) -> String {
@@ -632,7 +638,7 @@ impl Inner {
     }
 
     /// A device code still waiting for its user.
-    async fn waiting_device(&self, user_code: &str) -> Result<(DeviceGrant, Handoff), EngineError> {
+    async fn waiting_device(&self, user_code: &str) -> Result<DeviceGrant, EngineError> {
         let unknown = || EngineError::bad_request("this code is unknown; check it and try again");
         let id = UserCodeId::for_user_code(&self.record_keys, user_code);
         let device: DeviceGrant = self.load_tagged(id.as_bytes()).await?.ok_or_else(unknown)?;
@@ -643,7 +649,7 @@ impl Inner {
         if handoff.delivered_at.is_some() || handoff.authid.is_some() || handoff.denied_at.is_some() {
             return Err(EngineError::bad_request("this code was already used; start again on the device"));
         }
-        Ok((device, handoff))
+        Ok(device)
     }
 
     /// A new grant and its first AuthID from a provider's first token
@@ -671,7 +677,7 @@ impl Inner {
         let mut handle = Handle::new(&authid, grant.id, &data_key, label, &self.keyring, now, rng);
         self.store.create(&mut handle).await?;
         let delivery = match handoff {
-            Some(handoff) => self.deliver_to_handoff(&handoff, &authid).await?,
+            Some(handoff) => self.deliver_text(&handoff, &authid.expose_text()).await?,
             None => Delivery::NoHandoff,
         };
         Ok(LoginComplete {
@@ -750,7 +756,7 @@ impl Inner {
             service: service.to_owned(),
             pkce_verifier: None,
             handoff,
-            browser: Some(self.record_keys.lookup(b"latchkey/v1/browser", proof.as_bytes())),
+            browser: Some(self.browser_binding(proof)),
             label: label.to_owned(),
             created_at: now,
             expires_at: now.saturating_add(self.config.login_ttl),
@@ -807,13 +813,10 @@ impl Inner {
         }
     }
 
-    /// Seals a fresh AuthID into a waiting hand-off, unless it already holds
-    /// (or delivered) one: a hand-off carries exactly one AuthID, so a second
-    /// login cannot swap its own AuthID in before the client fetches.
-    async fn deliver_to_handoff(&self, id: &HandoffId, authid: &AuthId) -> Result<Delivery, EngineError> {
-        self.deliver_text(id, &authid.expose_text()).await
-    }
-
+    /// Seals a fresh credential (an AuthID, or a handed-out access token) into
+    /// a waiting hand-off, unless it already holds (or delivered) one: a
+    /// hand-off carries exactly one, so a second login cannot swap its own in
+    /// before the client fetches.
     async fn deliver_text(&self, id: &HandoffId, text: &str) -> Result<Delivery, EngineError> {
         loop {
             let Some(mut handoff) = self.load_tagged::<Handoff>(id.as_bytes()).await? else {
