@@ -125,6 +125,29 @@ pub fn confirm_login(csp: &str, service: &str, display: &str, token: Option<&str
     page(StatusCode::OK, csp, "Log in", &body, false)
 }
 
+/// The credential element `authid.js` copies and posts to the allowed openers.
+fn credential(text: &str, openers: &[String]) -> String {
+    format!(
+        "<code id=authid data-authid=\"{id}\" data-openers=\"{openers}\">{id}</code>",
+        id = escape(text),
+        openers = escape(&openers.join(" ")),
+    )
+}
+
+/// What became of the hand-off a waiting program named, if any.
+fn handoff_notice((article, what): (&str, &str), handed_off: bool, refused: bool, advice: &str) -> String {
+    if handed_off {
+        format!("<p>Your program has been sent this {what} and will pick it up by itself.</p>")
+    } else if refused {
+        format!(
+            "<p class=warning>The program that waited for this login had already received {article} {what} from another \
+             login, so it was not sent this one.{advice}</p>"
+        )
+    } else {
+        String::new()
+    }
+}
+
 /// The AuthID page, shown once after a login.
 pub fn authid_page(
     csp: &str,
@@ -134,26 +157,21 @@ pub fn authid_page(
     handed_off: bool,
     handoff_refused: bool,
 ) -> Response {
-    let handed = if handed_off {
-        "<p>Your program has been sent this AuthID and will pick it up by itself.</p>"
-    } else if handoff_refused {
-        "<p class=warning>The program that waited for this login had already received an AuthID from another \
-         login, so it was not sent this one. If you did not make that other login, revoke it and check your \
-         program's settings.</p>"
-    } else {
-        ""
-    };
+    let handed = handoff_notice(
+        ("an", "AuthID"),
+        handed_off,
+        handoff_refused,
+        " If you did not make that other login, revoke it and check your program's settings.",
+    );
     let body = format!(
         "<div class=card><h1>Your AuthID for {service}</h1>{handed}\
          <p>Paste this AuthID into your backup or sync program (in Duplicati: the <em>AuthID</em> field of the \
          storage settings). Keep it secret: it is the key to this login, and this page is the only time it is shown.</p>\
-         <code id=authid data-authid=\"{id}\" data-openers=\"{openers}\">{id}</code>\
-         <button id=copy type=button>Copy AuthID</button> <span id=copy-status class=muted role=status></span></div>\
+         {code}<button id=copy type=button>Copy AuthID</button> <span id=copy-status class=muted role=status></span></div>\
          <div class=card><p class=muted>Lost it, or no longer need it? <a href=\"/revoke\">Revoke an AuthID</a>. \
          Programs can also use it as an OAuth2 refresh token at <code>/oauth2/token</code>.</p></div>",
         service = escape(service),
-        id = escape(authid),
-        openers = escape(&openers.join(" ")),
+        code = credential(authid, openers),
     );
     page(StatusCode::OK, csp, "Your AuthID", &body, true)
 }
@@ -167,14 +185,7 @@ pub fn token_page(
     openers: &[String],
 ) -> Response {
     use secrecy::ExposeSecret;
-    let handed = if token.handed_off {
-        "<p>Your program has been sent this token and will pick it up by itself.</p>"
-    } else if token.handoff_refused {
-        "<p class=warning>The program that waited for this login had already received a token from another \
-         login, so it was not sent this one.</p>"
-    } else {
-        ""
-    };
+    let handed = handoff_notice(("a", "token"), token.handed_off, token.handoff_refused, "");
     let host = token
         .api_host
         .as_deref()
@@ -186,11 +197,10 @@ pub fn token_page(
          not an AuthID: paste it into your program's <em>AuthID</em> field. This broker keeps nothing of it: \
          it cannot refresh or revoke it for you, and this page is the only time it is shown. To revoke it, \
          remove this app's access in your {service} account settings.</p>\
-         <code id=authid data-authid=\"{id}\" data-openers=\"{openers}\">{id}</code>{host}\
+         {code}{host}\
          <button id=copy type=button>Copy token</button> <span id=copy-status class=muted role=status></span></div>",
         service = escape(service),
-        id = escape(token.access_token.expose_secret()),
-        openers = escape(&openers.join(" ")),
+        code = credential(token.access_token.expose_secret(), openers),
     );
     page(StatusCode::OK, csp, "Your access token", &body, true)
 }
