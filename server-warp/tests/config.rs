@@ -168,13 +168,20 @@ fn the_default_data_directory_has_its_key_in_the_working_directory() {
     assert_eq!(setup::master_key_path(&nested), Path::new("/var/lib/latchkey/latchkey-master.key"));
 }
 
-#[test]
-fn a_key_left_in_the_data_directory_is_moved_beside_it_unchanged() {
-    use std::os::unix::fs::PermissionsExt;
+/// A sled store in `<tmp>/data` with no key yet: the paths of the key an
+/// older version kept inside the data (`old`) and of the key beside it (`new`).
+fn legacy_layout() -> (tempfile::TempDir, Config, std::path::PathBuf, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let config = sled_in(dir.path());
     let (old, new) = (dir.path().join("data").join("master.key"), dir.path().join("latchkey-master.key"));
     std::fs::create_dir_all(old.parent().unwrap()).unwrap();
+    (dir, config, old, new)
+}
+
+#[test]
+fn a_key_left_in_the_data_directory_is_moved_beside_it_unchanged() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_dir, config, old, new) = legacy_layout();
     // A world-readable one is refused where it is, not moved.
     std::fs::write(&old, format!("{OLD_KEY}\n")).unwrap();
     std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
@@ -216,10 +223,7 @@ fn a_key_on_another_filesystem_is_copied_then_removed() {
 
 #[test]
 fn two_different_generated_keys_refuse_to_start_naming_both() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = sled_in(dir.path());
-    let (old, new) = (dir.path().join("data").join("master.key"), dir.path().join("latchkey-master.key"));
-    std::fs::create_dir_all(old.parent().unwrap()).unwrap();
+    let (_dir, config, old, new) = legacy_layout();
     write_0600(&old, &format!("{OLD_KEY}\n"));
     write_0600(&new, &format!("{OTHER_KEY}\n"));
     let refused = setup::load_keyring(&config).err().unwrap().to_string();
@@ -232,10 +236,7 @@ fn two_different_generated_keys_refuse_to_start_naming_both() {
 
 #[test]
 fn a_copy_of_the_key_left_in_the_data_directory_is_removed() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = sled_in(dir.path());
-    let (old, new) = (dir.path().join("data").join("master.key"), dir.path().join("latchkey-master.key"));
-    std::fs::create_dir_all(old.parent().unwrap()).unwrap();
+    let (_dir, config, old, new) = legacy_layout();
     write_0600(&old, &format!("{OLD_KEY}\n"));
     write_0600(&new, &format!("{OLD_KEY}\n"));
     let keyring = setup::load_keyring(&config).unwrap();
