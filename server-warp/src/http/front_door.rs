@@ -42,9 +42,15 @@ pub(super) fn browser() -> impl Filter<Extract = (BrowserRequest,), Error = std:
         .unify()
 }
 
+/// Whether the broker is served over HTTPS: its cookie can then be `Secure`
+/// and `__Host-` prefixed.
+fn served_securely(state: &State) -> bool {
+    state.public_url.starts_with("https://")
+}
+
 /// The proof cookie's name: `__Host-` needs a secure origin.
 pub fn cookie_name(state: &State) -> &'static str {
-    if state.public_url.starts_with("https://") { "__Host-latchkey-login" } else { "latchkey-login" }
+    if served_securely(state) { "__Host-latchkey-login" } else { "latchkey-login" }
 }
 
 impl BrowserRequest {
@@ -99,7 +105,7 @@ pub async fn page_proof(state: &State, browser: &BrowserRequest) -> String {
 
 /// Sets the proof cookie on a page.
 pub fn with_cookie(mut response: Response, state: &State, proof: &str) -> Response {
-    let secure = if state.public_url.starts_with("https://") { "; Secure" } else { "" };
+    let secure = if served_securely(state) { "; Secure" } else { "" };
     let max_age = state.login_ttl.as_secs();
     let cookie = format!("{}={proof}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age}{secure}", cookie_name(state));
     if let Ok(value) = HeaderValue::from_str(&cookie) {
