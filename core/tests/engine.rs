@@ -1,5 +1,5 @@
-// The refresh engine's required behaviour (issue #3, a–k), on MemoryStore,
-// a scripted provider and a manual clock.
+// The refresh engine's required behaviour, one section per concern (a–k), on
+// MemoryStore, a scripted provider and a manual clock.
 
 use std::time::Duration;
 

@@ -6,7 +6,7 @@ use crate::authid::AuthIdError;
 use crate::provider::ProviderError;
 use crate::store::StoreError;
 
-/// The error codes every front end maps to HTTP (DESIGN.md, "Error vocabulary").
+/// The error codes every front end maps to HTTP (`docs/protocol.md`, "Errors").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ErrorCode {
     /// Malformed, unknown, or wrong secret.

@@ -1,5 +1,7 @@
-//! Test support for this crate and every adapter: a manual clock, a
-//! deterministic random source, and the store conformance suite.
+//! Test support for this crate and every adapter: a manual clock and
+//! runtime, a deterministic random source, a store that fails on command
+//! ([`FaultStore`]), a scripted provider ([`ScriptedProvider`]), and the store
+//! conformance suite ([`conformance`]).
 //!
 //! Built for this crate's own tests and, for other crates, behind the
 //! `testing` feature. Nothing here is fit for production use: [`SeqRandom`]
