@@ -6,9 +6,9 @@
 //! every decision about tokens is the engine's (`latchkey-core`).
 //!
 //! This crate is the one place that knows about configuration files, the
-//! network, signals and logs. Errors cross into HTTP in one module
-//! ([`http::reply`]) so the error vocabulary of DESIGN.md holds on every
-//! route.
+//! network, signals and logs. The API surfaces' errors cross into HTTP in
+//! [`http::reply`], the pages' in their handlers; `docs/protocol.md` lists
+//! every route, error status and configuration key.
 
 pub mod audit;
 pub mod config;
