@@ -1,6 +1,7 @@
 //! latchkey-core's integration tests: one binary, one module per concern.
 
 mod dependencies;
+mod docs;
 mod engine;
 mod engine_model;
 mod engine_world;
