@@ -8,10 +8,20 @@
 //! latchkey_core::store_conformance_tests!(async { MyStore::open_fresh().await });
 //! ```
 //!
+//! The cases are listed once, in that macro. Each is a private function here,
+//! reached only through [`cases`], which the same list generates; this module
+//! denies dead code, so a case missing from the list does not compile rather
+//! than silently not run.
+//!
 //! Concurrency is exercised by polling many operations at once from one task
 //! (`join_all`); against a real backend those requests are in flight together.
 
+// A case left out of `store_conformance_tests!`'s list is an error, not a warning.
+#![deny(dead_code)]
+
 use std::collections::BTreeSet;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -62,7 +72,7 @@ fn expect_not_found<T: std::fmt::Debug>(result: Result<T, StoreError>, what: &st
 
 /// Every record kind survives a write and a read unchanged, at version 1,
 /// and its sealed fields still open.
-pub async fn round_trip_every_record_kind(store: &dyn Store) {
+async fn round_trip_every_record_kind(store: &dyn Store) {
     let rng = OsRandom;
     let ring = ring();
     let dek = SymmetricKey::generate(&rng);
@@ -141,7 +151,7 @@ pub async fn round_trip_every_record_kind(store: &dyn Store) {
 }
 
 /// The same id under two kinds names two records.
-pub async fn kinds_are_separate(store: &dyn Store) {
+async fn kinds_are_separate(store: &dyn Store) {
     let id = b"shared-id";
     for kind in RecordKind::ALL {
         store.insert(kind, id, None, &[kind as u8]).await.expect("insert");
@@ -156,7 +166,7 @@ pub async fn kinds_are_separate(store: &dyn Store) {
 
 /// Many concurrent inserts of one id: exactly one succeeds, the rest see
 /// `Conflict`, and the stored body is the winner's.
-pub async fn insert_if_absent_has_one_winner(store: &dyn Store) {
+async fn insert_if_absent_has_one_winner(store: &dyn Store) {
     let id = GrantId::generate(&OsRandom);
     let bodies: Vec<Vec<u8>> = (0..RACERS).map(|i| format!("body-{i}").into_bytes()).collect();
     let results = join_all(bodies.iter().map(|b| store.insert(RecordKind::Grant, id.as_bytes(), None, b))).await;
@@ -174,7 +184,7 @@ pub async fn insert_if_absent_has_one_winner(store: &dyn Store) {
 
 /// A compare-and-swap against a stale version fails and changes nothing;
 /// against a missing record it answers `NotFound`.
-pub async fn compare_and_swap_rejects_stale_versions(store: &dyn Store) {
+async fn compare_and_swap_rejects_stale_versions(store: &dyn Store) {
     let id = b"cas-record";
     store.insert(RecordKind::Grant, id, Some(b"g1"), b"v1").await.expect("insert");
     assert_eq!(store.compare_and_swap(RecordKind::Grant, id, 1, Some(b"g2"), b"v2").await.expect("cas"), 2);
@@ -188,7 +198,7 @@ pub async fn compare_and_swap_rejects_stale_versions(store: &dyn Store) {
 
 /// Rounds of concurrent compare-and-swaps from the same version: exactly
 /// one wins each round, and no write is lost or doubled.
-pub async fn racing_compare_and_swap_has_one_winner_per_round(store: &dyn Store) {
+async fn racing_compare_and_swap_has_one_winner_per_round(store: &dyn Store) {
     let id = b"race-record";
     store.insert(RecordKind::Grant, id, None, b"start").await.expect("insert");
     let rounds = 8u64;
@@ -215,7 +225,7 @@ pub async fn racing_compare_and_swap_has_one_winner_per_round(store: &dyn Store)
 
 /// Delete answers `NotFound` for a missing record and `Conflict` for a wrong
 /// version (keeping the record); a deleted id can be inserted again at version 1.
-pub async fn delete_semantics(store: &dyn Store) {
+async fn delete_semantics(store: &dyn Store) {
     let id = b"to-delete";
     expect_not_found(store.delete(RecordKind::Handoff, id, None).await, "delete missing");
     store.insert(RecordKind::Handoff, id, None, b"a").await.expect("insert");
@@ -238,7 +248,7 @@ pub async fn delete_semantics(store: &dyn Store) {
 
 /// A lease is exclusive until its holder releases it or its deadline passes;
 /// the holder may extend it; of concurrent takers exactly one gets it.
-pub async fn leases_are_exclusive_until_released_or_lapsed(store: &dyn Store) {
+async fn leases_are_exclusive_until_released_or_lapsed(store: &dyn Store) {
     let grant = GrantId::generate(&OsRandom);
     let t0 = now();
     let at = |s: u64| t0.saturating_add(Duration::from_secs(s));
@@ -294,7 +304,7 @@ pub async fn leases_are_exclusive_until_released_or_lapsed(store: &dyn Store) {
 
 /// Listing pages through one kind in ascending id order, honours `after`,
 /// `limit` and `group`, and never mixes kinds.
-pub async fn listing_pages_in_id_order(store: &dyn Store) {
+async fn listing_pages_in_id_order(store: &dyn Store) {
     let rng = OsRandom;
     let mut ids = BTreeSet::new();
     for i in 0..25u8 {
@@ -359,7 +369,7 @@ pub async fn listing_pages_in_id_order(store: &dyn Store) {
 }
 
 /// A published notice reaches every subscriber, in order.
-pub async fn notices_reach_every_subscriber(store: &dyn Store) {
+async fn notices_reach_every_subscriber(store: &dyn Store) {
     let mut first = store.subscribe().await.expect("subscribe");
     let mut second = store.subscribe().await.expect("subscribe");
     let a = GrantId::generate(&OsRandom);
@@ -375,15 +385,27 @@ pub async fn notices_reach_every_subscriber(store: &dyn Store) {
     assert_eq!(second.next().await, Some(Notice::GrantChanged(a)));
 }
 
+/// A running conformance case.
+pub type CaseFuture<'a> = Pin<Box<dyn Future<Output = ()> + 'a>>;
+
+// `cases::<name>(store)` for every case in the macro's list.
+crate::store_conformance_tests!(@each cases);
+
 /// Generates one `#[tokio::test]` per conformance case. `$make` is an
 /// expression whose value is a future yielding a fresh, empty store; it is
 /// evaluated once per case. Each case is bounded by a generous timeout so a
 /// hung backend fails instead of stalling the run. Needs `tokio` with the
 /// `macros`, `rt-multi-thread` and `time` features in the calling crate.
+///
+/// The `@each` arm holds the one list of cases; it expands both these tests
+/// and [`testing::conformance::cases`](crate::testing::conformance::cases).
 #[macro_export]
 macro_rules! store_conformance_tests {
     ($make:expr) => {
-        $crate::store_conformance_tests!(@cases $make;
+        $crate::store_conformance_tests!(@each tests $make);
+    };
+    (@each $what:ident $($arg:tt)*) => {
+        $crate::store_conformance_tests!(@$what $($arg)* ;
             round_trip_every_record_kind,
             kinds_are_separate,
             insert_if_absent_has_one_winner,
@@ -395,16 +417,29 @@ macro_rules! store_conformance_tests {
             notices_reach_every_subscriber,
         );
     };
-    (@cases $make:expr; $($case:ident),* $(,)?) => {
+    (@tests $make:expr ; $($case:ident),* $(,)?) => {
         $(
             #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
                 let store = $make.await;
-                let run = $crate::testing::conformance::$case(&store);
+                let run = $crate::testing::conformance::cases::$case(&store);
                 ::tokio::time::timeout(::std::time::Duration::from_secs(120), run)
                     .await
                     .expect(concat!(stringify!($case), " did not finish within 120 s"));
             }
         )*
+    };
+    (@cases ; $($case:ident),* $(,)?) => {
+        /// The cases, one function each, named as in the macro's list.
+        pub mod cases {
+            use super::CaseFuture;
+            use $crate::store::Store;
+            $(
+                #[doc = concat!("Runs the `", stringify!($case), "` case against `store`, which must be empty.")]
+                pub fn $case(store: &dyn Store) -> CaseFuture<'_> {
+                    Box::pin(super::$case(store))
+                }
+            )*
+        }
     };
 }
