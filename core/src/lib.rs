@@ -1,10 +1,11 @@
 //! latchkey's core: everything the broker decides and encrypts, with no I/O.
 //!
 //! This crate holds the AuthID, the key hierarchy, sealed envelopes, the
-//! stored records, and the [`Store`] and [`Provider`] traits that adapters
-//! implement. It performs no I/O and depends on no runtime, HTTP client, web
-//! framework or database: time comes in through [`Clock`] and randomness
-//! through [`Random`], so every decision is testable without sockets.
+//! stored records, the [`Store`] and [`Provider`] traits that adapters
+//! implement, and the refresh engine ([`engine`], driven through [`Broker`]).
+//! It performs no I/O and depends on no runtime, HTTP client, web framework
+//! or database: time comes in through [`Clock`] and randomness through
+//! [`Random`], so every decision is testable without sockets.
 //!
 //! # Key design decisions
 //!
