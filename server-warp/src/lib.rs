@@ -12,6 +12,7 @@
 
 pub mod audit;
 pub mod config;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod http;
 pub mod limits;

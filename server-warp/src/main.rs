@@ -11,11 +11,18 @@ use latchkey_core::keys::{MasterKey, MasterKeyId, MasterKeyring};
 use latchkey_server::config::{Config, parse_duration};
 use latchkey_server::setup;
 
-const USAGE: &str = "latchkey — an OAuth token broker for unattended software
+/// The help text; `$demo` is what the `demo` line says, which depends on
+/// whether this build has the `demo` feature.
+macro_rules! usage {
+    ($demo:literal) => {
+        concat!(
+            "latchkey — an OAuth token broker for unattended software
 
 usage:
   latchkey serve      [--config FILE]   run the broker (default: 127.0.0.1:8080, sled store in ./latchkey-data)
-  latchkey demo       [--listen ADDR]   run the broker with a fake provider on loopback, for a first look
+  latchkey demo       [--listen ADDR]   ",
+            $demo,
+            "
   latchkey check      [--config FILE]   validate the configuration and reach the store
   latchkey services   [--config FILE]   list the services offered (and those withheld, with the reason)
   latchkey stats      [--config FILE]   count grants by service and state
@@ -25,11 +32,21 @@ usage:
                                         re-seal every handle under the current master key
 
 The configuration file may also be named by LATCHKEY_CONFIG; LATCHKEY_* variables
-override its keys (LATCHKEY_STORE__KIND=postgres); LATCHKEY_LOG sets the log filter.";
+override its keys (LATCHKEY_STORE__KIND=postgres); LATCHKEY_LOG sets the log filter."
+        )
+    };
+}
+
+#[cfg(feature = "demo")]
+const USAGE: &str = usage!("run the broker with a fake provider on loopback, for a first look");
+#[cfg(not(feature = "demo"))]
+const USAGE: &str = usage!("not in this build (rebuild with the `demo` feature)");
 
 struct Args {
     command: Vec<String>,
     config: Option<PathBuf>,
+    // Only `demo` reads it; a build without the demo still accepts the flag.
+    #[cfg_attr(not(feature = "demo"), allow(dead_code))]
     listen: Option<SocketAddr>,
     unused_for: Option<String>,
     dry_run: bool,
@@ -97,6 +114,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             running.until(latchkey_server::shutdown_signal()).await;
             Ok(())
         }
+        #[cfg(not(feature = "demo"))]
+        ["demo"] => bail!("this build has no demo; rebuild with the `demo` feature (on by default)"),
+        #[cfg(feature = "demo")]
         ["demo"] => {
             init_logging(None);
             let fake = latchkey_server::demo::fake_provider().await?;
