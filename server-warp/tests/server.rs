@@ -1,13 +1,12 @@
-//! The broker over real HTTP: the server on a random port, the testkit's fake
-//! provider behind it.
+//! The fast tier: the broker in this process over real HTTP on a random
+//! port, the testkit's fake provider behind it. Seconds, no outside programs:
+//! `cargo nextest run -p latchkey-server --test server`. Real processes,
+//! Chromium and oidc-provider are the `e2e` binary's (tests/e2e.rs).
 
 mod api;
 mod bad_input;
-mod browser;
 mod config;
 mod duplicati;
 mod duplicati_clients;
 mod front_door;
-mod interop;
-mod processes;
 mod support;
