@@ -9,7 +9,18 @@ use std::time::Duration;
 
 use crate::provider::Provider;
 
-/// The facts about a provider the engine's decisions depend on.
+/// How a user logs in at a provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginMethod {
+    /// A browser redirect to the provider's authorization endpoint and back
+    /// to the broker's redirect URI (the OAuth authorization code flow).
+    Redirect,
+    /// The user pastes a personal login token the provider issued them, which
+    /// the broker trades for tokens directly (Jottacloud's CLI token).
+    LoginToken,
+}
+
+/// The facts about a provider the engine and the front end depend on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProviderSpec {
     /// Provider id (`microsoft`, `google`, …).
@@ -24,10 +35,21 @@ pub struct ProviderSpec {
     /// nothing (pCloud: tokens never expire, there is no refresh token, and
     /// Duplicati's backend sends what it is given straight to the provider).
     pub hands_out_access_token: bool,
+    /// How users log in.
+    pub login: LoginMethod,
+    /// The origin of the authorization endpoint (`https://accounts.google.com`):
+    /// where the broker's login form sends the browser. `None` when users do
+    /// not log in by a redirect.
+    pub authorize_origin: Option<String>,
+    /// Whether the catalogue says the provider issues a new refresh token on
+    /// every refresh (`None`: it does not say). The engine counts refreshes
+    /// that contradict it.
+    pub rotates_refresh_tokens: Option<bool>,
 }
 
 impl ProviderSpec {
-    /// A provider with PKCE, no known issuer and no known idle lifetime.
+    /// A redirect-login provider with PKCE, no known issuer, no known idle
+    /// lifetime and no known authorization origin.
     pub fn new(id: &str) -> Self {
         ProviderSpec {
             id: id.to_owned(),
@@ -35,6 +57,9 @@ impl ProviderSpec {
             issuer: None,
             refresh_idle_lifetime: None,
             hands_out_access_token: false,
+            login: LoginMethod::Redirect,
+            authorize_origin: None,
+            rotates_refresh_tokens: None,
         }
     }
 }
@@ -86,9 +111,14 @@ pub struct Catalogue {
     services: BTreeMap<String, ServiceSpec>,
 }
 
-/// Why a catalogue entry was refused.
+/// Why a catalogue cannot be used: its text, an entry, or the building of a
+/// provider. Every message names the entry and the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CatalogueError {
+    /// The text does not parse, or a value outside a provider entry is
+    /// refused (an unknown key, a wrong type: the message names the key).
+    #[error("catalogue: {0}")]
+    Syntax(String),
     /// Two entries share an id.
     #[error("'{0}' is defined twice")]
     Duplicate(String),
@@ -99,6 +129,37 @@ pub enum CatalogueError {
         service: String,
         /// The provider it names.
         provider: String,
+    },
+    /// A service has no provider at all.
+    #[error("service '{0}' names no provider")]
+    NoProvider(String),
+    /// A field a provider needs is missing.
+    #[error("provider '{provider}' has no {field}")]
+    Missing {
+        /// The provider.
+        provider: String,
+        /// The missing field.
+        field: &'static str,
+    },
+    /// A provider's field is refused: an unknown choice (`client_auth =
+    /// "jwt"`: the reason lists the allowed ones), a wrong type, a bad URL, a
+    /// number out of range, or a field that does not exist.
+    #[error("provider '{provider}': {field} is invalid: {reason}")]
+    Invalid {
+        /// The provider.
+        provider: String,
+        /// The field.
+        field: String,
+        /// Why.
+        reason: String,
+    },
+    /// A secrets file cannot be read.
+    #[error("provider '{provider}': cannot read client_secrets_file: {reason}")]
+    SecretsFile {
+        /// The provider.
+        provider: String,
+        /// Why (no secret content).
+        reason: String,
     },
 }
 
@@ -152,6 +213,20 @@ impl Catalogue {
     /// The services offered in listings (hidden ones left out), by id.
     pub fn listed_services(&self) -> impl Iterator<Item = &ServiceSpec> {
         self.services.values().filter(|s| !s.hidden)
+    }
+
+    /// How users log into a service (`None`: no such service).
+    pub fn login_method(&self, service: &str) -> Option<LoginMethod> {
+        self.provider_for(service).map(|p| p.spec.login)
+    }
+
+    /// The origins a login sends browsers to, sorted, each once.
+    pub fn authorize_origins(&self) -> Vec<&str> {
+        let mut origins: Vec<&str> =
+            self.providers.values().filter_map(|p| p.spec.authorize_origin.as_deref()).collect();
+        origins.sort_unstable();
+        origins.dedup();
+        origins
     }
 }
 

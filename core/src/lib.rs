@@ -41,9 +41,9 @@ pub mod testing;
 pub mod time;
 
 pub use authid::{AuthId, AuthIdError, AuthIdSecret, KeyId};
-pub use catalogue::{Catalogue, ProviderSpec, ServiceSpec};
+pub use catalogue::{Catalogue, CatalogueError, LoginMethod, ProviderSpec, ServiceSpec};
 pub use codec::DecodeError;
-pub use engine::{Broker, BrokerParts, EngineConfig, EngineError, ErrorCode, TokenGrant};
+pub use engine::{Broker, BrokerParts, EngineConfig, EngineError, ErrorCode, REDIRECT_PATH, TokenGrant, redirect_uri};
 pub use envelope::{Field, OpenError, SealContext, SealedBlob};
 pub use keys::{DataKey, KeyError, MasterKey, MasterKeyId, MasterKeyring, PassphraseParams, RecordKeys, SymmetricKey};
 pub use memory::MemoryStore;

@@ -15,8 +15,10 @@ use secrecy::SecretString;
 use serde::Deserialize;
 use serde_json::Value;
 
-/// How a provider reports the account behind a grant.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How a provider reports the account behind a grant. In the catalogue
+/// (`account_id`): `id_token` or `field:<name>`; no entry means `None`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
 pub enum AccountIdSource {
     /// Not reported.
     None,
@@ -24,6 +26,20 @@ pub enum AccountIdSource {
     IdToken,
     /// A top-level field of the token response (e.g. Dropbox's `account_id`).
     Field(String),
+}
+
+impl TryFrom<String> for AccountIdSource {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        if text == "id_token" {
+            return Ok(AccountIdSource::IdToken);
+        }
+        match text.strip_prefix("field:") {
+            Some(field) if !field.is_empty() => Ok(AccountIdSource::Field(field.to_owned())),
+            _ => Err(format!("'{text}' is not `id_token` or `field:<name>`")),
+        }
+    }
 }
 
 /// What a token response is read with.

@@ -24,8 +24,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The grant extra under which a provider-named API host is kept (pCloud).
 pub const API_HOST_EXTRA: &str = "api_host";
 
-/// How the broker authenticates at the token endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How the broker authenticates at the token endpoint (`client_auth`:
+/// `basic`, `post` or `none`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ClientAuth {
     /// HTTP Basic, id and secret form-urlencoded first (RFC 6749 §2.3.1).
     Basic,

@@ -4,11 +4,13 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use latchkey_core::{Catalogue, ProviderSpec, ServiceSpec};
+pub use latchkey_core::CatalogueError;
+use latchkey_core::{Catalogue, LoginMethod, ProviderSpec, ServiceSpec};
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use url::Url;
 
 use crate::classify::{AccountIdSource, ResponseRules};
@@ -16,6 +18,28 @@ use crate::client::{ClientAuth, OAuthProvider, ProviderSettings, Revocation};
 
 /// The built-in catalogue.
 pub const BUILT_IN: &str = include_str!("catalogue.toml");
+
+/// `revocation`: how a provider revokes refresh tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RevocationStyle {
+    /// RFC 7009 at `revocation_url` (the default when there is one).
+    Rfc7009,
+    /// A POST to `revocation_url` with the access token as bearer (Dropbox).
+    Bearer,
+    /// Not offered (the default without a `revocation_url`).
+    None,
+}
+
+/// `handout`: what the user is handed after a login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Handout {
+    /// An AuthID; the broker keeps the grant (the default).
+    Authid,
+    /// The provider's access token itself; nothing is kept (pCloud).
+    AccessToken,
+}
 
 /// `[providers.<id>]`: every field optional so the operator can override any.
 /// `Debug` shows how many client secrets there are, never the secrets.
@@ -29,16 +53,18 @@ pub struct ProviderConfig {
     /// Revocation endpoint.
     pub revocation_url: Option<String>,
     /// `rfc7009`, `bearer` (Dropbox) or `none`.
-    pub revocation: Option<String>,
+    pub revocation: Option<RevocationStyle>,
     /// RFC 8628 device authorization endpoint.
     pub device_authorization_url: Option<String>,
     /// Issuer identifier, checked against the callback's RFC 9207 `iss`.
     pub issuer: Option<String>,
     /// `basic`, `post` or `none`.
-    pub client_auth: Option<String>,
+    pub client_auth: Option<ClientAuth>,
     /// Send a PKCE S256 challenge.
     pub pkce: Option<bool>,
-    /// Does the provider rotate refresh tokens.
+    /// Whether the provider issues a new refresh token on every refresh. The
+    /// engine counts refreshes that contradict it (a metric, and a warning
+    /// once per provider), so a provider that changed is noticed.
     pub rotates_refresh_tokens: Option<bool>,
     /// Idle lifetime of a refresh token, in days.
     pub refresh_idle_lifetime_days: Option<u64>,
@@ -58,13 +84,14 @@ pub struct ProviderConfig {
     pub api_host_param: Option<String>,
     /// The API hosts that parameter may name.
     pub api_hosts: Option<Vec<String>>,
-    /// The provider takes a pasted personal login token (Jottacloud).
+    /// Users log in with a pasted personal login token, not a browser
+    /// redirect (Jottacloud).
     pub login_token: Option<bool>,
     /// What the user is handed after a login: `authid` (the default), or
     /// `access_token` — the provider's token itself, nothing kept (pCloud).
-    pub handout: Option<String>,
+    pub handout: Option<Handout>,
     /// `id_token` or `field:<name>`.
-    pub account_id: Option<String>,
+    pub account_id: Option<AccountIdSource>,
     /// Total timeout of one provider request, in seconds.
     pub timeout_secs: Option<u64>,
 }
@@ -99,49 +126,43 @@ pub struct CatalogueConfig {
     pub services: BTreeMap<String, ServiceConfig>,
 }
 
-/// Why the catalogue is not usable. Every message names the entry and field.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CatalogueError {
-    /// The TOML does not parse or has unknown keys.
-    #[error("catalogue: {0}")]
-    Syntax(String),
-    /// A service names a provider that does not exist.
-    #[error("service '{service}' names unknown provider '{provider}'")]
-    UnknownProvider {
-        /// The service.
-        service: String,
-        /// The provider it names.
-        provider: String,
-    },
-    /// A service has no provider at all.
-    #[error("service '{0}' names no provider")]
-    NoProvider(String),
-    /// A field a provider needs is missing.
-    #[error("provider '{provider}' has no {field}")]
-    Missing {
-        /// The provider.
-        provider: String,
-        /// The missing field.
-        field: &'static str,
-    },
-    /// A field holds a value outside its domain.
-    #[error("provider '{provider}': {field} is invalid: {reason}")]
-    Invalid {
-        /// The provider.
-        provider: String,
-        /// The field.
-        field: &'static str,
-        /// Why.
-        reason: String,
-    },
-    /// A secrets file cannot be read.
-    #[error("provider '{provider}': cannot read client_secrets_file: {reason}")]
-    SecretsFile {
-        /// The provider.
-        provider: String,
-        /// Why (no secret content).
-        reason: String,
-    },
+/// A configuration value its type refused (an unknown choice, a wrong type,
+/// an unknown key), and the key it was given under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyedError {
+    /// The keys leading to it (`["providers", "microsoft", "client_auth"]`);
+    /// empty when the top level itself was refused.
+    pub key: Vec<String>,
+    /// Why, as the type says it: for a choice, the values it allows.
+    pub reason: String,
+}
+
+impl KeyedError {
+    /// The key as written in a file (`providers.microsoft.client_auth`).
+    pub fn dotted(&self) -> String {
+        self.key.join(".")
+    }
+}
+
+/// Deserializes configuration from TOML, naming the key of a value refused.
+/// The catalogue and the server's configuration both read through it.
+pub fn from_toml<T: DeserializeOwned>(value: toml::Value) -> Result<T, KeyedError> {
+    serde_path_to_error::deserialize(value).map_err(|e| KeyedError {
+        key: e.path().iter().map(ToString::to_string).collect(),
+        reason: e.inner().message().to_owned(),
+    })
+}
+
+impl From<KeyedError> for CatalogueError {
+    fn from(e: KeyedError) -> Self {
+        match e.key.as_slice() {
+            [section, provider, field @ ..] if section == "providers" && !field.is_empty() => {
+                CatalogueError::Invalid { provider: provider.clone(), field: field.join("."), reason: e.reason }
+            }
+            [] => CatalogueError::Syntax(e.reason),
+            _ => CatalogueError::Syntax(format!("{}: {}", e.dotted(), e.reason)),
+        }
+    }
 }
 
 impl std::fmt::Debug for ProviderConfig {
@@ -204,12 +225,15 @@ impl ServiceConfig {
 impl CatalogueConfig {
     /// Parses catalogue TOML (the built-in file, or tests' own).
     pub fn parse(text: &str) -> Result<Self, CatalogueError> {
-        toml::from_str(text).map_err(|e| CatalogueError::Syntax(e.message().to_owned()))
+        let table: toml::Table = toml::from_str(text).map_err(|e| CatalogueError::Syntax(e.message().to_owned()))?;
+        Ok(from_toml(toml::Value::Table(table))?)
     }
 
-    /// The built-in catalogue.
+    /// The built-in catalogue (parsed once per process).
     pub fn built_in() -> Result<Self, CatalogueError> {
-        Self::parse(BUILT_IN)
+        static PARSED: LazyLock<Result<CatalogueConfig, CatalogueError>> =
+            LazyLock::new(|| CatalogueConfig::parse(BUILT_IN));
+        PARSED.clone()
     }
 
     /// The built-in catalogue with the operator's entries laid over it:
@@ -245,7 +269,7 @@ pub struct BuiltCatalogue {
 /// What building needs besides the configuration.
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
-    /// The broker's redirect URI (`<public_url>/logged-in`).
+    /// The broker's redirect URI (`latchkey_core::redirect_uri`).
     pub redirect_uri: String,
     /// Request timeout when a provider sets none.
     pub default_timeout: Duration,
@@ -261,8 +285,11 @@ fn is_loopback(url: &Url) -> bool {
 }
 
 fn check_url(provider: &str, field: &'static str, value: &str) -> Result<Url, CatalogueError> {
-    let invalid =
-        |reason: &str| CatalogueError::Invalid { provider: provider.to_owned(), field, reason: reason.into() };
+    let invalid = |reason: &str| CatalogueError::Invalid {
+        provider: provider.to_owned(),
+        field: field.to_owned(),
+        reason: reason.into(),
+    };
     let url = Url::parse(value).map_err(|e| invalid(&e.to_string()))?;
     match url.scheme() {
         "https" => Ok(url),
@@ -285,51 +312,40 @@ fn build_provider(
     p: &ProviderConfig,
     options: &BuildOptions,
 ) -> Result<Result<(ProviderSpec, OAuthProvider), String>, CatalogueError> {
-    let invalid = |field: &'static str, reason: &str| CatalogueError::Invalid {
+    let invalid = |field: &str, reason: &str| CatalogueError::Invalid {
         provider: id.to_owned(),
-        field,
+        field: field.to_owned(),
         reason: reason.to_owned(),
     };
-    let client_auth = match p.client_auth.as_deref().unwrap_or("basic") {
-        "basic" => ClientAuth::Basic,
-        "post" => ClientAuth::Post,
-        "none" => ClientAuth::None,
-        other => return Err(invalid("client_auth", &format!("'{other}' is not basic, post or none"))),
-    };
+    let client_auth = p.client_auth.unwrap_or(ClientAuth::Basic);
     let token_url = check_url(
         id,
         "token_url",
         p.token_url.as_deref().ok_or(CatalogueError::Missing { provider: id.to_owned(), field: "token_url" })?,
     )?;
-    let login_token = p.login_token.unwrap_or(false);
-    let authorize_url = match (&p.authorize_url, login_token) {
+    let login = if p.login_token.unwrap_or(false) { LoginMethod::LoginToken } else { LoginMethod::Redirect };
+    let authorize_url = match (&p.authorize_url, login) {
         (Some(u), _) => Some(check_url(id, "authorize_url", u)?),
-        (None, true) => None,
-        (None, false) => return Err(CatalogueError::Missing { provider: id.to_owned(), field: "authorize_url" }),
+        (None, LoginMethod::LoginToken) => None,
+        (None, LoginMethod::Redirect) => {
+            return Err(CatalogueError::Missing { provider: id.to_owned(), field: "authorize_url" });
+        }
     };
-    let revocation =
-        match p.revocation.as_deref().unwrap_or(if p.revocation_url.is_some() { "rfc7009" } else { "none" }) {
-            "none" => Revocation::None,
-            style @ ("rfc7009" | "bearer") => {
-                let url = p
-                    .revocation_url
-                    .as_deref()
-                    .ok_or(CatalogueError::Missing { provider: id.to_owned(), field: "revocation_url" })?;
-                let url = check_url(id, "revocation_url", url)?;
-                if style == "bearer" { Revocation::Bearer(url) } else { Revocation::Rfc7009(url) }
-            }
-            other => return Err(invalid("revocation", &format!("'{other}' is not rfc7009, bearer or none"))),
-        };
+    let default_style = if p.revocation_url.is_some() { RevocationStyle::Rfc7009 } else { RevocationStyle::None };
+    let revocation = match p.revocation.unwrap_or(default_style) {
+        RevocationStyle::None => Revocation::None,
+        style => {
+            let url = p
+                .revocation_url
+                .as_deref()
+                .ok_or(CatalogueError::Missing { provider: id.to_owned(), field: "revocation_url" })?;
+            let url = check_url(id, "revocation_url", url)?;
+            if style == RevocationStyle::Bearer { Revocation::Bearer(url) } else { Revocation::Rfc7009(url) }
+        }
+    };
     let device_url =
         p.device_authorization_url.as_deref().map(|u| check_url(id, "device_authorization_url", u)).transpose()?;
-    let account_id = match p.account_id.as_deref() {
-        None => AccountIdSource::None,
-        Some("id_token") => AccountIdSource::IdToken,
-        Some(other) => match other.strip_prefix("field:") {
-            Some(field) if !field.is_empty() => AccountIdSource::Field(field.to_owned()),
-            _ => return Err(invalid("account_id", "must be id_token or field:<name>")),
-        },
-    };
+    let account_id = p.account_id.clone().unwrap_or(AccountIdSource::None);
     let idle_lifetime = match p.refresh_idle_lifetime_days {
         None => None,
         Some(days) if days <= 36_500 => Some(Duration::from_secs(days * 86_400)),
@@ -373,17 +389,20 @@ fn build_provider(
         },
         timeout: p.timeout_secs.map(Duration::from_secs).unwrap_or(options.default_timeout),
     };
-    let hands_out_access_token = match p.handout.as_deref().unwrap_or("authid") {
-        "authid" => false,
-        "access_token" => true,
-        other => return Err(invalid("handout", &format!("'{other}' is not authid or access_token"))),
+    // Only a redirect login sends the browser to the authorization endpoint.
+    let authorize_origin = match (login, &settings.authorize_url) {
+        (LoginMethod::Redirect, Some(url)) => Some(url.origin().ascii_serialization()).filter(|o| o != "null"),
+        _ => None,
     };
     let spec = ProviderSpec {
         id: id.to_owned(),
         pkce: p.pkce.unwrap_or(true),
         issuer: p.issuer.clone(),
         refresh_idle_lifetime: idle_lifetime,
-        hands_out_access_token,
+        hands_out_access_token: p.handout == Some(Handout::AccessToken),
+        login,
+        authorize_origin,
+        rotates_refresh_tokens: p.rotates_refresh_tokens,
     };
     let client =
         OAuthProvider::new(settings).map_err(|e| invalid("client", &format!("cannot build the HTTP client: {e}")))?;
@@ -397,7 +416,7 @@ pub fn build(config: &CatalogueConfig, options: &BuildOptions) -> Result<BuiltCa
     for (id, p) in &config.providers {
         match build_provider(id, p, options)? {
             Ok((spec, client)) => {
-                catalogue.add_provider(spec, Arc::new(client)).map_err(|e| CatalogueError::Syntax(e.to_string()))?;
+                catalogue.add_provider(spec, Arc::new(client))?;
             }
             Err(reason) => {
                 unavailable.insert(id.clone(), reason);
@@ -426,7 +445,7 @@ pub fn build(config: &CatalogueConfig, options: &BuildOptions) -> Result<BuiltCa
             auth_params: s.auth_params.clone().unwrap_or_default().into_iter().collect(),
             hidden: s.hidden.unwrap_or(false),
         };
-        catalogue.add_service(spec).map_err(|e| CatalogueError::Syntax(e.to_string()))?;
+        catalogue.add_service(spec)?;
     }
     Ok(BuiltCatalogue { catalogue, withheld })
 }

@@ -24,7 +24,10 @@ pub mod client;
 pub mod config;
 
 pub use client::{ClientAuth, OAuthProvider, ProviderSettings, Revocation};
-pub use config::{BuildOptions, BuiltCatalogue, CatalogueConfig, CatalogueError, Withheld, build};
+pub use config::{
+    BuildOptions, BuiltCatalogue, CatalogueConfig, CatalogueError, Handout, KeyedError, RevocationStyle, Withheld,
+    build, from_toml,
+};
 
 /// The access token lifetime assumed when a provider omits `expires_in`
 /// (one hour, the common default; Dropbox's 4 hours is set in the catalogue).

@@ -1,5 +1,6 @@
 // The built-in catalogue and configuration validation.
 
+use latchkey_core::LoginMethod;
 use latchkey_providers::{BuildOptions, CatalogueConfig, CatalogueError, build};
 use std::time::Duration;
 
@@ -45,6 +46,27 @@ fn every_built_in_entry_parses_and_validates() {
     assert_eq!(google.spec.issuer.as_deref(), Some("https://accounts.google.com"));
     let ms = built.catalogue.provider_for("onedrivev2").unwrap();
     assert_eq!(ms.spec.refresh_idle_lifetime, Some(Duration::from_secs(90 * 86_400)));
+    // The front end reads how users log in and where their browser goes from the spec.
+    let jotta = built.catalogue.provider_for("jottacloud").unwrap();
+    assert_eq!(jotta.spec.login, LoginMethod::LoginToken);
+    assert_eq!(jotta.spec.authorize_origin, None, "no browser is sent anywhere");
+    assert_eq!(ms.spec.login, LoginMethod::Redirect);
+    assert_eq!(ms.spec.authorize_origin.as_deref(), Some("https://login.microsoftonline.com"));
+    assert_eq!(ms.spec.rotates_refresh_tokens, Some(true));
+    assert_eq!(google.spec.rotates_refresh_tokens, Some(false));
+    assert_eq!(
+        built.catalogue.authorize_origins(),
+        [
+            "https://account.box.com",
+            "https://accounts.google.com",
+            "https://login.microsoftonline.com",
+            "https://my.pcloud.com",
+            "https://www.dropbox.com",
+        ]
+    );
+    assert_eq!(built.catalogue.login_method("jottacloud"), Some(LoginMethod::LoginToken));
+    assert_eq!(built.catalogue.login_method("onedrivev2"), Some(LoginMethod::Redirect));
+    assert_eq!(built.catalogue.login_method("nope"), None);
     let drive = built.catalogue.service("googledrive").unwrap();
     assert!(drive.auth_params.contains(&("access_type".into(), "offline".into())));
     assert!(drive.auth_params.contains(&("prompt".into(), "consent".into())));
@@ -99,55 +121,70 @@ fn operator_configuration_overrides_fields_and_adds_entries() {
 #[test]
 fn invalid_configuration_gets_a_clear_error() {
     type Check = Box<dyn Fn(&CatalogueError) -> bool>;
-    let cases: Vec<(&str, Check)> = vec![
+    fn invalid(field: &'static str, says: &'static [&'static str]) -> Check {
+        Box::new(move |e| {
+            matches!(e, CatalogueError::Invalid { field: f, reason, .. }
+                if f == field && says.iter().all(|s| reason.contains(s)))
+        })
+    }
+    const P: &str = "[providers.p]\nauthorize_url = \"https://a.example/a\"\ntoken_url = \"https://a.example/t\"\n";
+    let cases: Vec<(String, Check)> = vec![
         (
-            "[services.x]\nprovider = \"nope\"",
+            "[services.x]\nprovider = \"nope\"".into(),
             Box::new(|e| matches!(e, CatalogueError::UnknownProvider { provider, .. } if provider == "nope")),
         ),
         (
-            "[providers.p]\ntoken_url = \"https://a.example/t\"\n[services.x]\nprovider = \"p\"",
+            "[providers.p]\ntoken_url = \"https://a.example/t\"\n[services.x]\nprovider = \"p\"".into(),
             Box::new(|e| matches!(e, CatalogueError::Missing { field: "authorize_url", .. })),
         ),
         (
-            "[providers.p]\nauthorize_url = \"https://a.example/a\"",
+            "[providers.p]\nauthorize_url = \"https://a.example/a\"".into(),
             Box::new(|e| matches!(e, CatalogueError::Missing { field: "token_url", .. })),
         ),
         (
-            "[providers.p]\nauthorize_url = \"https://a.example/a\"\ntoken_url = \"http://idp.example.org/token\"",
-            Box::new(
-                |e| matches!(e, CatalogueError::Invalid { field: "token_url", reason, .. } if reason.contains("loopback")),
-            ),
+            "[providers.p]\nauthorize_url = \"https://a.example/a\"\ntoken_url = \"http://idp.example.org/token\"".into(),
+            invalid("token_url", &["loopback"]),
         ),
         (
-            "[providers.p]\nauthorize_url = \"ftp://a.example/a\"\ntoken_url = \"https://a.example/t\"",
-            Box::new(|e| matches!(e, CatalogueError::Invalid { field: "authorize_url", .. })),
+            "[providers.p]\nauthorize_url = \"ftp://a.example/a\"\ntoken_url = \"https://a.example/t\"".into(),
+            invalid("authorize_url", &[]),
         ),
+        // Choices are typed: an unknown one is refused as the file is read,
+        // naming the field and the values it allows.
+        (format!("{P}client_auth = \"jwt\""), invalid("client_auth", &["jwt", "basic", "post", "none"])),
+        (format!("{P}revocation = \"rfc9999\""), invalid("revocation", &["rfc9999", "rfc7009", "bearer", "none"])),
+        (format!("{P}handout = \"cookie\""), invalid("handout", &["cookie", "authid", "access_token"])),
+        (format!("{P}account_id = \"email\""), invalid("account_id", &["email", "id_token", "field:<name>"])),
+        (format!("{P}account_id = \"field:\""), invalid("account_id", &["field:<name>"])),
+        (format!("{P}pkce = \"yes\""), invalid("pkce", &["boolean"])),
         (
-            "[providers.p]\nauthorize_url = \"https://a.example/a\"\ntoken_url = \"https://a.example/t\"\nclient_auth = \"jwt\"",
-            Box::new(|e| matches!(e, CatalogueError::Invalid { field: "client_auth", .. })),
-        ),
-        (
-            "[providers.p]\nauthorize_url = \"https://a.example/a\"\ntoken_url = \"https://a.example/t\"\nrevocation = \"rfc7009\"",
+            "[providers.p]\nauthorize_url = \"https://a.example/a\"\ntoken_url = \"https://a.example/t\"\nrevocation = \"rfc7009\"".into(),
             Box::new(|e| matches!(e, CatalogueError::Missing { field: "revocation_url", .. })),
         ),
-        ("[services.x]\ndisplay_name = \"x\"", Box::new(|e| matches!(e, CatalogueError::NoProvider(_)))),
+        ("[services.x]\ndisplay_name = \"x\"".into(), Box::new(|e| matches!(e, CatalogueError::NoProvider(_)))),
         (
-            "[providers.p]\nauthorize_url = \"https://a.example/a\"\ntoken_url = \"https://a.example/t\"\nrefresh_idle_lifetime_days = 213503982334602",
-            Box::new(|e| matches!(e, CatalogueError::Invalid { field: "refresh_idle_lifetime_days", .. })),
+            "[providers.p]\nauthorize_url = \"https://a.example/a\"\ntoken_url = \"https://a.example/t\"\nrefresh_idle_lifetime_days = 213503982334602".into(),
+            invalid("refresh_idle_lifetime_days", &[]),
         ),
     ];
     for (text, check) in cases {
-        let config = CatalogueConfig::parse(text).unwrap();
-        let err = match build(&config, &options()) {
+        let err = match CatalogueConfig::parse(&text).and_then(|config| build(&config, &options())) {
             Err(e) => e,
             Ok(_) => panic!("{text:?} should not build"),
         };
         assert!(check(&err), "{text:?} gave {err:?}");
-        assert!(!err.to_string().is_empty());
+        let message = err.to_string();
+        assert!(message.contains("'p'") || !text.contains("[providers.p]"), "{message} names the provider");
     }
-    for text in ["[providers.p]\ntokn_url = \"x\"", "[providers.p]\n[providers.p]", "[weird]\nx = 1"] {
+    let misspelt = CatalogueConfig::parse("[providers.p]\ntokn_url = \"x\"").unwrap_err();
+    assert!(invalid("tokn_url", &["unknown field", "token_url"])(&misspelt), "{misspelt:?}");
+    for (text, names) in [
+        ("[providers.p]\n[providers.p]", ""),
+        ("[weird]\nx = 1", "weird: unknown field `weird`"),
+        ("[services.s]\nhidden = 1", "services.s.hidden: invalid type"),
+    ] {
         let err = CatalogueConfig::parse(text).unwrap_err();
-        assert!(matches!(err, CatalogueError::Syntax(_)), "{text:?}: {err:?}");
+        assert!(matches!(&err, CatalogueError::Syntax(m) if m.contains(names)), "{text:?}: {err:?}");
     }
     let loopback = CatalogueConfig::parse(
         "[providers.p]\nauthorize_url = \"http://localhost:1/a\"\ntoken_url = \"http://[::1]:1/t\"\nclient_id = \"c\"\nclient_secrets = [\"s\"]",

@@ -13,8 +13,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use latchkey_providers::CatalogueConfig;
 use latchkey_providers::config::{ProviderConfig, ServiceConfig};
+use latchkey_providers::{CatalogueConfig, from_toml};
 use serde::Deserialize;
 
 /// Environment variables that are not configuration keys.
@@ -27,7 +27,7 @@ pub struct Config {
     /// Address to listen on.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// The broker's public base URL; the redirect URI is this + `/logged-in`.
+    /// The broker's public base URL; see [`Config::redirect_uri`].
     pub public_url: Option<String>,
     /// Proxies whose `X-Forwarded-For` is believed (CIDRs).
     #[serde(default)]
@@ -67,13 +67,24 @@ fn default_openers() -> Vec<String> {
     vec!["http://localhost:8200".into(), "http://127.0.0.1:8200".into()]
 }
 
+/// `store.kind`: where records live.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// The embedded sled store in `store.path` (the default).
+    #[default]
+    Sled,
+    /// PostgreSQL at `store.url`, shared by every instance.
+    Postgres,
+}
+
 /// `[store]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     /// `sled` (default) or `postgres`.
-    #[serde(default = "default_kind")]
-    pub kind: String,
+    #[serde(default)]
+    pub kind: StoreKind,
     /// The sled data directory.
     #[serde(default = "default_path")]
     pub path: PathBuf,
@@ -88,9 +99,6 @@ pub struct StoreConfig {
     pub ca_file: Option<PathBuf>,
 }
 
-fn default_kind() -> String {
-    "sled".into()
-}
 fn default_path() -> PathBuf {
     PathBuf::from("./latchkey-data")
 }
@@ -100,7 +108,13 @@ fn default_schema() -> String {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { kind: default_kind(), path: default_path(), url: None, schema: default_schema(), ca_file: None }
+        StoreConfig {
+            kind: StoreKind::default(),
+            path: default_path(),
+            url: None,
+            schema: default_schema(),
+            ca_file: None,
+        }
     }
 }
 
@@ -160,28 +174,36 @@ impl Default for LimitsConfig {
     }
 }
 
+/// `log.format`: how log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (the default).
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 /// `[log]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// `text` or `json`.
-    #[serde(default = "default_format")]
-    pub format: String,
+    #[serde(default)]
+    pub format: LogFormat,
     /// A tracing filter (`info`, `latchkey=debug`, …); `LATCHKEY_LOG` overrides it.
     #[serde(default = "default_level")]
     pub level: String,
 }
 
-fn default_format() -> String {
-    "text".into()
-}
 fn default_level() -> String {
     "info".into()
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { format: default_format(), level: default_level() }
+        LogConfig { format: LogFormat::default(), level: default_level() }
     }
 }
 
@@ -196,10 +218,11 @@ pub enum ConfigError {
         /// Why.
         reason: String,
     },
-    /// TOML syntax, a wrong type, or an unknown key.
+    /// TOML syntax, or an unknown key at the top level.
     #[error("configuration: {0}")]
     Syntax(String),
-    /// A key holds a value that cannot be used.
+    /// A key holds a value that cannot be used: of the wrong type, not one
+    /// of the key's choices (the message lists them), or refused on checking.
     #[error("configuration key `{key}`: {reason}")]
     Invalid {
         /// The key.
@@ -302,9 +325,9 @@ impl Config {
     }
 
     fn from_table(table: toml::Table) -> Result<Config, ConfigError> {
-        let config: Config = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Syntax(e.message().to_owned()))?;
+        let config: Config = from_toml(toml::Value::Table(table)).map_err(|e| {
+            if e.key.is_empty() { ConfigError::Syntax(e.reason) } else { invalid(&e.dotted(), e.reason) }
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -331,11 +354,8 @@ impl Config {
                 ));
             }
         }
-        match self.store.kind.as_str() {
-            "sled" => {}
-            "postgres" if self.store.url.is_some() => {}
-            "postgres" => return Err(invalid("store.url", "the postgres store needs a url")),
-            other => return Err(invalid("store.kind", format!("'{other}' is not sled or postgres"))),
+        if self.store.kind == StoreKind::Postgres && self.store.url.is_none() {
+            return Err(invalid("store.url", "the postgres store needs a url"));
         }
         let limits = &self.limits;
         for (key, value) in [
@@ -346,9 +366,6 @@ impl Config {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));
             }
-        }
-        if !matches!(self.log.format.as_str(), "text" | "json") {
-            return Err(invalid("log.format", "must be text or json"));
         }
         if self.keys.master_keys.is_some() && self.keys.master_passphrase_file.is_some() {
             return Err(invalid("keys", "give master_keys or master_passphrase_file, not both"));
@@ -362,6 +379,11 @@ impl Config {
             Some(url) => url.trim_end_matches('/').to_owned(),
             None => format!("http://{}", self.listen),
         }
+    }
+
+    /// The exact redirect URI registered with providers.
+    pub fn redirect_uri(&self) -> String {
+        latchkey_core::redirect_uri(&self.public_url())
     }
 
     /// The catalogue part: built-in entries with this configuration laid over them.

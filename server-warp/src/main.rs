@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use latchkey_core::OsRandom;
 use latchkey_core::keys::{MasterKey, MasterKeyId, MasterKeyring};
-use latchkey_server::config::{Config, parse_duration};
+use latchkey_server::config::{Config, LogFormat, StoreKind, parse_duration};
 use latchkey_server::setup;
 
 /// The help text; `$demo` is what the `demo` line says, which depends on
@@ -83,7 +83,7 @@ fn init_logging(config: Option<&Config>) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    if config.is_some_and(|c| c.log.format == "json") {
+    if config.is_some_and(|c| c.log.format == LogFormat::Json) {
         builder.json().init();
     } else {
         builder.init();
@@ -208,7 +208,7 @@ async fn master_key_rotate(args: &Args) -> anyhow::Result<()> {
     init_logging(Some(&config));
     let generated = config.keys.master_keys.is_none()
         && config.keys.master_passphrase_file.is_none()
-        && config.store.kind == "sled";
+        && config.store.kind == StoreKind::Sled;
     let key_file = setup::master_key_path(&config);
     // The store first: a sled store a running broker holds is refused here,
     // before its key file is touched.

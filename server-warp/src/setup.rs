@@ -11,7 +11,7 @@ use latchkey_providers::{BuildOptions, BuiltCatalogue, build};
 use latchkey_storage_postgres::{PostgresStore, TlsOptions};
 use latchkey_storage_sled::SledStore;
 
-use crate::config::Config;
+use crate::config::{Config, StoreKind};
 use crate::runtime::TokioRuntime;
 
 /// The name of the master key the embedded default (sled, no `[keys]`)
@@ -43,8 +43,8 @@ pub struct Setup {
 
 /// Opens the configured store.
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    match config.store.kind.as_str() {
-        "postgres" => {
+    match config.store.kind {
+        StoreKind::Postgres => {
             let url = config.store.url.as_deref().ok_or_else(|| anyhow!("store.url is not set"))?;
             let tls = TlsOptions { ca_file: config.store.ca_file.clone() };
             // The context leads; `{:#}` (as `main` prints) adds the store's reasons after it.
@@ -53,7 +53,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
             })?;
             Ok(Arc::new(store))
         }
-        _ => {
+        StoreKind::Sled => {
             let store = SledStore::open(&config.store.path).await.map_err(|e| {
                 anyhow::Error::new(e)
                     .context(format!("store: cannot open the sled store at {}", config.store.path.display()))
@@ -195,7 +195,7 @@ pub fn load_keyring(config: &Config) -> anyhow::Result<MasterKeyring> {
     if let Some(keys) = &config.keys.master_keys {
         return MasterKeyring::parse(keys).map_err(|e| anyhow!("keys.master_keys: {e}"));
     }
-    let sled_dir = (config.store.kind == "sled").then_some(config.store.path.as_path());
+    let sled_dir = (config.store.kind == StoreKind::Sled).then_some(config.store.path.as_path());
     if let Some(file) = &config.keys.master_passphrase_file {
         check_secret_file("keys.master_passphrase_file", file)?;
         let passphrase = std::fs::read_to_string(file)?;
@@ -265,11 +265,8 @@ pub fn catalogue(config: &Config) -> anyhow::Result<BuiltCatalogue> {
             check_secret_file(&format!("providers.{id}.client_secrets_file"), file)?;
         }
     }
-    let options = BuildOptions {
-        redirect_uri: format!("{}/logged-in", config.public_url()),
-        default_timeout: Duration::from_secs(15),
-    };
-    build(&config.catalogue(), &options).map_err(|e| anyhow!("{e}"))
+    let options = BuildOptions { redirect_uri: config.redirect_uri(), default_timeout: Duration::from_secs(15) };
+    Ok(build(&config.catalogue(), &options)?)
 }
 
 /// Builds the engine on an opened store.

@@ -181,6 +181,7 @@ async fn services_health_readiness_and_metrics() {
         "latchkey_cache_misses_total 1",
         "# TYPE latchkey_provider_latency_seconds histogram",
         "# TYPE latchkey_refreshes_total counter",
+        "# TYPE latchkey_rotation_mismatches_total counter",
         "latchkey_single_flight_joins_total 0",
         "latchkey_lease_waits_total 0",
     ] {

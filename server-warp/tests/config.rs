@@ -3,7 +3,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
-use latchkey_server::config::{Cidr, Config, parse_duration};
+use latchkey_server::config::{Cidr, Config, LogFormat, StoreKind, parse_duration};
 use latchkey_server::http::client_address;
 use latchkey_server::setup;
 
@@ -19,7 +19,8 @@ fn defaults_match_the_design() {
     let config = Config::parse("").unwrap();
     assert_eq!(config.listen, SocketAddr::from(([127, 0, 0, 1], 8080)));
     assert_eq!(config.public_url(), "http://127.0.0.1:8080");
-    assert_eq!(config.store.kind, "sled");
+    assert_eq!(config.store.kind, StoreKind::Sled);
+    assert_eq!(config.log.format, LogFormat::Text);
     assert_eq!(config.store.path, std::path::PathBuf::from("./latchkey-data"));
     assert_eq!(config.limits.token_requests_per_minute_per_keyid, 120);
     assert_eq!(config.limits.token_requests_per_minute_per_address, 600);
@@ -28,23 +29,31 @@ fn defaults_match_the_design() {
 
 #[test]
 fn bad_configuration_is_refused_naming_the_key() {
-    let cases = [
-        ("lisen = \"127.0.0.1:1\"", "lisen"),
-        ("public_url = \"not a url\"", "public_url"),
-        ("public_url = \"ftp://x.example\"", "public_url"),
-        ("trusted_proxies = [\"10.0.0.0/99\"]", "trusted_proxies"),
-        ("allowed_opener_origins = [\"*\"]", "allowed_opener_origins"),
-        ("allowed_opener_origins = [\"http://x.example/path\"]", "allowed_opener_origins"),
-        ("[store]\nkind = \"postgres\"", "store.url"),
-        ("[store]\nkind = \"redis\"", "store.kind"),
-        ("[limits]\ntoken_requests_per_minute_per_keyid = 0", "token_requests_per_minute_per_keyid"),
-        ("[providers.microsoft]\ntokn_url = \"x\"", "tokn_url"),
-        ("[log]\nformat = \"xml\"", "log.format"),
+    // (configuration, what the message must name: the key, and for a choice the values it allows)
+    let cases: [(&str, &[&str]); 14] = [
+        ("lisen = \"127.0.0.1:1\"", &["lisen"]),
+        ("public_url = \"not a url\"", &["public_url"]),
+        ("public_url = \"ftp://x.example\"", &["public_url"]),
+        ("trusted_proxies = [\"10.0.0.0/99\"]", &["trusted_proxies"]),
+        ("allowed_opener_origins = [\"*\"]", &["allowed_opener_origins"]),
+        ("allowed_opener_origins = [\"http://x.example/path\"]", &["allowed_opener_origins"]),
+        ("[store]\nkind = \"postgres\"", &["store.url"]),
+        ("[store]\nkind = \"redis\"", &["store.kind", "redis", "sled", "postgres"]),
+        ("[limits]\ntoken_requests_per_minute_per_keyid = 0", &["token_requests_per_minute_per_keyid"]),
+        ("[limits]\ntoken_requests_per_minute_per_keyid = \"many\"", &["limits.token_requests_per_minute_per_keyid"]),
+        ("[providers.microsoft]\ntokn_url = \"x\"", &["tokn_url"]),
+        ("[providers.microsoft]\nclient_auth = \"jwt\"", &["providers.microsoft.client_auth", "basic", "post", "none"]),
+        ("[providers.microsoft]\nrevocation = \"yes\"", &["providers.microsoft.revocation", "rfc7009", "bearer"]),
+        ("[log]\nformat = \"xml\"", &["log.format", "xml", "text", "json"]),
     ];
-    for (text, key) in cases {
+    for (text, names) in cases {
         let message = err(text);
-        assert!(message.contains(key), "{text:?}: {message}");
+        for name in names {
+            assert!(message.contains(name), "{text:?}: {message} should name {name}");
+        }
     }
+    let from_env = Config::load(None, [("LATCHKEY_STORE__KIND".to_owned(), "mysql".to_owned())]).unwrap_err();
+    assert!(from_env.to_string().contains("store.kind"), "{from_env}");
 }
 
 #[test]

@@ -208,4 +208,10 @@ async fn a_personal_login_token_logs_in_without_a_browser_redirect() {
     let wrong = post_form(&h.http, &h.url, "/cli-token-login", &fields, &form.cookie).await;
     assert_eq!(wrong.status(), 400);
     assert!(!logs().contains("auth-token-value"), "the pasted token is not logged");
+    // Which services take a login token is the catalogue's word: without an
+    // id, the form is the first such service's; a redirect service has none.
+    let default = open_page(&h.http, &format!("{}/cli-token", h.url)).await;
+    assert!(default.html.contains("name=id value=\"jotta\""), "{}", default.html);
+    assert_eq!(h.get("/cli-token?id=fake").await.status(), 404);
+    assert_eq!(h.get("/login?id=fake").await.status(), 200, "a redirect login shows its confirmation");
 }

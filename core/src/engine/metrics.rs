@@ -2,7 +2,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crate::catalogue::ProviderSpec;
 
 /// How a provider refresh ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -59,6 +61,28 @@ impl LatencyHistogram {
     }
 }
 
+/// A provider whose refresh answer contradicted the catalogue's
+/// `rotates_refresh_tokens`: the catalogue entry (or the provider) changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RotationMismatch {
+    /// The provider id.
+    pub provider: String,
+    /// Whether the provider rotated the refresh token (the catalogue says the opposite).
+    pub rotated: bool,
+}
+
+impl std::fmt::Display for RotationMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (did, says) = if self.rotated { ("issued a new", "false") } else { ("kept its", "true") };
+        write!(
+            f,
+            "provider '{}' {did} refresh token on a refresh, but the catalogue says rotates_refresh_tokens = {says}; \
+             check the provider's documentation and correct the catalogue",
+            self.provider
+        )
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct Metrics {
     pub(crate) cache_hits: AtomicU64,
@@ -72,6 +96,13 @@ pub(crate) struct Metrics {
     pub(crate) failed_secrets: AtomicU64,
     refreshes: Mutex<BTreeMap<(String, RefreshOutcome), u64>>,
     latency: Mutex<BTreeMap<String, LatencyHistogram>>,
+    /// Refreshes that contradicted the catalogue, by (provider, rotated).
+    rotation_mismatches: Mutex<BTreeMap<(String, bool), u64>>,
+    /// Contradictions seen for the first time and not yet taken for the log.
+    unreported: Mutex<Vec<RotationMismatch>>,
+    /// Whether `unreported` holds any: read on every token request, so the
+    /// common case takes no lock.
+    has_unreported: AtomicBool,
 }
 
 impl Metrics {
@@ -82,6 +113,37 @@ impl Metrics {
     pub(crate) fn refresh(&self, provider: &str, outcome: RefreshOutcome) {
         let mut map = self.refreshes.lock().unwrap_or_else(|p| p.into_inner());
         *map.entry((provider.to_owned(), outcome)).or_default() += 1;
+    }
+
+    /// A refresh succeeded: counts it when whether the provider rotated the
+    /// refresh token contradicts what the catalogue says (nothing when it
+    /// says nothing). The first contradiction of each kind per provider is
+    /// kept for the log ([`Metrics::take_unreported`]).
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "called by the refresh path once it is wired in; remove this attribute then")
+    )]
+    pub(crate) fn refresh_rotation(&self, spec: Option<&ProviderSpec>, rotated: bool) {
+        let Some(spec) = spec else { return };
+        if spec.rotates_refresh_tokens.is_none_or(|says| says == rotated) {
+            return;
+        }
+        let mut map = self.rotation_mismatches.lock().unwrap_or_else(|p| p.into_inner());
+        let count = map.entry((spec.id.clone(), rotated)).or_default();
+        *count += 1;
+        if *count == 1 {
+            let mismatch = RotationMismatch { provider: spec.id.clone(), rotated };
+            self.unreported.lock().unwrap_or_else(|p| p.into_inner()).push(mismatch);
+            self.has_unreported.store(true, Ordering::Release);
+        }
+    }
+
+    /// The contradictions first seen since the last call (usually none).
+    pub(crate) fn take_unreported(&self) -> Vec<RotationMismatch> {
+        if !self.has_unreported.swap(false, Ordering::AcqRel) {
+            return Vec::new();
+        }
+        std::mem::take(&mut *self.unreported.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     pub(crate) fn provider_latency(&self, provider: &str, ms: u64) {
@@ -105,6 +167,7 @@ impl Metrics {
             cached_tokens: cached_tokens as u64,
             refreshes: self.refreshes.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             provider_latency: self.latency.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            rotation_mismatches: self.rotation_mismatches.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         }
     }
 }
@@ -138,4 +201,48 @@ pub struct MetricsSnapshot {
     pub refreshes: BTreeMap<(String, RefreshOutcome), u64>,
     /// Latency of provider refresh calls, by provider id.
     pub provider_latency: BTreeMap<String, LatencyHistogram>,
+    /// Successful refreshes whose rotation contradicted the catalogue's
+    /// `rotates_refresh_tokens`, by provider id and whether the provider rotated.
+    pub rotation_mismatches: BTreeMap<(String, bool), u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refreshes_that_contradict_the_catalogue_are_counted_and_reported_once() {
+        let metrics = Metrics::default();
+        let mut says_rotates = ProviderSpec::new("box");
+        says_rotates.rotates_refresh_tokens = Some(true);
+        let mut says_not = ProviderSpec::new("google");
+        says_not.rotates_refresh_tokens = Some(false);
+        let silent = ProviderSpec::new("custom");
+
+        metrics.refresh_rotation(Some(&says_rotates), true);
+        metrics.refresh_rotation(Some(&says_not), false);
+        metrics.refresh_rotation(Some(&silent), true);
+        metrics.refresh_rotation(None, true);
+        assert!(metrics.take_unreported().is_empty(), "as the catalogue says, or it says nothing");
+
+        for _ in 0..3 {
+            metrics.refresh_rotation(Some(&says_not), true);
+        }
+        metrics.refresh_rotation(Some(&says_rotates), false);
+        let reported = metrics.take_unreported();
+        assert_eq!(
+            reported,
+            [
+                RotationMismatch { provider: "google".into(), rotated: true },
+                RotationMismatch { provider: "box".into(), rotated: false },
+            ]
+        );
+        assert!(reported[0].to_string().contains("rotates_refresh_tokens = false"), "{}", reported[0]);
+        metrics.refresh_rotation(Some(&says_not), true);
+        assert!(metrics.take_unreported().is_empty(), "each kind is reported once");
+        let counted = metrics.snapshot(0, 0).rotation_mismatches;
+        assert_eq!(counted.get(&("google".to_owned(), true)), Some(&4));
+        assert_eq!(counted.get(&("box".to_owned(), false)), Some(&1));
+        assert_eq!(counted.len(), 2);
+    }
 }

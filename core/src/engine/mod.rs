@@ -47,7 +47,7 @@ pub use self::login::{
     LoginComplete, LoginStart, MIN_HANDOFF_TOKEN_LEN, TokenHandout,
 };
 pub use self::maintenance::{GcCandidate, GcReport, ResealReport, Stats};
-pub use self::metrics::{LATENCY_BUCKETS_MS, LatencyHistogram, MetricsSnapshot, RefreshOutcome};
+pub use self::metrics::{LATENCY_BUCKETS_MS, LatencyHistogram, MetricsSnapshot, RefreshOutcome, RotationMismatch};
 
 use self::cache::TokenCache;
 use self::metrics::Metrics;
@@ -60,12 +60,23 @@ use crate::runtime::Runtime;
 use crate::store::{Notice, Store, StoreError};
 use crate::time::Timestamp;
 
+/// The path of the broker's redirect URI: where a provider sends the browser
+/// back after a login.
+pub const REDIRECT_PATH: &str = "/logged-in";
+
+/// The exact redirect URI registered with providers: the broker's public base
+/// URL and [`REDIRECT_PATH`]. The one place it is built: the engine sends it
+/// with a login, the provider clients with the code exchange.
+pub fn redirect_uri(public_url: &str) -> String {
+    format!("{}{REDIRECT_PATH}", public_url.trim_end_matches('/'))
+}
+
 /// Tunables of the engine. The defaults are what a production broker uses.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     /// This instance's name in leases; empty means "generate one".
     pub instance_id: String,
-    /// The broker's public base URL (redirect URI = this + `/logged-in`).
+    /// The broker's public base URL (the redirect URI is [`redirect_uri`] of it).
     pub public_url: String,
     /// Validity an access token must have left to be served, unless the client asks for more.
     pub min_validity: Duration,
@@ -278,6 +289,14 @@ impl Broker {
         self.inner.metrics.snapshot(pending, self.inner.cache.len())
     }
 
+    /// Providers whose refresh answers first contradicted the catalogue's
+    /// `rotates_refresh_tokens` since the last call, each provider and
+    /// direction once per process: for the front end to warn about. Cheap
+    /// when there are none (one atomic read).
+    pub fn take_rotation_mismatches(&self) -> Vec<RotationMismatch> {
+        self.inner.metrics.take_unreported()
+    }
+
     /// Provider refreshes running in this process (for a graceful shutdown
     /// that lets them finish storing what they obtained).
     pub fn refreshes_in_flight(&self) -> usize {
@@ -310,7 +329,7 @@ impl Broker {
 
 impl Inner {
     fn redirect_uri(&self) -> String {
-        format!("{}/logged-in", self.config.public_url.trim_end_matches('/'))
+        redirect_uri(&self.config.public_url)
     }
 
     fn now(&self) -> Timestamp {

@@ -157,7 +157,7 @@ async fn index(q: HashMap<String, String>, browser: BrowserRequest, state: State
 
 /// The confirmation page for one service: names it, starts nothing.
 async fn confirm(state: &State, service: &str, token: Option<&str>, browser: &BrowserRequest) -> Response {
-    if state.login_token_services.contains(service) {
+    if state.logs_in_with_token(service) {
         let mut target = format!("/cli-token?id={}", pages::q(service));
         if let Some(token) = token {
             target.push_str(&format!("&token={}", pages::q(token)));
@@ -453,11 +453,18 @@ async fn revoked(body: Vec<u8>, ip: IpAddr, state: State) -> Response {
     }
 }
 
+fn no_login_token_page(state: &State) -> Response {
+    let message = "This service does not log in with a login token here.";
+    pages::error_page(StatusCode::NOT_FOUND, &state.csp, "Unknown service", message)
+}
+
 async fn cli_token(q: HashMap<String, String>, browser: BrowserRequest, state: State) -> Response {
-    let service = q.get("id").map(String::as_str).unwrap_or("jottacloud");
-    if !state.login_token_services.contains(service) || state.broker.catalogue().service(service).is_none() {
-        let message = "This service does not log in with a login token here.";
-        return pages::error_page(StatusCode::NOT_FOUND, &state.csp, "Unknown service", message);
+    // Without an id: the first service that logs in this way (Jottacloud in the built-in catalogue).
+    let first = || state.broker.catalogue().services().find(|s| state.logs_in_with_token(&s.id)).map(|s| s.id.clone());
+    let service = q.get("id").cloned().or_else(first).unwrap_or_default();
+    let service = service.as_str();
+    if !state.logs_in_with_token(service) {
+        return no_login_token_page(&state);
     }
     let token = q.get("token").map(String::as_str);
     let proof = front_door::page_proof(&state, &browser).await;
@@ -472,9 +479,8 @@ async fn cli_token_login(body: Vec<u8>, browser: BrowserRequest, ip: IpAddr, sta
         Err(reason) => return refused_page("/cli-token-login", reason, ip, &state),
     };
     let service = form.get("id").map(String::as_str).unwrap_or_default();
-    if !state.login_token_services.contains(service) {
-        let message = "This service does not log in with a login token here.";
-        return pages::error_page(StatusCode::NOT_FOUND, &state.csp, "Unknown service", message);
+    if !state.logs_in_with_token(service) {
+        return no_login_token_page(&state);
     }
     let login_token = form.get("login_token").map(String::as_str).unwrap_or_default();
     let handoff = form.get("token").map(String::as_str).filter(|t| !t.is_empty());

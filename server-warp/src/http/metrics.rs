@@ -127,6 +127,19 @@ fn render(state: State) -> Response {
             outcome.as_str()
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP latchkey_rotation_mismatches_total Successful refreshes whose refresh token rotation contradicted \
+         the catalogue's rotates_refresh_tokens, by provider and whether the provider rotated."
+    );
+    let _ = writeln!(out, "# TYPE latchkey_rotation_mismatches_total counter");
+    for ((provider, rotated), n) in &engine.rotation_mismatches {
+        let _ = writeln!(
+            out,
+            "latchkey_rotation_mismatches_total{{provider=\"{}\",rotated=\"{rotated}\"}} {n}",
+            label(provider)
+        );
+    }
     counter(&mut out, "latchkey_cache_hits_total", "Token requests answered from the cache.", engine.cache_hits);
     counter(&mut out, "latchkey_cache_misses_total", "Token requests the cache could not answer.", engine.cache_misses);
     counter(

@@ -19,7 +19,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
-use latchkey_core::{AuthId, Broker, EngineError, Store};
+use latchkey_core::{AuthId, Broker, EngineError, LoginMethod, Store};
 use warp::Filter;
 use warp::http::StatusCode;
 use warp::reply::Response;
@@ -50,32 +50,21 @@ pub struct AppState {
     pub metrics: HttpMetrics,
     /// The pages' Content-Security-Policy.
     pub csp: String,
-    /// Services logged into with a pasted login token instead of a browser redirect.
-    pub login_token_services: std::collections::HashSet<String>,
     /// How long a login may take; the proof cookie lives as long.
     pub login_ttl: std::time::Duration,
 }
 
 impl AppState {
     /// State for a broker; the CSP allows forms to go to this broker and to
-    /// the providers' authorization endpoints, and nothing else.
+    /// the authorization endpoints of the broker's catalogue, and nothing else.
     pub fn new(broker: Broker, store: Arc<dyn Store>, config: &crate::config::Config, limiter: Limiter) -> Self {
+        let form_action: String =
+            broker.catalogue().authorize_origins().into_iter().map(|origin| format!(" {origin}")).collect();
         let csp = format!(
             "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self'; connect-src 'none'; \
-             base-uri 'none'; frame-ancestors 'none'; form-action 'self'{}",
-            form_action_origins(config)
+             base-uri 'none'; frame-ancestors 'none'; form-action 'self'{form_action}"
         );
-        let catalogue = config.catalogue();
-        let login_token_services = catalogue
-            .services
-            .iter()
-            .filter(|(_, s)| {
-                s.provider.as_ref().and_then(|p| catalogue.providers.get(p)).and_then(|p| p.login_token) == Some(true)
-            })
-            .map(|(id, _)| id.clone())
-            .collect();
         AppState {
-            login_token_services,
             login_ttl: broker.login_ttl(),
             broker,
             store,
@@ -86,6 +75,11 @@ impl AppState {
             metrics: HttpMetrics::default(),
             csp,
         }
+    }
+
+    /// Whether users log into `service` by pasting a login token (`/cli-token`).
+    pub fn logs_in_with_token(&self, service: &str) -> bool {
+        self.broker.catalogue().login_method(service) == Some(LoginMethod::LoginToken)
     }
 
     /// The login link for a service (what Duplicati shows its user).
@@ -102,6 +96,9 @@ impl AppState {
         self.limiter.succeeded(&authid.keyid(), client);
         self.limiter.authenticated(authid.keyid(), Instant::now())?;
         tracing::debug!(keyid = %authid.keyid(), "token served");
+        for mismatch in self.broker.take_rotation_mismatches() {
+            tracing::warn!(provider = %mismatch.provider, rotated = mismatch.rotated, "{mismatch}");
+        }
         Ok(())
     }
 
@@ -114,21 +111,6 @@ impl AppState {
         }
         tracing::info!(keyid = %authid.keyid(), code = error.code().as_str(), "token request refused");
     }
-}
-
-fn form_action_origins(config: &crate::config::Config) -> String {
-    let mut origins: Vec<String> = config
-        .catalogue()
-        .providers
-        .values()
-        .filter_map(|p| p.authorize_url.as_deref())
-        .filter_map(|u| url::Url::parse(u).ok())
-        .map(|u| u.origin().ascii_serialization())
-        .filter(|o| o != "null")
-        .collect();
-    origins.sort();
-    origins.dedup();
-    origins.iter().map(|o| format!(" {o}")).collect()
 }
 
 /// Shared state as a filter.
