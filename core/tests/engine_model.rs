@@ -61,8 +61,9 @@ use async_trait::async_trait;
 use latchkey_core::engine::{BreakerState, EngineError, GrantRevocation, ProviderRevocation, RefreshOutcome};
 use latchkey_core::testing::{Behaviour, ScriptedProvider};
 use latchkey_core::{
-    AuthId, Broker, BrokerParts, Clock, EngineConfig, Grant, GrantId, GrantState, Handle, Lease, ListQuery, Notice,
-    NoticeStream, OsRandom, Page, RecordKind, Store, StoreError, StoreExt, StoredRecord, Timestamp, TokenGrant,
+    AuthId, Broker, BrokerParts, Clock, EngineConfig, Grant, GrantId, GrantState, Handle, Lease, LeaseOutcome,
+    ListQuery, Notice, NoticeStream, OsRandom, Page, RecordKind, Store, StoreError, StoreExt, StoredRecord, Timestamp,
+    TokenGrant,
 };
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -84,6 +85,10 @@ const HANDLE_INDICES: usize = 6;
 /// Seconds a request waits on a pending write's lease, the flusher failing
 /// once a second, before the harness ends the store outage.
 const OUTAGE_TICKS: u32 = 3;
+/// Lease periods a `SlowToken`'s provider call takes.
+const SLOW_LEASE_PERIODS: u32 = 4;
+/// The owner of a lease a crashed instance left behind.
+const CRASHED: &str = "instance-crashed";
 
 // ---------------------------------------------------------------------------
 // Operations
@@ -120,6 +125,15 @@ enum Op {
     GrantWrites { failing: bool },
     /// A token request during which (only) the store refuses grant writes.
     BlippedToken { handle: Pick, instance: usize },
+    /// Lease renewal: a token request whose provider call takes
+    /// `SLOW_LEASE_PERIODS` lease periods, while the other instance asks
+    /// for the same grant's token. The first renews its lease every third of
+    /// the TTL; the second never calls the provider (it is served from its
+    /// cache, or gives up after one lease period).
+    SlowToken { handle: Pick, instance: usize },
+    /// Lease expiry: a crashed instance left the grant's lease behind; a
+    /// token request that needs a refresh waits until it lapses, then refreshes.
+    CrashedLease { handle: Pick, instance: usize },
 }
 
 fn behaviour() -> impl Strategy<Value = Behaviour> {
@@ -147,6 +161,8 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (pick(), instance()).prop_map(|(by, instance)| Op::Mint { by, instance }),
         2 => prop::bool::weighted(0.4).prop_map(|failing| Op::GrantWrites { failing }),
         2 => (pick(), instance()).prop_map(|(handle, instance)| Op::BlippedToken { handle, instance }),
+        1 => (pick(), instance()).prop_map(|(handle, instance)| Op::SlowToken { handle, instance }),
+        1 => (pick(), instance()).prop_map(|(handle, instance)| Op::CrashedLease { handle, instance }),
         2 => (pick(), instance()).prop_map(|(handle, instance)| Op::Rotate { handle, instance }),
         1 => (pick(), pick(), instance()).prop_map(|(by, target, instance)| Op::Revoke { by, target, instance }),
         1 => (pick(), instance()).prop_map(|(by, instance)| Op::RevokeGrant { by, instance }),
@@ -652,6 +668,9 @@ impl Harness {
                     tokio::task::yield_now().await;
                 }
                 if tasks.iter().any(|t| !t.is_finished()) && self.lease_waits() > seen_waits {
+                    // A pending write's flusher may be mid-attempt: the clock
+                    // moves when it sleeps again, so it gets every turn.
+                    self.settle_flushers().await;
                     seen_waits = self.lease_waits();
                     if self.model.writes_failing && !ended {
                         waited += 1;
@@ -673,6 +692,17 @@ impl Harness {
             results.push(task.await.map_err(|e| self.fail(format!("token task panicked: {e}")))?);
         }
         Ok((results, ended))
+    }
+
+    /// Waits until every pending write's flusher sleeps on the clock (or
+    /// has stored its write), so that a clock move is its next turn.
+    async fn settle_flushers(&self) {
+        let what = format!("{}: the flushers are asleep", self.at);
+        until(&what, || {
+            let flushers = self.brokers.iter().filter(|b| b.metrics().pending_writes > 0).count();
+            self.world.clock.sleepers() >= flushers
+        })
+        .await;
     }
 
     /// Picks the candidate the brokers' answers, refresh outcomes and the
@@ -810,6 +840,138 @@ impl Harness {
         }
         self.note(format!("concurrent tokens h{}@{} h{}@{}", handles[0], INSTANCES[0], handles[1], INSTANCES[1]));
         self.choose(candidates, &results, &before, ended)?;
+        self.after_requests(purges, ended).await;
+        Ok(())
+    }
+
+    /// No write pending anywhere and grant writes working: the lease ops
+    /// then only meet the lease they are about (else they are plain requests).
+    fn leases_quiet(&self) -> bool {
+        self.model.lease_holder().is_none() && self.model.orphan.is_none() && !self.model.writes_failing
+    }
+
+    fn lease_renewals(&self) -> u64 {
+        self.brokers.iter().map(|b| b.metrics().lease_renewals).sum()
+    }
+
+    async fn slow_token(&mut self, handle: Pick, instance: usize) -> Result<(), TestCaseError> {
+        if !self.leases_quiet() {
+            return self.token(handle, instance).await;
+        }
+        let handle = self.model.resolve(handle);
+        let other = 1 - instance;
+        let (before, waits, purges, renewals) =
+            (self.counts(), self.lease_waits(), self.model.purges, self.lease_renewals());
+        let provider = self.world.provider.clone();
+        provider.hold();
+        let first = self.spawn_token(instance, handle);
+        let what = format!("{}: the request calls the provider or finishes", self.at);
+        until(&what, || provider.in_flight() == 1 || first.is_finished()).await;
+        self.note(format!("slow token h{handle}@{}", INSTANCES[instance]));
+        if first.is_finished() {
+            // No refresh needed (or refused before the provider): a plain request.
+            provider.release();
+            let (results, ended) = self.drive(vec![first], waits).await?;
+            let candidates = self.model.token_candidates(instance, handle, self.now());
+            self.choose(candidates, &results, &before, ended)?;
+            self.after_requests(purges, ended).await;
+            return Ok(());
+        }
+        // The other instance asks while the provider call is open.
+        let t_second = self.now();
+        let other_waits = self.brokers[other].metrics().lease_waits;
+        let second = self.spawn_token(other, handle);
+        let what = format!("{}: {} waits on the lease or is served", self.at, INSTANCES[other]);
+        until(&what, || self.brokers[other].metrics().lease_waits > other_waits || second.is_finished()).await;
+        let ttl = self.model.config.lease_ttl;
+        for step in 1..=u64::from(3 * SLOW_LEASE_PERIODS) {
+            self.world.clock.advance(ttl / 3);
+            let what = format!("{}: renewal {step} of the lease", self.at);
+            // Renewed, and asleep again (the heartbeat, and the other
+            // request while it waits), before the clock moves on.
+            until(&what, || {
+                let asleep = 1 + usize::from(!second.is_finished());
+                (self.lease_renewals() >= renewals + step && self.world.clock.sleepers() >= asleep)
+                    || provider.in_flight() > 1
+            })
+            .await;
+            prop_assert_eq!(
+                provider.in_flight(),
+                1,
+                "{}: a second refresh started while the first was open\n{}",
+                self.at,
+                self.tail()
+            );
+        }
+        prop_assert_eq!(
+            self.lease_renewals() - renewals,
+            u64::from(3 * SLOW_LEASE_PERIODS),
+            "{}: the lease is renewed every third of its TTL, by its holder only\n{}",
+            self.at,
+            self.tail()
+        );
+        let what = format!("{}: {} is answered", self.at, INSTANCES[other]);
+        until(&what, || second.is_finished()).await;
+        let got = second.await.map_err(|e| self.fail(format!("token task panicked: {e}")))?;
+        // Served from its own cache, or gave up waiting after one lease
+        // period: never a refresh of its own.
+        let cached = self.model.cached(other, handle, t_second);
+        let ok = match (&cached, &got) {
+            (Some(tok), Ok(_)) => Expect::Token(tok.clone()).matches(&got),
+            (_, Err(e)) => same_error(&store_unavailable(), e),
+            (None, Ok(_)) => false,
+        };
+        prop_assert!(
+            ok,
+            "{}: {} answered {} while the other instance refreshed (cached: {:?})\n{}",
+            self.at,
+            INSTANCES[other],
+            describe(&got),
+            cached,
+            self.tail()
+        );
+        if cached.is_some() && got.is_err() {
+            // Its cache had evicted the token: it waited like an uncached request.
+            self.model.cache.remove(&(other, handle));
+        }
+        provider.release();
+        let waits = self.lease_waits();
+        let (results, ended) = self.drive(vec![first], waits).await?;
+        let candidates = self.model.token_candidates(instance, handle, self.now());
+        self.choose(candidates, &results, &before, ended)?;
+        self.after_requests(purges, ended).await;
+        Ok(())
+    }
+
+    async fn crashed_lease(&mut self, handle: Pick, instance: usize) -> Result<(), TestCaseError> {
+        if !self.leases_quiet() {
+            return self.token(handle, instance).await;
+        }
+        let handle = self.model.resolve(handle);
+        let (before, seen, purges) = (self.counts(), self.lease_waits(), self.model.purges);
+        let now = self.now();
+        let lapses = now.saturating_add(self.model.config.lease_ttl / 2);
+        let planted = self.world.memory.acquire_lease(&self.grant_id, CRASHED, lapses, now).await;
+        prop_assert!(matches!(planted, Ok(LeaseOutcome::Acquired { .. })), "{}: planting {:?}", self.at, planted);
+        self.note(format!("{CRASHED} holds the lease until {lapses:?}; token h{handle}@{}", INSTANCES[instance]));
+        let task = self.spawn_token(instance, handle);
+        let (results, ended) = self.drive(vec![task], seen).await?;
+        let refreshed = self.counts()[instance] != before[instance];
+        prop_assert!(
+            !refreshed || self.now() >= lapses,
+            "{}: the provider was asked at {:?}, before the crashed instance's lease lapsed at {:?}\n{}",
+            self.at,
+            self.now(),
+            lapses,
+            self.tail()
+        );
+        let candidates = self.model.token_candidates(instance, handle, self.now());
+        self.choose(candidates, &results, &before, ended)?;
+        // A request that needed no refresh left the lease where it was.
+        let left: Option<Lease> = self.world.memory.load(self.grant_id.as_bytes()).await.unwrap_or(None);
+        if left.is_some_and(|l| l.owner == CRASHED) {
+            let _ = self.world.memory.delete(RecordKind::Lease, self.grant_id.as_bytes(), None).await;
+        }
         self.after_requests(purges, ended).await;
         Ok(())
     }
@@ -983,6 +1145,8 @@ impl Harness {
                 self.model.script.push_back(behaviour.clone());
             }
             Op::GrantWrites { failing } => self.grant_writes(*failing).await,
+            Op::SlowToken { handle, instance } => self.slow_token(*handle, *instance).await?,
+            Op::CrashedLease { handle, instance } => self.crashed_lease(*handle, *instance).await?,
             Op::BlippedToken { handle, instance } => {
                 let failing = self.model.writes_failing;
                 self.grant_writes(true).await;

@@ -26,6 +26,7 @@ mod handles;
 mod login;
 mod maintenance;
 mod metrics;
+mod refresh;
 mod token;
 
 use std::collections::HashMap;
@@ -51,7 +52,7 @@ pub use self::metrics::{LATENCY_BUCKETS_MS, LatencyHistogram, MetricsSnapshot, R
 
 use self::cache::TokenCache;
 use self::metrics::Metrics;
-use self::token::{Flight, PendingWrite};
+use self::token::{Flight, Pending};
 use crate::catalogue::Catalogue;
 use crate::keys::{MasterKeyring, RecordKeys, SymmetricKey};
 use crate::random::Random;
@@ -207,7 +208,7 @@ pub(crate) struct Inner {
     cache: TokenCache,
     flights: Mutex<HashMap<GrantId, Flight>>,
     breakers: Mutex<HashMap<String, CircuitBreaker>>,
-    pending: Mutex<HashMap<GrantId, PendingWrite>>,
+    pending: Mutex<HashMap<GrantId, Pending>>,
     waiters: Mutex<HashMap<GrantId, Vec<oneshot::Sender<()>>>>,
     device_polls: Mutex<HashMap<HandoffId, Timestamp>>,
     metrics: Metrics,

@@ -1,7 +1,7 @@
 //! The token path: cache, authentication, single flight, lease, refresh,
 //! persist-before-answer, pending writes.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures_channel::oneshot;
@@ -12,6 +12,9 @@ use secrecy::SecretString;
 use super::decide::{self, TokenDecision};
 use super::error::STORE_RETRY_AFTER;
 use super::metrics::{Metrics, RefreshOutcome};
+use super::refresh::{
+    Action, Answer, Bounds, Called, Event, LEASE_RENEW_FRACTION, LeaseEnd, Refresh, Stored, WRITE_CONFLICTS, Written,
+};
 use super::{Broker, EngineError, Inner, TokenGrant, lock};
 use crate::authid::AuthId;
 use crate::catalogue::ProviderEntry;
@@ -23,9 +26,6 @@ use crate::records::{Grant, GrantId, GrantPayload, GrantState, Handle};
 use crate::runtime::BoxFuture;
 use crate::store::{LeaseOutcome, Notice, StoreError, StoreExt};
 use crate::time::Timestamp;
-
-/// A refresh's lease is renewed every TTL / this while the provider answers.
-const LEASE_RENEW_FRACTION: u32 = 3;
 
 /// A token answer and the token's lifetime (for the cache's half-lifetime cap).
 pub(crate) type Fresh = (TokenGrant, Option<Duration>);
@@ -42,23 +42,10 @@ pub(crate) struct PendingWrite {
     service: String,
 }
 
-enum LeaseStep {
-    Adopted(Fresh),
-    Holding(Grant, GrantPayload),
-}
-
-enum Persisted {
-    Stored(Grant),
-    /// Another writer stored a newer refresh token first.
-    Superseded,
-    Revoked,
-    Failed,
-}
-
-enum Attempt {
-    Done(FlightResult),
-    /// Re-read and start over (the refresh token changed under us).
-    Again,
+/// A pending write and the lease kept for it.
+pub(crate) struct Pending {
+    pub(crate) write: PendingWrite,
+    lease: Option<LeaseGuard>,
 }
 
 impl Broker {
@@ -173,9 +160,10 @@ impl Inner {
         min_validity: Duration,
     ) -> FlightResult {
         self.flush_pending(&grant_id).await?;
-        match self.read_for_refresh(&grant_id, data_key, min_validity).await? {
-            Ok(fresh) => Ok(fresh),
-            Err(_) => self.join_flight(grant_id, data_key, min_validity).await,
+        let (grant, payload, stored) = self.read_grant(&grant_id, data_key, min_validity).await?;
+        match stored {
+            Stored::Usable => self.answer(&grant, &payload),
+            Stored::Stale => self.join_flight(grant_id, data_key, min_validity).await,
         }
     }
 
@@ -214,127 +202,213 @@ impl Inner {
         flight.await
     }
 
+    /// Reads the grant and judges its stored token against `min_validity`;
+    /// a revoked grant or one that needs a new login is refused.
+    async fn read_grant(
+        &self,
+        grant_id: &GrantId,
+        data_key: &DataKey,
+        min_validity: Duration,
+    ) -> Result<(Grant, GrantPayload, Stored), EngineError> {
+        let grant = self.load_grant(grant_id).await?;
+        let payload = self.open(&grant, data_key)?;
+        let stored = match decide::decide(self.now(), grant.state, &payload, min_validity) {
+            TokenDecision::Serve => Stored::Usable,
+            TokenDecision::Refresh => Stored::Stale,
+            refused => return Err(self.refuse(&grant, refused)),
+        };
+        Ok((grant, payload, stored))
+    }
+
+    /// Drives one grant's [`Refresh`] machine: performs each action it
+    /// names and feeds the outcome back, until it finishes. The caller has
+    /// just read the grant and found its token stale.
     async fn refresh_grant(
         self: &Arc<Self>,
         grant_id: GrantId,
         data_key: &DataKey,
         min_validity: Duration,
     ) -> FlightResult {
-        // `Again` happens when the refresh token changed under us; a few
-        // rounds are plenty, more means something is flapping.
-        for _ in 0..4 {
-            let (grant, payload) = match self.lease_or_adopt(&grant_id, data_key, min_validity).await? {
-                LeaseStep::Adopted(fresh) => return Ok(fresh),
-                LeaseStep::Holding(grant, payload) => (grant, payload),
-            };
-            match self.refresh_holding_lease(grant, payload, data_key).await {
-                Attempt::Done(result) => return result,
-                Attempt::Again => Metrics::bump(&self.metrics.adopted_tokens),
-            }
-        }
-        Err(EngineError::ProviderUnavailable { retry_after: self.config.provider_retry_after })
-    }
-
-    /// Reads the grant and decides: `Ok(Ok(answer))` when the stored token
-    /// will do, `Ok(Err((grant, payload)))` when it must be refreshed.
-    async fn read_for_refresh(
-        &self,
-        grant_id: &GrantId,
-        data_key: &DataKey,
-        min_validity: Duration,
-    ) -> Result<Result<Fresh, (Grant, GrantPayload)>, EngineError> {
-        let grant = self.load_grant(grant_id).await?;
-        let payload = self.open(&grant, data_key)?;
-        match decide::decide(self.now(), grant.state, &payload, min_validity) {
-            TokenDecision::Serve => self.answer(&grant, &payload).map(Ok),
-            TokenDecision::Refresh => Ok(Err((grant, payload))),
-            refused => Err(self.refuse(&grant, refused)),
-        }
-    }
-
-    /// Re-reads the grant until either its stored token will do (another
-    /// instance refreshed it) or this instance holds the grant's lease.
-    async fn lease_or_adopt(
-        &self,
-        grant_id: &GrantId,
-        data_key: &DataKey,
-        min_validity: Duration,
-    ) -> Result<LeaseStep, EngineError> {
-        // A request waits at most one lease period for another instance's
-        // refresh (or its pending write) before telling its client to retry.
-        let give_up = self.now().saturating_add(self.config.lease_ttl);
-        loop {
-            // Registered before the read, so a notice between read and wait is not lost.
-            let woken = self.waiter(grant_id);
-            if let Ok(fresh) = self.read_for_refresh(grant_id, data_key, min_validity).await? {
-                Metrics::bump(&self.metrics.adopted_tokens);
-                return Ok(LeaseStep::Adopted(fresh));
-            }
-            let now = self.now();
-            let deadline = now.saturating_add(self.config.lease_ttl);
-            match self.store.acquire_lease(grant_id, &self.config.instance_id, deadline, now).await? {
-                // Read again under the lease: the previous holder may have
-                // stored a new token between our read and our acquire.
-                LeaseOutcome::Acquired { .. } => {
-                    let step = self.read_for_refresh(grant_id, data_key, min_validity).await;
-                    if !matches!(step, Ok(Err(_))) {
-                        self.release(grant_id).await;
-                    }
-                    return match step? {
-                        Err((grant, payload)) => Ok(LeaseStep::Holding(grant, payload)),
-                        Ok(fresh) => {
-                            Metrics::bump(&self.metrics.adopted_tokens);
-                            Ok(LeaseStep::Adopted(fresh))
-                        }
-                    };
-                }
-                LeaseOutcome::Held { .. } if now >= give_up => {
-                    return Err(EngineError::StoreUnavailable { retry_after: STORE_RETRY_AFTER });
-                }
-                LeaseOutcome::Held { deadline, .. } => {
-                    Metrics::bump(&self.metrics.lease_waits);
-                    let wake_at = deadline.min(now.saturating_add(self.config.lease_poll));
-                    let _ = select(woken, self.rt.sleep_until(wake_at)).await;
-                }
-            }
-        }
-    }
-
-    async fn release(&self, grant_id: &GrantId) {
-        // A lease that cannot be released lapses at its deadline.
-        let _ = self.store.release_lease(grant_id, &self.config.instance_id).await;
-    }
-
-    async fn refresh_holding_lease(
-        self: &Arc<Self>,
-        grant: Grant,
-        payload: GrantPayload,
-        data_key: &DataKey,
-    ) -> Attempt {
-        let grant_id = grant.id;
-        let Some(entry) = self.catalogue.provider_for(&grant.service).cloned() else {
-            self.release(&grant_id).await;
-            let detail = format!("service '{}' is no longer configured", grant.service);
-            return Attempt::Done(Err(EngineError::ProviderMisconfigured { detail }));
+        let bounds = Bounds {
+            lease_ttl: self.config.lease_ttl,
+            lease_poll: self.config.lease_poll,
+            retry_after: self.config.provider_retry_after,
         };
-        let provider = entry.spec.id.clone();
-        let permit = self.with_breaker(&provider, |b, now| b.permit(now));
-        if let Err(retry_after) = permit {
-            self.metrics.refresh(&provider, RefreshOutcome::BreakerOpen);
-            self.release(&grant_id).await;
-            return Attempt::Done(self.provider_down(&grant, &payload, retry_after));
+        let (mut machine, mut action) = Refresh::after_stale_read(self.now(), bounds);
+        // Registered now, so a notice before the first wait is not lost.
+        let mut woken = Some(self.waiter(&grant_id));
+        let mut lease: Option<LeaseGuard> = None;
+        // The grant as last read (and, after a write, as stored) and its payload.
+        let mut read: Option<(Grant, GrantPayload)> = None;
+        // The payload the provider's answer made.
+        let mut refreshed: Option<GrantPayload> = None;
+        loop {
+            let event = match action {
+                Action::Read { watch } => {
+                    if watch {
+                        woken = Some(self.waiter(&grant_id));
+                    }
+                    Event::Read(self.read_grant(&grant_id, data_key, min_validity).await.map(
+                        |(grant, payload, stored)| {
+                            read = Some((grant, payload));
+                            stored
+                        },
+                    ))
+                }
+                Action::TakeLease { deadline } => {
+                    let (outcome, taken) = self.take_lease(&grant_id, deadline).await;
+                    lease = taken;
+                    Event::Lease(outcome)
+                }
+                Action::Wait { until } => {
+                    Metrics::bump(&self.metrics.lease_waits);
+                    let woken = woken.take().unwrap_or_else(|| self.waiter(&grant_id));
+                    let _ = select(woken, self.rt.sleep_until(until)).await;
+                    Event::Woken
+                }
+                Action::CallProvider { retries_until } => match (&lease, &read) {
+                    (Some(lease), Some((grant, payload))) => {
+                        let (called, payload) = self.refresh_at_provider(lease, grant, payload, retries_until).await;
+                        refreshed = payload;
+                        Event::Called(called)
+                    }
+                    _ => Event::Called(Called::Refused(out_of_order("provider call without lease or grant"))),
+                },
+                Action::Persist => match (&mut read, &refreshed) {
+                    (Some((grant, old)), Some(payload)) => {
+                        let used = old.refresh_token.clone();
+                        Event::Written(self.persist(grant, payload, data_key, used.as_ref()).await)
+                    }
+                    _ => Event::Marked(Err(out_of_order("write without a refreshed grant"))),
+                },
+                Action::MarkReauth => match &read {
+                    Some((grant, old)) => {
+                        let used = old.refresh_token.clone();
+                        Event::Marked(self.mark_reauth(grant.clone(), data_key, used.as_ref()).await)
+                    }
+                    None => Event::Marked(Err(out_of_order("re-login mark without a grant"))),
+                },
+                Action::Release => {
+                    Metrics::bump(&self.metrics.adopted_tokens);
+                    if let Some(lease) = lease.take() {
+                        lease.release().await;
+                    }
+                    Event::Released
+                }
+                Action::Finish(end, answer) => {
+                    let pending = match (end, lease.take()) {
+                        (LeaseEnd::KeepForPending, Some(lease)) => Some(lease),
+                        (_, Some(lease)) => {
+                            lease.release().await;
+                            None
+                        }
+                        (_, None) => None,
+                    };
+                    return self.finish_refresh(answer, read, refreshed, data_key, pending).await;
+                }
+            };
+            action = machine.step(self.now(), event);
         }
-        let used = payload.refresh_token.clone();
-        let result = match self.call_refresh_leased(&grant_id, &entry, &payload).await {
+    }
+
+    /// Takes the grant's lease until `deadline` if it is free; the guard is
+    /// the only way this instance's lease leaves again.
+    async fn take_lease(
+        self: &Arc<Self>,
+        grant_id: &GrantId,
+        deadline: Timestamp,
+    ) -> (Result<LeaseOutcome, EngineError>, Option<LeaseGuard>) {
+        let outcome = self.store.acquire_lease(grant_id, &self.config.instance_id, deadline, self.now()).await;
+        let guard = matches!(outcome, Ok(LeaseOutcome::Acquired { .. })).then(|| LeaseGuard {
+            grant: *grant_id,
+            inner: Arc::downgrade(self),
+            armed: true,
+        });
+        (outcome.map_err(EngineError::from), guard)
+    }
+
+    /// Carries out a finished refresh's answer.
+    async fn finish_refresh(
+        self: &Arc<Self>,
+        answer: Answer,
+        read: Option<(Grant, GrantPayload)>,
+        refreshed: Option<GrantPayload>,
+        data_key: &DataKey,
+        kept_lease: Option<LeaseGuard>,
+    ) -> FlightResult {
+        let Some((grant, old)) = read else {
+            return Err(match answer {
+                Answer::Fail(e) => e,
+                _ => out_of_order("finished without a grant"),
+            });
+        };
+        match (answer, refreshed) {
+            (Answer::Fail(e), _) => Err(e),
+            (Answer::Adopted, _) => {
+                Metrics::bump(&self.metrics.adopted_tokens);
+                self.answer(&grant, &old)
+            }
+            (Answer::ProviderDown { retry_after }, _) => self.provider_down(&grant, &old, retry_after),
+            (Answer::ReauthRequired, _) => Err(EngineError::ReauthRequired { service: grant.service.clone() }),
+            (Answer::Refreshed { stored }, Some(payload)) => {
+                if stored {
+                    self.wake(&grant.id);
+                    let _ = self.store.publish(Notice::TokenRefreshed(grant.id)).await;
+                }
+                self.answer(&grant, &payload)
+            }
+            (Answer::Revoked { revoke_new }, refreshed) => {
+                // Revoked while we refreshed: the token just obtained must not outlive it.
+                if let Some(token) = refreshed.and_then(|p| p.refresh_token).filter(|_| revoke_new) {
+                    self.revoke_at_provider(&grant.service, &token).await;
+                }
+                Err(EngineError::AuthIdRevoked)
+            }
+            (Answer::Pending, Some(payload)) => {
+                // The rotated token exists only here now. Keep it, keep the
+                // lease (nobody may refresh with the old token), keep trying.
+                let used = old.refresh_token.clone();
+                let write = PendingWrite { payload, data_key: data_key.clone(), used, service: grant.service.clone() };
+                lock(&self.pending).insert(grant.id, Pending { write, lease: kept_lease });
+                self.hold_lease_for_pending(&grant.id).await;
+                self.spawn_pending_flusher(grant.id);
+                Err(EngineError::StoreUnavailable { retry_after: STORE_RETRY_AFTER })
+            }
+            (Answer::Refreshed { .. } | Answer::Pending, None) => {
+                Err(out_of_order("finished without a refreshed grant"))
+            }
+        }
+    }
+
+    /// Asks the provider for a new token while keeping the lease alive. The
+    /// breaker and the per-provider metrics see every call; the answer is
+    /// the machine's [`Called`] and, on success, the refreshed payload.
+    async fn refresh_at_provider(
+        &self,
+        lease: &LeaseGuard,
+        grant: &Grant,
+        payload: &GrantPayload,
+        retries_until: Timestamp,
+    ) -> (Called, Option<GrantPayload>) {
+        let Some(entry) = self.catalogue.provider_for(&grant.service) else {
+            let detail = format!("service '{}' is no longer configured", grant.service);
+            return (Called::Refused(EngineError::ProviderMisconfigured { detail }), None);
+        };
+        let provider = entry.spec.id.as_str();
+        if let Err(retry_after) = self.with_breaker(provider, |b, now| b.permit(now)) {
+            self.metrics.refresh(provider, RefreshOutcome::BreakerOpen);
+            return (Called::Unavailable { retry_after }, None);
+        }
+        let result = match self.call_refresh_leased(lease, entry, payload, retries_until).await {
             Ok(result) => result,
             Err(lost) => {
                 // Another instance holds the lease now: it refreshes; this
                 // attempt's answer, whatever it was, is not ours to store.
-                self.metrics.refresh(&provider, RefreshOutcome::LeaseLost);
-                return Attempt::Done(Err(lost));
+                self.metrics.refresh(provider, RefreshOutcome::LeaseLost);
+                return (Called::LeaseLost(lost), None);
             }
         };
-        self.with_breaker(&provider, |breaker, now| match &result {
+        self.with_breaker(provider, |breaker, now| match &result {
             // Whatever it said, the provider answered: it is alive.
             Ok(_) | Err(ProviderError::InvalidGrant { .. } | ProviderError::InvalidClient { .. }) => {
                 breaker.on_success()
@@ -344,28 +418,25 @@ impl Inner {
         });
         match result {
             Ok(response) => {
-                self.metrics.refresh(&provider, RefreshOutcome::Success);
-                self.after_success(grant, &payload, response, data_key, used).await
+                self.metrics.refresh(provider, RefreshOutcome::Success);
+                let (payload, rotated) = decide::apply_refresh(self.now(), payload, response);
+                (Called::Refreshed { rotated }, Some(payload))
             }
             Err(ProviderError::InvalidGrant { .. }) => {
-                self.metrics.refresh(&provider, RefreshOutcome::InvalidGrant);
-                let attempt = self.after_invalid_grant(grant, data_key, used.as_ref()).await;
-                self.release(&grant_id).await;
-                attempt
+                self.metrics.refresh(provider, RefreshOutcome::InvalidGrant);
+                (Called::InvalidGrant, None)
             }
             Err(e @ (ProviderError::InvalidClient { .. } | ProviderError::Unsupported(_))) => {
-                self.metrics.refresh(&provider, RefreshOutcome::Misconfigured);
-                self.release(&grant_id).await;
-                Attempt::Done(Err(EngineError::ProviderMisconfigured { detail: e.to_string() }))
+                self.metrics.refresh(provider, RefreshOutcome::Misconfigured);
+                (Called::Refused(EngineError::ProviderMisconfigured { detail: e.to_string() }), None)
             }
             Err(e) => {
-                self.metrics.refresh(&provider, RefreshOutcome::Transient);
-                self.release(&grant_id).await;
+                self.metrics.refresh(provider, RefreshOutcome::Transient);
                 let retry_after = match e {
                     ProviderError::RateLimited { retry_after: Some(d) } => d,
                     _ => self.config.provider_retry_after,
                 };
-                Attempt::Done(self.provider_down(&grant, &payload, retry_after))
+                (Called::Unavailable { retry_after }, None)
             }
         }
     }
@@ -387,12 +458,13 @@ impl Inner {
     /// given up.
     async fn call_refresh_leased(
         &self,
-        grant_id: &GrantId,
+        lease: &LeaseGuard,
         entry: &ProviderEntry,
         payload: &GrantPayload,
+        retries_until: Timestamp,
     ) -> Result<Result<TokenResponse, ProviderError>, EngineError> {
-        let call = std::pin::pin!(self.call_refresh(entry, payload));
-        let heartbeat = std::pin::pin!(self.heartbeat(grant_id));
+        let call = std::pin::pin!(self.call_refresh(entry, payload, retries_until));
+        let heartbeat = std::pin::pin!(self.heartbeat(&lease.grant));
         match select(call, heartbeat).await {
             futures_util::future::Either::Left((result, _)) => Ok(result),
             futures_util::future::Either::Right((lost, _)) => Err(lost),
@@ -422,17 +494,17 @@ impl Inner {
     }
 
     /// Asks the provider, retrying transient failures with jittered backoff;
-    /// no retry starts later than one lease TTL after the first try.
+    /// no retry starts at or after `retries_until`.
     async fn call_refresh(
         &self,
         entry: &ProviderEntry,
         payload: &GrantPayload,
+        retries_until: Timestamp,
     ) -> Result<TokenResponse, ProviderError> {
         let Some(refresh_token) = &payload.refresh_token else {
             return Err(ProviderError::InvalidGrant { description: Some("no refresh token stored".into()) });
         };
         let request = RefreshRequest { refresh_token, scopes: &payload.scopes, extra: &payload.extra };
-        let retries_until = self.now().saturating_add(self.config.lease_ttl);
         let mut attempt = 0;
         loop {
             let started = self.now();
@@ -465,139 +537,85 @@ impl Inner {
         Err(EngineError::ProviderUnavailable { retry_after })
     }
 
-    async fn after_success(
-        self: &Arc<Self>,
-        grant: Grant,
-        old: &GrantPayload,
-        response: TokenResponse,
-        data_key: &DataKey,
-        used: Option<SecretString>,
-    ) -> Attempt {
-        let grant_id = grant.id;
-        let (payload, rotated) = decide::apply_refresh(self.now(), old, response);
-        match self.persist(grant.clone(), &payload, data_key, used.as_ref()).await {
-            Persisted::Stored(grant) => {
-                self.release(&grant_id).await;
-                self.wake(&grant_id);
-                let _ = self.store.publish(Notice::TokenRefreshed(grant_id)).await;
-                Attempt::Done(self.answer(&grant, &payload))
-            }
-            Persisted::Superseded => {
-                self.release(&grant_id).await;
-                Attempt::Again
-            }
-            Persisted::Revoked => {
-                // Revoked while we refreshed: the token just obtained must not outlive it.
-                self.release(&grant_id).await;
-                if rotated {
-                    let pending =
-                        PendingWrite { payload, data_key: data_key.clone(), used, service: grant.service.clone() };
-                    self.revoke_pending_token(&pending).await;
-                }
-                Attempt::Done(Err(EngineError::AuthIdRevoked))
-            }
-            Persisted::Failed if rotated => {
-                // The rotated token exists only here now. Keep it, keep the
-                // lease (nobody may refresh with the old token), keep trying.
-                let service = grant.service.clone();
-                lock(&self.pending)
-                    .insert(grant_id, PendingWrite { payload, data_key: data_key.clone(), used, service });
-                self.hold_lease_for_pending(&grant_id).await;
-                self.spawn_pending_flusher(grant_id);
-                Attempt::Done(Err(EngineError::StoreUnavailable { retry_after: STORE_RETRY_AFTER }))
-            }
-            Persisted::Failed => {
-                // Nothing rotated: the stored refresh token still works, so the
-                // fresh access token may be served; the next request refreshes
-                // again if this one is not stored meanwhile.
-                self.release(&grant_id).await;
-                Attempt::Done(self.answer(&grant, &payload))
-            }
-        }
-    }
-
-    /// Writes the refreshed payload with compare-and-swap. On a version
-    /// conflict, re-applies it if the stored refresh token is still the one
-    /// used (someone changed something else), and stands down otherwise.
+    /// Writes the refreshed payload with compare-and-swap; on success `grant`
+    /// is the stored record. On a version conflict, re-applies it if the
+    /// stored refresh token is still the one used (someone changed something
+    /// else), and stands down otherwise.
     async fn persist(
         &self,
-        mut grant: Grant,
+        grant: &mut Grant,
         payload: &GrantPayload,
         data_key: &DataKey,
         used: Option<&SecretString>,
-    ) -> Persisted {
+    ) -> Written {
         let mut failures = 0;
-        for _ in 0..16 {
+        for _ in 0..WRITE_CONFLICTS {
             let now = self.now();
             grant.seal_payload(payload, data_key, now, self.rng.as_ref());
             grant.last_used_at = now;
             grant.state = GrantState::Active;
-            match self.store.update(&mut grant).await {
-                Ok(()) => return Persisted::Stored(grant),
+            let failed = match self.store.update(grant).await {
+                Ok(()) => return Written::Stored,
                 Err(StoreError::Conflict | StoreError::NotFound) => {
                     match self.store.load::<Grant>(grant.id.as_bytes()).await {
-                        Ok(None) => return Persisted::Revoked,
-                        Ok(Some(current)) if current.state == GrantState::Revoked => return Persisted::Revoked,
+                        Ok(None) => return Written::Revoked,
+                        Ok(Some(current)) if current.state == GrantState::Revoked => return Written::Revoked,
                         Ok(Some(current)) => match current.open_payload(data_key) {
                             Ok(stored) if decide::same_refresh_token(stored.refresh_token.as_ref(), used) => {
-                                grant = current
+                                *grant = current;
+                                false
                             }
-                            Ok(_) => return Persisted::Superseded,
-                            Err(_) => return Persisted::Failed,
+                            Ok(_) => return Written::Superseded,
+                            Err(_) => return Written::Failed,
                         },
-                        Err(_) => {
-                            failures += 1;
-                            Metrics::bump(&self.metrics.persist_failures);
-                            if failures >= self.config.persist_attempts {
-                                return Persisted::Failed;
-                            }
-                        }
+                        Err(_) => true,
                     }
                 }
-                Err(_) => {
-                    failures += 1;
-                    Metrics::bump(&self.metrics.persist_failures);
-                    if failures >= self.config.persist_attempts {
-                        return Persisted::Failed;
-                    }
+                Err(_) => true,
+            };
+            if failed {
+                failures += 1;
+                Metrics::bump(&self.metrics.persist_failures);
+                if failures >= self.config.persist_attempts {
+                    return Written::Failed;
                 }
             }
         }
-        Persisted::Failed
+        Written::Failed
     }
 
     /// The provider refused the refresh token we hold. Marks the grant
-    /// `reauth_required` (never deletes it) unless the store meanwhile holds
-    /// another refresh token, which is then adopted.
-    async fn after_invalid_grant(&self, mut grant: Grant, data_key: &DataKey, used: Option<&SecretString>) -> Attempt {
-        for _ in 0..16 {
+    /// `reauth_required` (never deletes it) and answers `true`, or answers
+    /// `false` when the store meanwhile holds another refresh token (which
+    /// the next round adopts).
+    async fn mark_reauth(
+        &self,
+        mut grant: Grant,
+        data_key: &DataKey,
+        used: Option<&SecretString>,
+    ) -> Result<bool, EngineError> {
+        for _ in 0..WRITE_CONFLICTS {
             grant.state = GrantState::ReauthRequired;
             grant.updated_at = self.now();
             match self.store.update(&mut grant).await {
                 Ok(()) => {
                     self.grant_changed(&grant.id).await;
-                    return Attempt::Done(Err(EngineError::ReauthRequired { service: grant.service.clone() }));
+                    return Ok(true);
                 }
                 Err(StoreError::Conflict | StoreError::NotFound) => {
-                    let current = match self.load_grant(&grant.id).await {
-                        Ok(current) => current,
-                        Err(e) => return Attempt::Done(Err(e)),
-                    };
-                    let stored = match self.open(&current, data_key) {
-                        Ok(stored) => stored,
-                        Err(e) => return Attempt::Done(Err(e)),
-                    };
+                    let current = self.load_grant(&grant.id).await?;
+                    let stored = self.open(&current, data_key)?;
                     if current.state != GrantState::Active
                         || !decide::same_refresh_token(stored.refresh_token.as_ref(), used)
                     {
-                        return Attempt::Again;
+                        return Ok(false);
                     }
                     grant = current;
                 }
-                Err(e) => return Attempt::Done(Err(e.into())),
+                Err(e) => return Err(e.into()),
             }
         }
-        Attempt::Done(Err(EngineError::StoreUnavailable { retry_after: STORE_RETRY_AFTER }))
+        Err(EngineError::StoreUnavailable { retry_after: STORE_RETRY_AFTER })
     }
 
     /// Stores a pending write if there is one for the grant.
@@ -607,7 +625,7 @@ impl Inner {
     /// grant was revoked (or replaced) meanwhile is dropped, and its token is
     /// revoked at the provider, so no live token outlives its grant.
     pub(super) async fn flush_pending(&self, grant_id: &GrantId) -> Result<(), EngineError> {
-        let Some(pending) = lock(&self.pending).get(grant_id).cloned() else { return Ok(()) };
+        let Some(pending) = lock(&self.pending).get(grant_id).map(|p| p.write.clone()) else { return Ok(()) };
         let unavailable = EngineError::StoreUnavailable { retry_after: STORE_RETRY_AFTER };
         self.hold_lease_for_pending(grant_id).await;
         let grant = match self.store.load::<Grant>(grant_id.as_bytes()).await {
@@ -618,30 +636,36 @@ impl Inner {
             let stored = g.open_payload(&pending.data_key).ok()?;
             decide::same_refresh_token(stored.refresh_token.as_ref(), pending.used.as_ref()).then_some(g.clone())
         });
-        let Some(grant) = current else {
-            lock(&self.pending).remove(grant_id);
-            self.release(grant_id).await;
-            let revoked = grant.is_none_or(|g| g.state == GrantState::Revoked);
-            if revoked {
+        let Some(mut grant) = current else {
+            self.end_pending(grant_id).await;
+            if grant.is_none_or(|g| g.state == GrantState::Revoked) {
                 self.revoke_pending_token(&pending).await;
             }
             return Ok(());
         };
-        match self.persist(grant, &pending.payload, &pending.data_key, pending.used.as_ref()).await {
-            Persisted::Failed => Err(unavailable),
-            outcome => {
-                lock(&self.pending).remove(grant_id);
-                self.release(grant_id).await;
-                if matches!(outcome, Persisted::Revoked) {
+        match self.persist(&mut grant, &pending.payload, &pending.data_key, pending.used.as_ref()).await {
+            Written::Failed => Err(unavailable),
+            written => {
+                self.end_pending(grant_id).await;
+                if written == Written::Revoked {
                     // Revoked between the check above and the write.
                     self.revoke_pending_token(&pending).await;
                 }
-                if matches!(outcome, Persisted::Stored(_)) {
+                if written == Written::Stored {
                     self.wake(grant_id);
                     let _ = self.store.publish(Notice::TokenRefreshed(*grant_id)).await;
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// Drops a grant's pending write (stored, or no longer wanted) and gives
+    /// its lease back.
+    async fn end_pending(&self, grant_id: &GrantId) {
+        let ended = lock(&self.pending).remove(grant_id);
+        if let Some(lease) = ended.and_then(|p| p.lease) {
+            lease.release().await;
         }
     }
 
@@ -655,16 +679,24 @@ impl Inner {
 
     /// Revokes a dropped pending write's refresh token at the provider (best effort).
     async fn revoke_pending_token(&self, pending: &PendingWrite) {
-        let Some(token) = &pending.payload.refresh_token else { return };
-        if let Some(entry) = self.catalogue.provider_for(&pending.service) {
+        if let Some(token) = &pending.payload.refresh_token {
+            self.revoke_at_provider(&pending.service, token).await;
+        }
+    }
+
+    /// Revokes a refresh token at the service's provider (best effort).
+    async fn revoke_at_provider(&self, service: &str, token: &SecretString) {
+        if let Some(entry) = self.catalogue.provider_for(service) {
             let _ = entry.client.revoke(token, crate::provider::TokenKind::Refresh).await;
         }
     }
 
     /// Takes the pending write of a grant being revoked: its refresh token is
-    /// the live one and must be revoked at the provider too.
+    /// the live one and must be revoked at the provider too. (Its lease goes
+    /// with the guard's drop.)
     pub(super) fn take_pending_token(&self, grant_id: &GrantId) -> Option<SecretString> {
-        lock(&self.pending).remove(grant_id).and_then(|p| p.payload.refresh_token)
+        let taken = lock(&self.pending).remove(grant_id);
+        taken.and_then(|p| p.write.payload.refresh_token)
     }
 
     fn spawn_pending_flusher(self: &Arc<Self>, grant_id: GrantId) {
@@ -677,5 +709,133 @@ impl Inner {
                 }
             }
         }));
+    }
+}
+
+/// An engine error for an action the refresh machine never asks for in
+/// that state (answered as corrupt, never panicked on).
+fn out_of_order(what: &str) -> EngineError {
+    EngineError::Corrupt { detail: format!("refresh driver: {what}") }
+}
+
+/// This instance's lease on a grant. It leaves only through
+/// [`LeaseGuard::release`], or with the pending write it was kept for;
+/// dropped otherwise (a task cancelled, an early return), it schedules its
+/// own release.
+#[must_use = "a lease leaves through `release`, or is kept with a pending write"]
+pub(crate) struct LeaseGuard {
+    grant: GrantId,
+    inner: Weak<Inner>,
+    armed: bool,
+}
+
+impl LeaseGuard {
+    /// Gives the lease back (best effort: one that cannot be released
+    /// lapses at its deadline).
+    pub(crate) async fn release(mut self) {
+        self.armed = false;
+        if let Some(inner) = self.inner.upgrade() {
+            let _ = inner.store.release_lease(&self.grant, &inner.config.instance_id).await;
+        }
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        let Some(inner) = self.inner.upgrade().filter(|_| self.armed) else { return };
+        let guard = LeaseGuard { grant: self.grant, inner: self.inner.clone(), armed: false };
+        inner.rt.spawn(Box::pin(guard.release()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalogue::Catalogue;
+    use crate::keys::{MasterKey, MasterKeyId, MasterKeyring};
+    use crate::random::OsRandom;
+    use crate::testing::{ManualClock, ManualRuntime};
+    use crate::time::Clock;
+    use crate::{Broker, BrokerParts, EngineConfig, MemoryStore, Store};
+
+    fn broker(store: Arc<MemoryStore>, clock: &ManualClock) -> Broker {
+        let runtime = ManualRuntime::new(
+            clock.clone(),
+            Arc::new(|task| {
+                tokio::spawn(task);
+            }),
+        );
+        Broker::new(BrokerParts {
+            store,
+            catalogue: Catalogue::new(),
+            keyring: MasterKeyring::single(MasterKey::generate(MasterKeyId::new("k1").unwrap(), &OsRandom)),
+            runtime: Arc::new(runtime),
+            rng: Arc::new(OsRandom),
+            config: EngineConfig { instance_id: "a".into(), ..EngineConfig::default() },
+        })
+    }
+
+    async fn held_by(store: &MemoryStore, grant: &GrantId, now: Timestamp) -> Option<String> {
+        match store.acquire_lease(grant, "probe", now.saturating_add(Duration::from_secs(1)), now).await.unwrap() {
+            LeaseOutcome::Held { owner, .. } => Some(owner),
+            LeaseOutcome::Acquired { .. } => {
+                store.release_lease(grant, "probe").await.unwrap();
+                None
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lease_guard_releases_when_told_and_when_dropped_but_not_while_kept() {
+        let (store, clock) = (Arc::new(MemoryStore::new()), ManualClock::default());
+        let broker = broker(store.clone(), &clock);
+        let inner = &broker.inner;
+        let grant = GrantId::generate(&OsRandom);
+        let now = clock.now();
+        let deadline = now.saturating_add(Duration::from_secs(30));
+
+        let (outcome, guard) = inner.take_lease(&grant, deadline).await;
+        assert!(matches!(outcome, Ok(LeaseOutcome::Acquired { .. })) && guard.is_some());
+        assert_eq!(held_by(&store, &grant, now).await.as_deref(), Some("a"));
+        let (outcome, again) = inner.take_lease(&grant, deadline).await;
+        assert!(matches!(outcome, Ok(LeaseOutcome::Acquired { .. })), "re-taking our own lease renews it");
+        again.expect("a guard").release().await;
+        assert_eq!(held_by(&store, &grant, now).await, None, "release gives it back");
+        guard.expect("a guard").release().await; // (already given back: a no-op)
+
+        let (_, guard) = inner.take_lease(&grant, deadline).await;
+        drop(guard);
+        // The drop schedules the release on the runtime.
+        for _ in 0..1000 {
+            if held_by(&store, &grant, now).await.is_none() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(held_by(&store, &grant, now).await, None, "a dropped guard releases its lease");
+
+        // Kept with a pending write, the lease stays until the write ends.
+        let (_, guard) = inner.take_lease(&grant, deadline).await;
+        lock(&inner.pending).insert(grant, Pending { write: pending_write(), lease: guard });
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(held_by(&store, &grant, now).await.as_deref(), Some("a"), "kept for the pending write");
+        inner.end_pending(&grant).await;
+        assert_eq!(held_by(&store, &grant, now).await, None, "given back with the write");
+    }
+
+    fn pending_write() -> PendingWrite {
+        let payload = GrantPayload {
+            refresh_token: None,
+            access_token: None,
+            access_expires_at: None,
+            refreshed_at: Timestamp::from_unix_secs(0),
+            scopes: vec![],
+            account_id: None,
+            token_type: None,
+            extra: vec![],
+        };
+        PendingWrite { payload, data_key: DataKey::generate(&OsRandom), used: None, service: "svc".into() }
     }
 }
