@@ -1,9 +1,11 @@
 //! The refresh engine: the operations every front end calls.
 //!
 //! [`Broker`] is a thin async driver. The decisions (serve, refresh, adopt,
-//! mark for re-login, serve stale, give up) are pure functions in [`decide`];
-//! the driver carries them out through [`Store`](crate::Store),
-//! [`Provider`](crate::Provider) and an injected [`Runtime`].
+//! mark for re-login, serve stale, give up) are pure: functions in
+//! [`decide`], and the refresh of one grant as a state machine in `refresh`
+//! (`Refresh::step(now, event) -> action`). The driver carries them out
+//! through [`Store`](crate::Store), [`Provider`](crate::Provider) and an
+//! injected [`Runtime`].
 //!
 //! Two rules shape the refresh path:
 //!
