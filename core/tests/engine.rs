@@ -376,9 +376,11 @@ async fn min_validity_is_respected_and_the_refresh_deadline_follows_the_idle_lif
     let logged_in_at = world.clock.now();
     let first = broker.token(&login.authid, None).await.unwrap();
     assert_eq!(first.refresh_deadline, Some(logged_in_at.saturating_add(crate::engine_world::IDLE)));
+    assert_eq!(broker.expires_in(&first), Some(Duration::from_secs(3600)), "by the engine's clock");
     world.clock.advance(Duration::from_secs(3000)); // 600 s left
     let same = broker.token(&login.authid, Some(Duration::from_secs(300))).await.unwrap();
     assert_eq!(access(&same), access(&first));
+    assert_eq!(broker.expires_in(&same), Some(Duration::from_secs(600)));
     assert_eq!(world.provider.refresh_calls(), 0);
     let refreshed_at = world.clock.now();
     let longer = broker.token(&login.authid, Some(Duration::from_secs(900))).await.unwrap();

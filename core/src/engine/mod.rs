@@ -292,6 +292,14 @@ impl Broker {
         self.inner.metrics.snapshot(pending, self.inner.cache.len())
     }
 
+    /// How long a token this broker served has left, by the engine's clock
+    /// (`None`: it never expires). Front ends answer `expires_in` with it, so
+    /// the lifetime a client is told and the one the engine serves by come
+    /// from the same clock.
+    pub fn expires_in(&self, token: &TokenGrant) -> Option<Duration> {
+        token.expires_at.map(|at| at.duration_since(self.inner.now()))
+    }
+
     /// Providers whose refresh answers first contradicted the catalogue's
     /// `rotates_refresh_tokens` since the last call, each provider and
     /// direction once per process: for the front end to warn about. Cheap
