@@ -474,3 +474,78 @@ async fn sigterm_finishes_refreshes_in_flight_and_stores_every_rotation() {
     }
     assert_eq!(fake.reuse_attempts(), 0);
 }
+
+/// The lease across processes, with a provider slower than the lease: the
+/// fake provider answers refreshes after 40 s (the lease is 30 s; the
+/// provider timeout is raised to 60 s so the call is not cut short). While
+/// instance A's refresh is open, instance B asks for the same grant: it waits
+/// on the lease A keeps renewing, never calls the provider, and gives up
+/// after one lease period. A stores the rotated token; B then adopts it. A
+/// strict-rotation provider sees one refresh and no reuse. Bounded: about
+/// 45 s of real time, two minutes at most.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_slower_than_the_lease_is_asked_by_one_broker_process_only_on_postgres() {
+    let run = async {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = FakeProvider::start(FakeConfig {
+            client_secrets: vec!["slow-secret".into()],
+            rotate: true,
+            strict_reuse: true,
+            // The login's token is stale at once, so the first request refreshes.
+            access_lifetime: Some(Duration::ZERO),
+            ..FakeConfig::default()
+        })
+        .await
+        .unwrap();
+        let schema = random_schema();
+        let store = format!("[store]\nkind = \"postgres\"\nurl = \"{}\"\nschema = \"{schema}\"", database_url());
+        let rest = format!(
+            "[providers.fake]\nauthorize_url = \"{}\"\ntoken_url = \"{}\"\nclient_auth = \"basic\"\nclient_id = \"latchkey-test\"\n\
+             client_secrets = [\"slow-secret\"]\nrotates_refresh_tokens = true\ntimeout_secs = 60\n\
+             [services.fake]\nprovider = \"fake\"\n[services.jottacloud]\nenabled = false",
+            fake.authorize_url(),
+            fake.token_url()
+        );
+        let (port_a, port_b) = (free_port(), free_port());
+        let a = Broker::start(&write_config(dir.path(), "a", port_a, &store, &rest), port_a).await;
+        let b = Broker::start(&write_config(dir.path(), "b", port_b, &store, &rest), port_b).await;
+        let client = http();
+        let authid = fake_login(&client, &a.url).await;
+        fake.configure(|c| {
+            c.latency = Duration::from_secs(40);
+            c.access_lifetime = Some(Duration::from_secs(3600));
+        });
+        let asked = fake.token_requests().len();
+        let started = Instant::now();
+        let first = tokio::spawn({
+            let (client, url, authid) = (client.clone(), a.url.clone(), authid.clone());
+            async move { refresh(&client, &url, &authid).await }
+        });
+        while fake.token_requests().len() == asked {
+            assert!(started.elapsed() < Duration::from_secs(10), "A never asked the provider");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (status, _, reason) = refresh(&client, &b.url, &authid).await;
+        let waited = started.elapsed();
+        // store_unavailable, as Duplicati's surface answers it (500: its clients retry).
+        assert_eq!(status, 500, "B gives up waiting for A's refresh: {reason:?}");
+        assert!(waited >= Duration::from_secs(25), "B waited about one lease period, not {waited:?}");
+        assert_eq!(fake.token_requests().len(), asked + 1, "B never called the provider while A's call was open");
+        let (status, first_token, reason) = first.await.unwrap();
+        assert_eq!(status, 200, "A's slow refresh is answered: {reason:?}");
+        assert!(started.elapsed() >= Duration::from_secs(40), "it took the provider's 40 s");
+        let (status, adopted, _) = refresh(&client, &b.url, &authid).await;
+        assert_eq!((status, adopted), (200, first_token), "B adopts the token A stored");
+        assert_eq!(fake.token_requests().len(), asked + 1, "one refresh in all");
+        assert_eq!(fake.reuse_attempts(), 0, "the provider never saw a refresh token twice");
+        let metrics = client.get(format!("{}/metrics", a.url)).send().await.unwrap().text().await.unwrap();
+        let renewals = metrics
+            .lines()
+            .find(|l| l.starts_with("latchkey_lease_renewals_total"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+        assert!(renewals.is_some_and(|n| n >= 3.0), "A renewed its lease while it waited: {renewals:?}");
+        drop((a, b));
+        drop_schema(&schema).await;
+    };
+    tokio::time::timeout(Duration::from_secs(120), run).await.expect("the run is bounded");
+}
