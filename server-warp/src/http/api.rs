@@ -13,7 +13,8 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 
 use super::pages::provider_outcome;
-use super::reply::{Failure, Surface, error, json_reply};
+use super::reply::{Failure, Surface, error, json_reply, oauth_error};
+use super::routes::Route;
 use super::{State, body, client_ip, fields, with_state};
 use crate::audit;
 
@@ -21,33 +22,24 @@ pub(super) fn routes(state: State) -> warp::filters::BoxedFilter<(Response,)> {
     let s = || with_state(state.clone());
     let ip = || client_ip(state.clone());
     let bearer = || warp::header::optional::<String>("authorization");
-    let token = warp::post()
-        .and(warp::path!("v1" / "token"))
-        .and(bearer())
-        .and(body())
-        .and(ip())
-        .and(s())
-        .then(v1_token)
-        .boxed();
-    let list = warp::get().and(warp::path!("v1" / "handles")).and(bearer()).and(ip()).and(s()).then(list_handles);
-    let mint =
-        warp::post().and(warp::path!("v1" / "handles")).and(bearer()).and(body()).and(ip()).and(s()).then(mint).boxed();
-    let rotate =
-        warp::post().and(warp::path!("v1" / "handles" / "rotate")).and(bearer()).and(ip()).and(s()).then(rotate);
+    let get = |route: Route| warp::get().and(route.filter());
+    let post = |route: Route| warp::post().and(route.filter());
+    let token = post(Route::V1Token).and(bearer()).and(body()).and(ip()).and(s()).then(v1_token).boxed();
+    let list = get(Route::V1Handles).and(bearer()).and(ip()).and(s()).then(list_handles);
+    let mint = post(Route::V1Handles).and(bearer()).and(body()).and(ip()).and(s()).then(mint).boxed();
+    let rotate = post(Route::V1HandlesRotate).and(bearer()).and(ip()).and(s()).then(rotate);
     let delete = warp::delete()
-        .and(warp::path!("v1" / "handles" / String))
+        .and(Route::V1Handle.filter_with_param())
         .and(bearer())
         .and(ip())
         .and(s())
         .then(delete_handle)
         .boxed();
-    let revoke = warp::post().and(warp::path!("v1" / "grant" / "revoke")).and(bearer()).and(ip()).and(s()).then(revoke);
-    let device_code =
-        warp::post().and(warp::path!("v1" / "device" / "code")).and(body()).and(s()).then(device_code).boxed();
-    let device_token =
-        warp::post().and(warp::path!("v1" / "device" / "token")).and(body()).and(ip()).and(s()).then(device_token);
-    let services = warp::get().and(warp::path!("v1" / "services")).and(s()).map(services).boxed();
-    let oauth2 = warp::post().and(warp::path!("oauth2" / "token")).and(body()).and(ip()).and(s()).then(oauth2_token);
+    let revoke = post(Route::V1GrantRevoke).and(bearer()).and(ip()).and(s()).then(revoke);
+    let device_code = post(Route::V1DeviceCode).and(body()).and(s()).then(device_code).boxed();
+    let device_token = post(Route::V1DeviceToken).and(body()).and(ip()).and(s()).then(device_token);
+    let services = get(Route::V1Services).and(s()).map(services).boxed();
+    let oauth2 = post(Route::OAuth2Token).and(body()).and(ip()).and(s()).then(oauth2_token);
     token
         .or(list)
         .unify()
@@ -273,9 +265,7 @@ async fn device_token(body: Vec<u8>, ip: IpAddr, state: State) -> Response {
         return error(Surface::V1, &Failure::rate_limited(wait));
     }
     let device_code = fields(&body).remove("device_code").unwrap_or_default();
-    let pending = |code: &str, text: &str| {
-        json_reply(StatusCode::BAD_REQUEST, &json!({ "error": code, "error_description": text }))
-    };
+    let pending = oauth_error;
     match state.broker.poll_device(&device_code).await {
         Ok(DevicePoll::Ready(authid)) => {
             audit::handoff_delivered(&authid.keyid(), ip);
@@ -307,12 +297,7 @@ async fn oauth2_token(body: Vec<u8>, ip: IpAddr, state: State) -> Response {
     let form = fields(&body);
     match form.get("grant_type").map(String::as_str) {
         Some("refresh_token") => {}
-        Some(_) => {
-            return json_reply(
-                StatusCode::BAD_REQUEST,
-                &json!({ "error": "unsupported_grant_type", "error_description": "only refresh_token is supported" }),
-            );
-        }
+        Some(_) => return oauth_error("unsupported_grant_type", "only refresh_token is supported"),
         None => return error(Surface::OAuth2, &Failure::bad_request("grant_type is missing")),
     }
     let raw = form.get("refresh_token").map(String::as_str).unwrap_or_default();

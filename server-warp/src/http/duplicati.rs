@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::time::Instant;
 
 use latchkey_core::engine::{Callback, Completed, HandoffFetch, HandoffState, LoginComplete};
-use latchkey_core::{AuthId, AuthIdError, Clock, EngineError, ErrorCode, SystemClock};
+use latchkey_core::{AuthId, AuthIdError, Clock, EngineError, SystemClock};
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use warp::Filter;
@@ -16,7 +16,11 @@ use warp::reply::Response;
 
 use super::front_door::{self, BrowserRequest};
 use super::pages;
-use super::reply::{Failure, Surface, error, error_body, is_callback_name, json_reply, jsonp, redirect, with_body};
+use super::reply::{
+    Failure, Refusal, Surface, error, error_body, is_callback_name, json_reply, jsonp, page_status, redirect,
+    slow_down_status, with_body,
+};
+use super::routes::Route;
 use super::{State, body, client_ip, duplicati_authid, fields, query, with_state};
 use crate::audit;
 
@@ -27,7 +31,8 @@ const MAX_EXPIRES_SECS: u64 = i32::MAX as u64;
 
 /// `/refresh`, on its own: the busiest route, tried before every other.
 pub(super) fn refresh_route(state: State) -> warp::filters::BoxedFilter<(Response,)> {
-    warp::path!("refresh")
+    Route::Refresh
+        .filter()
         .and(warp::get().map(|| true).or(warp::post().map(|| false)).unify())
         .and(warp::header::optional::<String>("x-authid"))
         .and(query())
@@ -43,22 +48,21 @@ pub(super) fn routes(state: State) -> warp::filters::BoxedFilter<(Response,)> {
     let s = || with_state(state.clone());
     let ip = || client_ip(state.clone());
     let b = front_door::browser;
-    let index = warp::get().and(warp::path::end()).and(query()).and(b()).and(s()).then(index).boxed();
-    let login = warp::get().and(warp::path!("login")).and(query()).and(b()).and(s()).then(login);
-    let login_post = warp::post().and(warp::path!("login")).and(body()).and(b()).and(ip()).and(s()).then(login_post);
-    let logged_in =
-        warp::get().and(warp::path!("logged-in")).and(query()).and(b()).and(ip()).and(s()).then(logged_in).boxed();
-    let fetch = warp::get().and(warp::path!("fetch")).and(query()).and(ip()).and(s()).then(fetch).boxed();
-    let token_state = warp::get().and(warp::path!("token-state")).and(query()).and(ip()).and(s()).then(token_state);
-    let revoke = warp::get().and(warp::path!("revoke")).and(s()).map(|s: State| pages::revoke_form(&s.csp)).boxed();
-    let revoked = warp::post().and(warp::path!("revoked")).and(body()).and(ip()).and(s()).then(revoked);
-    let cli_token = warp::get().and(warp::path!("cli-token")).and(query()).and(b()).and(s()).then(cli_token).boxed();
-    let cli_login =
-        warp::post().and(warp::path!("cli-token-login")).and(body()).and(b()).and(ip()).and(s()).then(cli_token_login);
-    let device = warp::get().and(warp::path!("device")).and(query()).and(b()).and(s()).then(device_page).boxed();
-    let device_post = warp::post().and(warp::path!("device")).and(body()).and(b()).and(ip()).and(s()).then(device_post);
-    let privacy = warp::get()
-        .and(warp::path!("privacy-policy"))
+    let get = |route: Route| warp::get().and(route.filter());
+    let post = |route: Route| warp::post().and(route.filter());
+    let index = get(Route::Index).and(query()).and(b()).and(s()).then(index).boxed();
+    let login = get(Route::Login).and(query()).and(b()).and(s()).then(login);
+    let login_post = post(Route::Login).and(body()).and(b()).and(ip()).and(s()).then(login_post);
+    let logged_in = get(Route::LoggedIn).and(query()).and(b()).and(ip()).and(s()).then(logged_in).boxed();
+    let fetch = get(Route::Fetch).and(query()).and(ip()).and(s()).then(fetch).boxed();
+    let token_state = get(Route::TokenState).and(query()).and(ip()).and(s()).then(token_state);
+    let revoke = get(Route::Revoke).and(s()).map(|s: State| pages::revoke_form(&s.csp)).boxed();
+    let revoked = post(Route::Revoked).and(body()).and(ip()).and(s()).then(revoked);
+    let cli_token = get(Route::CliToken).and(query()).and(b()).and(s()).then(cli_token).boxed();
+    let cli_login = post(Route::CliTokenLogin).and(body()).and(b()).and(ip()).and(s()).then(cli_token_login);
+    let device = get(Route::Device).and(query()).and(b()).and(s()).then(device_page).boxed();
+    let device_post = post(Route::Device).and(body()).and(b()).and(ip()).and(s()).then(device_post);
+    let privacy = get(Route::PrivacyPolicy)
         .map(|| with_body(StatusCode::OK, "text/plain; charset=utf-8", pages::PRIVACY_POLICY))
         .boxed();
     index
@@ -89,31 +93,25 @@ pub(super) fn routes(state: State) -> warp::filters::BoxedFilter<(Response,)> {
         .boxed()
 }
 
-/// The status a page shows for an engine error.
-fn page_status(code: ErrorCode) -> StatusCode {
-    match code {
-        ErrorCode::AuthIdInvalid | ErrorCode::AuthIdRevoked | ErrorCode::ReauthRequired => StatusCode::UNAUTHORIZED,
-        ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-        ErrorCode::ProviderUnavailable => StatusCode::BAD_GATEWAY,
-        ErrorCode::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-        ErrorCode::ProviderMisconfigured => StatusCode::INTERNAL_SERVER_ERROR,
-        ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
+fn error_page(state: &State, title: &str, e: &EngineError) -> Response {
+    if let EngineError::Corrupt { detail } = e {
+        // A record that fails its integrity check was written by someone
+        // without the master key: the operator must hear of it.
+        tracing::error!(detail = detail.as_str(), "a stored record cannot be used");
     }
+    tracing::info!(code = e.code().as_str(), "page request failed");
+    pages::error_page(page_status(e), &state.csp, title, &e.to_string())
 }
 
-fn error_page(state: &State, title: &str, e: &EngineError) -> Response {
-    let status = match e {
-        EngineError::Forbidden(_) => StatusCode::FORBIDDEN,
-        EngineError::Corrupt { detail } => {
-            // A record that fails its integrity check was written by someone
-            // without the master key: the operator must hear of it.
-            tracing::error!(detail = detail.as_str(), "a stored record cannot be used");
-            StatusCode::INTERNAL_SERVER_ERROR
-        }
-        e => page_status(e.code()),
-    };
-    tracing::info!(code = e.code().as_str(), "page request failed");
-    pages::error_page(status, &state.csp, title, &e.to_string())
+/// A page for one of the front end's own refusals.
+fn refusal_page(state: &State, refusal: Refusal, title: &str, message: &str) -> Response {
+    pages::error_page(refusal.status(), &state.csp, title, message)
+}
+
+/// The page of a request over a limit.
+fn slow_down_page(state: &State, wait: std::time::Duration) -> Response {
+    let message = format!("Too many attempts; try again in {} s.", wait.as_secs().max(1));
+    pages::error_page(slow_down_status(), &state.csp, "Slow down", &message)
 }
 
 /// The front door refused a browser step: 403, a clear page, an audit line.
@@ -123,7 +121,7 @@ fn refused_page(route: &str, reason: &str, client: IpAddr, state: &State) -> Res
         "This step was refused: {reason}. Logins continue only from this broker's own pages, in the browser that \
          began them. Go back to the program or link you started from and begin again."
     );
-    pages::error_page(StatusCode::FORBIDDEN, &state.csp, "Refused", &message)
+    refusal_page(state, Refusal::FrontDoor, "Refused", &message)
 }
 
 fn display_name(state: &State, service: &str) -> String {
@@ -145,8 +143,7 @@ async fn index(q: HashMap<String, String>, browser: BrowserRequest, state: State
         Some(id) => match catalogue.service(id) {
             Some(s) => vec![(s.id.clone(), s.display_name.clone())],
             None => {
-                let message = "This broker does not offer that service. Check the link, or pick another service.";
-                return pages::error_page(StatusCode::NOT_FOUND, &state.csp, "Unknown service", message);
+                return unknown_service_page(&state);
             }
         },
         None => catalogue.listed_services().map(|s| (s.id.clone(), s.display_name.clone())).collect(),
@@ -165,8 +162,7 @@ async fn confirm(state: &State, service: &str, token: Option<&str>, browser: &Br
         return redirect(&target);
     }
     if state.broker.catalogue().service(service).is_none() {
-        let message = "This broker does not offer that service. Check the link, or pick another service.";
-        return pages::error_page(StatusCode::NOT_FOUND, &state.csp, "Unknown service", message);
+        return unknown_service_page(state);
     }
     let proof = front_door::page_proof(state, browser).await;
     let page = pages::confirm_login(&state.csp, service, &display_name(state, service), token, &proof);
@@ -176,12 +172,7 @@ async fn confirm(state: &State, service: &str, token: Option<&str>, browser: &Br
 /// `GET /login`: never a provider redirect, only the confirmation page.
 async fn login(q: HashMap<String, String>, browser: BrowserRequest, state: State) -> Response {
     let Some(service) = q.get("id") else {
-        return pages::error_page(
-            StatusCode::BAD_REQUEST,
-            &state.csp,
-            "No service",
-            "The login link names no service.",
-        );
+        return refusal_page(&state, Refusal::Incomplete, "No service", "The login link names no service.");
     };
     confirm(&state, service, q.get("token").map(String::as_str), &browser).await
 }
@@ -210,7 +201,7 @@ async fn login_post(body: Vec<u8>, browser: BrowserRequest, ip: IpAddr, state: S
 async fn logged_in(q: HashMap<String, String>, browser: BrowserRequest, ip: IpAddr, state: State) -> Response {
     let Some(login_state) = q.get("state") else {
         let message = "The provider's answer carries no state. Start the login again.";
-        return pages::error_page(StatusCode::BAD_REQUEST, &state.csp, "Login failed", message);
+        return refusal_page(&state, Refusal::Incomplete, "Login failed", message);
     };
     const KNOWN: [&str; 5] = ["state", "code", "error", "error_description", "iss"];
     let params: Vec<(String, String)> =
@@ -337,18 +328,12 @@ fn jsonp_callback(q: &HashMap<String, String>) -> Result<Option<&str>, Failure> 
 
 /// A hand-off answer in the format asked for. JSONP answers every outcome
 /// with 200 (a script cannot read a status) and the same JSON body.
-fn handoff_answer(callback: Option<&str>, outcome: Result<Value, (Failure, Option<StatusCode>)>) -> Response {
+fn handoff_answer(callback: Option<&str>, outcome: Result<Value, Failure>) -> Response {
     match (callback, outcome) {
         (Some(callback), Ok(value)) => jsonp(callback, &value),
-        (Some(callback), Err((failure, _))) => jsonp(callback, &error_body(Surface::Duplicati, &failure)),
+        (Some(callback), Err(failure)) => jsonp(callback, &error_body(Surface::Duplicati, &failure)),
         (None, Ok(value)) => json_reply(StatusCode::OK, &value),
-        (None, Err((failure, status))) => {
-            let mut response = error(Surface::Duplicati, &failure);
-            if let Some(status) = status {
-                *response.status_mut() = status;
-            }
-            response
-        }
+        (None, Err(failure)) => error(Surface::Duplicati, &failure),
     }
 }
 
@@ -358,7 +343,7 @@ async fn fetch(q: HashMap<String, String>, ip: IpAddr, state: State) -> Response
         Err(refused) => return error(Surface::Duplicati, &refused),
     };
     if let Err(wait) = state.limiter.fetch_request(ip, Instant::now()) {
-        return handoff_answer(callback, Err((Failure::rate_limited(wait), None)));
+        return handoff_answer(callback, Err(Failure::rate_limited(wait)));
     }
     let token = q.get("token").map(String::as_str).unwrap_or_default();
     let outcome = match state.broker.fetch_handoff(token).await {
@@ -370,14 +355,12 @@ async fn fetch(q: HashMap<String, String>, ip: IpAddr, state: State) -> Response
         // pCloud backend takes its "AuthID" as the token.
         Ok(HandoffFetch::Token(token)) => Ok(json!({ "authid": token.expose_secret() })),
         Ok(HandoffFetch::Pending) => Ok(json!({ "wait": "Not ready" })),
-        Ok(HandoffFetch::Denied) => {
-            Err((Failure::bad_request("the login was refused at the provider; start again"), None))
-        }
-        Ok(HandoffFetch::Gone) => Err((
-            Failure::bad_request("unknown, expired or already fetched token; start the login again"),
-            Some(StatusCode::NOT_FOUND),
+        Ok(HandoffFetch::Denied) => Err(Failure::bad_request("the login was refused at the provider; start again")),
+        Ok(HandoffFetch::Gone) => Err(Failure::refused(
+            Refusal::HandoffGone,
+            "unknown, expired or already fetched token; start the login again",
         )),
-        Err(e) => Err((Failure::from(&e), None)),
+        Err(e) => Err(Failure::from(&e)),
     };
     handoff_answer(callback, outcome)
 }
@@ -388,14 +371,14 @@ async fn token_state(q: HashMap<String, String>, ip: IpAddr, state: State) -> Re
         Err(refused) => return error(Surface::Duplicati, &refused),
     };
     if let Err(wait) = state.limiter.fetch_request(ip, Instant::now()) {
-        return handoff_answer(callback, Err((Failure::rate_limited(wait), None)));
+        return handoff_answer(callback, Err(Failure::rate_limited(wait)));
     }
     let token = q.get("token").map(String::as_str).unwrap_or_default();
     let outcome = match state.broker.handoff_state(token).await {
         Ok(HandoffState::Pending) => Ok(json!({ "wait": "Not ready" })),
         Ok(HandoffState::Ready | HandoffState::Delivered) => Ok(json!({ "success": true })),
         Ok(HandoffState::Denied | HandoffState::Unknown) => Ok(json!({ "success": false })),
-        Err(e) => Err((Failure::from(&e), None)),
+        Err(e) => Err(Failure::from(&e)),
     };
     handoff_answer(callback, outcome)
 }
@@ -404,8 +387,7 @@ async fn revoked(body: Vec<u8>, ip: IpAddr, state: State) -> Response {
     let form = fields(&body);
     if let Some(ticket) = form.get("ticket") {
         if let Err(wait) = state.limiter.token_request(None, ip, Instant::now()) {
-            let message = format!("Too many attempts; try again in {} s.", wait.as_secs().max(1));
-            return pages::error_page(StatusCode::TOO_MANY_REQUESTS, &state.csp, "Slow down", &message);
+            return slow_down_page(&state, wait);
         }
         return match state.broker.revoke_grant_with_ticket(ticket).await {
             Ok(revocation) => {
@@ -418,8 +400,7 @@ async fn revoked(body: Vec<u8>, ip: IpAddr, state: State) -> Response {
     }
     let parsed = AuthId::parse(form.get("authid").map(String::as_str).unwrap_or_default());
     if let Err(wait) = state.limiter.token_request(parsed.as_ref().ok().map(AuthId::keyid), ip, Instant::now()) {
-        let message = format!("Too many attempts; try again in {} s.", wait.as_secs().max(1));
-        return pages::error_page(StatusCode::TOO_MANY_REQUESTS, &state.csp, "Slow down", &message);
+        return slow_down_page(&state, wait);
     }
     let authid = match parsed {
         Ok(authid) => authid,
@@ -455,7 +436,12 @@ async fn revoked(body: Vec<u8>, ip: IpAddr, state: State) -> Response {
 
 fn no_login_token_page(state: &State) -> Response {
     let message = "This service does not log in with a login token here.";
-    pages::error_page(StatusCode::NOT_FOUND, &state.csp, "Unknown service", message)
+    refusal_page(state, Refusal::UnknownService, "Unknown service", message)
+}
+
+fn unknown_service_page(state: &State) -> Response {
+    let message = "This broker does not offer that service. Check the link, or pick another service.";
+    refusal_page(state, Refusal::UnknownService, "Unknown service", message)
 }
 
 async fn cli_token(q: HashMap<String, String>, browser: BrowserRequest, state: State) -> Response {

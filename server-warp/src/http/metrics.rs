@@ -11,60 +11,21 @@ use warp::Filter;
 use warp::http::StatusCode;
 use warp::reply::Response;
 
-use super::reply::{json_reply, with_body};
+use super::reply::{self, json_reply, with_body};
+use super::routes::Route;
 use super::{State, with_state};
 
-/// Requests by route and status.
+/// Requests by route label (the route table's) and status.
 #[derive(Default)]
 pub struct HttpMetrics {
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
-}
-
-/// The route a path belongs to: a fixed label, so neither ids nor tokens
-/// reach the metrics or the log.
-pub(crate) fn route_label(path: &str) -> &'static str {
-    const ROUTES: [&str; 23] = [
-        "/",
-        "/login",
-        "/logged-in",
-        "/refresh",
-        "/fetch",
-        "/token-state",
-        "/revoke",
-        "/revoked",
-        "/cli-token",
-        "/cli-token-login",
-        "/device",
-        "/privacy-policy",
-        "/v1/token",
-        "/v1/handles",
-        "/v1/handles/rotate",
-        "/v1/grant/revoke",
-        "/v1/device/code",
-        "/v1/device/token",
-        "/v1/services",
-        "/oauth2/token",
-        "/healthz",
-        "/readyz",
-        "/metrics",
-    ];
-    if let Some(route) = ROUTES.iter().find(|r| **r == path) {
-        return route;
-    }
-    if path.starts_with("/v1/handles/") {
-        "/v1/handles/{keyid}"
-    } else if path.starts_with("/static/") || path == "/favicon.ico" {
-        "/static"
-    } else {
-        "other"
-    }
 }
 
 impl HttpMetrics {
     /// Counts and logs one finished request: route, status, latency — never
     /// the query string, which may carry a hand-off token or a login state.
     pub fn observe(&self, info: warp::log::Info<'_>) {
-        let route = route_label(info.path());
+        let route = super::routes::label(info.path());
         let status = info.status().as_u16();
         *self.requests.lock().unwrap_or_else(|p| p.into_inner()).entry((route, status)).or_default() += 1;
         tracing::info!(
@@ -83,17 +44,14 @@ impl HttpMetrics {
 
 pub(super) fn routes(state: State) -> warp::filters::BoxedFilter<(Response,)> {
     let healthz =
-        warp::get().and(warp::path!("healthz")).map(|| json_reply(StatusCode::OK, &json!({ "status": "ok" })));
-    let readyz = warp::get().and(warp::path!("readyz")).and(with_state(state.clone())).then(readyz);
-    let metrics = warp::get().and(warp::path!("metrics")).and(with_state(state)).map(render);
+        warp::get().and(Route::Healthz.filter()).map(|| json_reply(StatusCode::OK, &json!({ "status": "ok" })));
+    let readyz = warp::get().and(Route::Readyz.filter()).and(with_state(state.clone())).then(readyz);
+    let metrics = warp::get().and(Route::Metrics.filter()).and(with_state(state)).map(render);
     healthz.or(readyz).unify().or(metrics).unify().boxed()
 }
 
 async fn readyz(state: State) -> Response {
-    match state.store.ping().await {
-        Ok(()) => json_reply(StatusCode::OK, &json!({ "status": "ready" })),
-        Err(_) => json_reply(StatusCode::SERVICE_UNAVAILABLE, &json!({ "status": "store_unavailable" })),
-    }
+    reply::readiness(state.store.ping().await.is_ok())
 }
 
 fn counter(out: &mut String, name: &str, help: &str, value: u64) {

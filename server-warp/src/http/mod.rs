@@ -12,6 +12,7 @@ pub mod front_door;
 mod metrics;
 pub mod pages;
 pub mod reply;
+mod routes;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -25,7 +26,8 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 
 pub use self::metrics::HttpMetrics;
-use self::reply::{Failure, Surface};
+use self::reply::{Failure, Refusal, Surface};
+use self::routes::Route;
 use crate::config::Cidr;
 use crate::limits::Limiter;
 
@@ -246,14 +248,12 @@ pub fn routes(state: State) -> impl Filter<Extract = (impl warp::Reply,), Error 
     let duplicati = duplicati::routes(Arc::clone(&state));
     let ops = metrics::routes(Arc::clone(&state));
     let statics = warp::get()
-        .and(warp::path!("static" / "style.css"))
+        .and(Route::StyleCss.filter())
         .map(|| asset("text/css; charset=utf-8", pages::STYLE_CSS))
-        .or(warp::get()
-            .and(warp::path!("static" / "authid.js"))
-            .map(|| asset("text/javascript; charset=utf-8", pages::AUTHID_JS)))
+        .or(warp::get().and(Route::AuthidJs.filter()).map(|| asset("text/javascript; charset=utf-8", pages::AUTHID_JS)))
         .unify()
         // Browsers ask for it on every first visit; an empty answer keeps their consoles clean.
-        .or(warp::get().and(warp::path!("favicon.ico")).map(|| asset("image/x-icon", "")))
+        .or(warp::get().and(Route::Favicon.filter()).map(|| asset("image/x-icon", "")))
         .unify();
     refresh
         .or(api)
@@ -271,15 +271,13 @@ pub fn routes(state: State) -> impl Filter<Extract = (impl warp::Reply,), Error 
         .with(warp::log::custom(move |info| metrics_state.metrics.observe(info)))
 }
 
-/// No route took the request: 405 for a known path, 404 otherwise.
+/// No route took the request: a known path with another method, or none.
 fn unmatched(path: &str) -> Response {
-    let (status, text) = match metrics::route_label(path) {
-        "other" | "/static" => (StatusCode::NOT_FOUND, "no such endpoint"),
-        _ => (StatusCode::METHOD_NOT_ALLOWED, "this endpoint does not take that method"),
+    let failure = match routes::label(path) {
+        "other" | "/static" => Failure::refused(Refusal::NoRoute, "no such endpoint"),
+        _ => Failure::refused(Refusal::WrongMethod, "this endpoint does not take that method"),
     };
-    let mut response = reply::error(Surface::V1, &Failure::bad_request(text));
-    *response.status_mut() = status;
-    response
+    reply::error(Surface::V1, &failure)
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
@@ -293,17 +291,15 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 /// Turns the rejections of a route that matched (body too large, a body
 /// without length) into JSON errors; the rest fall through to [`unmatched`].
 async fn recover(rejection: warp::Rejection) -> Result<Response, warp::Rejection> {
-    let (status, text) =
+    let failure =
         if rejection.find::<TooLarge>().is_some() || rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
-            (StatusCode::PAYLOAD_TOO_LARGE, "the request body is larger than 16 KiB")
+            Failure::refused(Refusal::TooLarge, "the request body is larger than 16 KiB")
         } else if rejection.find::<warp::reject::LengthRequired>().is_some() {
-            (StatusCode::LENGTH_REQUIRED, "the request body needs a Content-Length")
+            Failure::refused(Refusal::LengthRequired, "the request body needs a Content-Length")
         } else if rejection.find::<warp::reject::InvalidHeader>().is_some() {
-            (StatusCode::BAD_REQUEST, "a request header is malformed")
+            Failure::refused(Refusal::BadHeader, "a request header is malformed")
         } else {
             return Err(rejection);
         };
-    let mut response = reply::error(Surface::V1, &Failure::bad_request(text));
-    *response.status_mut() = status;
-    Ok(response)
+    Ok(reply::error(Surface::V1, &failure))
 }

@@ -1,15 +1,22 @@
-//! Building responses: JSON, pages, and the error vocabulary on each surface.
+//! Building responses: JSON, pages, and every status an answer can carry.
 //!
-//! | code | Duplicati routes | `/v1` | `/oauth2/token` |
-//! |---|---|---|---|
-//! | `authid_invalid` | 401 | 401 | 400 `invalid_grant` |
-//! | `authid_revoked` | 401 | 401 | 400 `invalid_grant` |
-//! | `reauth_required` | 401 | 401 | 400 `invalid_grant` |
-//! | `rate_limited` | 503 + `Retry-After` | 429 + `Retry-After` | 429 |
-//! | `provider_unavailable` | 502 + `Retry-After` | 503 + `Retry-After` | 503 `temporarily_unavailable` |
-//! | `store_unavailable` | 500 | 503 + `Retry-After` | 503 `temporarily_unavailable` |
-//! | `provider_misconfigured` | 500 | 500 | 500 `server_error` |
-//! | `bad_request` | 400 | 400 | 400 `invalid_request` |
+//! The engine's error vocabulary on each surface:
+//!
+//! | code | Duplicati routes | `/v1` | `/oauth2/token` | pages |
+//! |---|---|---|---|---|
+//! | `authid_invalid` | 401 | 401 | 400 `invalid_grant` | 401 |
+//! | `authid_revoked` | 401 | 401 | 400 `invalid_grant` | 401 |
+//! | `reauth_required` | 401 | 401 | 400 `invalid_grant` | 401 |
+//! | `rate_limited` | 503 + `Retry-After` | 429 + `Retry-After` | 429 | 429 |
+//! | `provider_unavailable` | 502 + `Retry-After` | 503 + `Retry-After` | 503 `temporarily_unavailable` | 502 |
+//! | `store_unavailable` | 500 | 503 + `Retry-After` | 503 `temporarily_unavailable` | 503 |
+//! | `provider_misconfigured` | 500 | 500 | 500 `server_error` | 500 |
+//! | `bad_request` | 400 | 400 | 400 `invalid_request` | 400 |
+//!
+//! A page answers a refused browser step (`Forbidden`) with 403 and a corrupt
+//! record with 500. The front end's own refusals, outside that vocabulary,
+//! are [`Refusal`]s, each with its status; their JSON bodies say
+//! `bad_request`.
 
 use std::time::Duration;
 
@@ -30,6 +37,44 @@ pub enum Surface {
     OAuth2,
 }
 
+/// A refusal of the front end's own: no engine error, a status of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No route has this path.
+    NoRoute,
+    /// The path is served, not with this method.
+    WrongMethod,
+    /// The body is larger than the routes take.
+    TooLarge,
+    /// A streamed body came without the length it needs.
+    LengthRequired,
+    /// A request header does not parse.
+    BadHeader,
+    /// A hand-off token that is unknown, expired or already fetched.
+    HandoffGone,
+    /// A link names a service this broker does not offer (or not this way).
+    UnknownService,
+    /// A page request lacks what it needs (a service, a state).
+    Incomplete,
+    /// A browser step that did not come from this broker's own page in the
+    /// browser that began the login.
+    FrontDoor,
+}
+
+impl Refusal {
+    /// Its status.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Refusal::NoRoute | Refusal::HandoffGone | Refusal::UnknownService => StatusCode::NOT_FOUND,
+            Refusal::WrongMethod => StatusCode::METHOD_NOT_ALLOWED,
+            Refusal::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::LengthRequired => StatusCode::LENGTH_REQUIRED,
+            Refusal::BadHeader | Refusal::Incomplete => StatusCode::BAD_REQUEST,
+            Refusal::FrontDoor => StatusCode::FORBIDDEN,
+        }
+    }
+}
+
 /// An error as a front end says it: a code, one line of text, maybe a wait.
 #[derive(Debug, Clone)]
 pub struct Failure {
@@ -39,12 +84,19 @@ pub struct Failure {
     pub text: String,
     /// When to retry, where that applies.
     pub retry_after: Option<Duration>,
+    /// The front end's own refusal behind a `bad_request`, which sets the status.
+    pub refusal: Option<Refusal>,
 }
 
 impl Failure {
     /// A `bad_request`.
     pub fn bad_request(text: impl Into<String>) -> Self {
-        Failure { code: ErrorCode::BadRequest, text: text.into(), retry_after: None }
+        Failure { code: ErrorCode::BadRequest, text: text.into(), retry_after: None, refusal: None }
+    }
+
+    /// A `bad_request` with the status of the front end's own `refusal`.
+    pub fn refused(refusal: Refusal, text: impl Into<String>) -> Self {
+        Failure { refusal: Some(refusal), ..Failure::bad_request(text) }
     }
 
     /// A `rate_limited` with its wait.
@@ -53,13 +105,14 @@ impl Failure {
             code: ErrorCode::RateLimited,
             text: format!("too many requests; retry in {} s", wait.as_secs().max(1)),
             retry_after: Some(wait),
+            refusal: None,
         }
     }
 }
 
 impl From<&EngineError> for Failure {
     fn from(e: &EngineError) -> Self {
-        Failure { code: e.code(), text: e.to_string(), retry_after: e.retry_after() }
+        Failure { code: e.code(), text: e.to_string(), retry_after: e.retry_after(), refusal: None }
     }
 }
 
@@ -124,6 +177,47 @@ pub fn one_line(text: &str) -> String {
     line.trim().to_owned()
 }
 
+/// The status of an error page for an engine error (the table's last column).
+pub fn page_status(e: &EngineError) -> StatusCode {
+    match e {
+        EngineError::Forbidden(_) => StatusCode::FORBIDDEN,
+        EngineError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        e => page_status_for(e.code()),
+    }
+}
+
+/// The status of a page asking the user to slow down.
+pub fn slow_down_status() -> StatusCode {
+    page_status_for(ErrorCode::RateLimited)
+}
+
+fn page_status_for(code: ErrorCode) -> StatusCode {
+    use ErrorCode::*;
+    match code {
+        AuthIdInvalid | AuthIdRevoked | ReauthRequired => StatusCode::UNAUTHORIZED,
+        RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        ProviderUnavailable => StatusCode::BAD_GATEWAY,
+        StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ProviderMisconfigured => StatusCode::INTERNAL_SERVER_ERROR,
+        BadRequest => StatusCode::BAD_REQUEST,
+    }
+}
+
+/// `/readyz`: ready, or the store does not answer (the `/v1` status for `store_unavailable`).
+pub fn readiness(ready: bool) -> Response {
+    if ready {
+        json_reply(StatusCode::OK, &json!({ "status": "ready" }))
+    } else {
+        json_reply(status_for(Surface::V1, ErrorCode::StoreUnavailable), &json!({ "status": "store_unavailable" }))
+    }
+}
+
+/// An RFC 6749 / RFC 8628 protocol answer that is not an engine error
+/// (`unsupported_grant_type`, `authorization_pending`, …): always 400.
+pub fn oauth_error(code: &str, text: &str) -> Response {
+    json_reply(StatusCode::BAD_REQUEST, &json!({ "error": code, "error_description": text }))
+}
+
 fn status_for(surface: Surface, code: ErrorCode) -> StatusCode {
     use ErrorCode::*;
     match (surface, code) {
@@ -164,7 +258,7 @@ pub fn error_body(surface: Surface, failure: &Failure) -> Value {
 /// The error response for `failure` on `surface`.
 pub fn error(surface: Surface, failure: &Failure) -> Response {
     let text = one_line(&failure.text);
-    let status = status_for(surface, failure.code);
+    let status = failure.refusal.map_or_else(|| status_for(surface, failure.code), Refusal::status);
     let mut response = json_reply(status, &error_body(surface, failure));
     let headers = response.headers_mut();
     if surface == Surface::Duplicati {
@@ -201,6 +295,47 @@ mod tests {
         }
     }
 
+    #[test]
+    fn pages_follow_their_column_of_the_table() {
+        let retry = Duration::from_secs(1);
+        let rows: [(EngineError, u16); 9] = [
+            (EngineError::AuthIdInvalid, 401),
+            (EngineError::AuthIdRevoked, 401),
+            (EngineError::ReauthRequired { service: "s".into() }, 401),
+            (EngineError::ProviderUnavailable { retry_after: retry }, 502),
+            (EngineError::StoreUnavailable { retry_after: retry }, 503),
+            (EngineError::ProviderMisconfigured { detail: "d".into() }, 500),
+            (EngineError::BadRequest("b".into()), 400),
+            (EngineError::Forbidden("f".into()), 403),
+            (EngineError::Corrupt { detail: "d".into() }, 500),
+        ];
+        for (e, status) in rows {
+            assert_eq!(page_status(&e).as_u16(), status, "{e:?}");
+        }
+        assert_eq!(slow_down_status().as_u16(), 429);
+    }
+
+    #[test]
+    fn the_front_ends_own_refusals_keep_their_status_and_say_bad_request() {
+        let rows = [
+            (Refusal::NoRoute, 404),
+            (Refusal::WrongMethod, 405),
+            (Refusal::TooLarge, 413),
+            (Refusal::LengthRequired, 411),
+            (Refusal::BadHeader, 400),
+            (Refusal::HandoffGone, 404),
+            (Refusal::UnknownService, 404),
+            (Refusal::Incomplete, 400),
+            (Refusal::FrontDoor, 403),
+        ];
+        for (refusal, status) in rows {
+            assert_eq!(refusal.status().as_u16(), status, "{refusal:?}");
+            let response = error(Surface::V1, &Failure::refused(refusal, "why"));
+            assert_eq!(response.status().as_u16(), status, "{refusal:?}");
+        }
+        assert_eq!(error_body(Surface::V1, &Failure::refused(Refusal::NoRoute, "why"))["error"], "bad_request");
+    }
+
     /// What Duplicati's `OAuthHelper` does with a failed answer (read in its
     /// client code): a 4xx is final after one try; a 5xx is retried, five
     /// times with back-off, except a 503 carrying `X-Reason`, which fails at once.
@@ -223,7 +358,7 @@ mod tests {
             (BadRequest, 400, false),
         ];
         for (code, status, retried) in rows {
-            let failure = Failure { code, text: "why".into(), retry_after: None };
+            let failure = Failure { code, text: "why".into(), retry_after: None, refusal: None };
             let response = error(Surface::Duplicati, &failure);
             let has_reason = response.headers().contains_key("x-reason");
             assert!(has_reason, "{code:?}: every Duplicati failure says why");
