@@ -143,7 +143,7 @@ impl fmt::Debug for KeysConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
-    /// Token requests per minute for one AuthID (counted before the cache).
+    /// Token requests per minute for one AuthID (counted once the secret proved right).
     #[serde(default = "default_per_keyid")]
     pub token_requests_per_minute_per_keyid: u32,
     /// Token requests per minute from one client address.
@@ -152,6 +152,13 @@ pub struct LimitsConfig {
     /// Hand-off polls (`/fetch`, `/token-state`, device polls) per minute per address.
     #[serde(default = "default_fetch")]
     pub fetch_requests_per_minute_per_address: u32,
+    /// Requests that store a record before anyone is authenticated (a login
+    /// begun, a hand-off, a device code) per minute per address.
+    #[serde(default = "default_creations")]
+    pub record_creations_per_minute_per_address: u32,
+    /// Device user codes entered per minute per address (right or wrong).
+    #[serde(default = "default_user_codes")]
+    pub user_code_attempts_per_minute_per_address: u32,
 }
 
 fn default_per_keyid() -> u32 {
@@ -163,6 +170,12 @@ fn default_per_address() -> u32 {
 fn default_fetch() -> u32 {
     120
 }
+fn default_creations() -> u32 {
+    30
+}
+fn default_user_codes() -> u32 {
+    10
+}
 
 impl Default for LimitsConfig {
     fn default() -> Self {
@@ -170,6 +183,8 @@ impl Default for LimitsConfig {
             token_requests_per_minute_per_keyid: default_per_keyid(),
             token_requests_per_minute_per_address: default_per_address(),
             fetch_requests_per_minute_per_address: default_fetch(),
+            record_creations_per_minute_per_address: default_creations(),
+            user_code_attempts_per_minute_per_address: default_user_codes(),
         }
     }
 }
@@ -362,6 +377,8 @@ impl Config {
             ("limits.token_requests_per_minute_per_keyid", limits.token_requests_per_minute_per_keyid),
             ("limits.token_requests_per_minute_per_address", limits.token_requests_per_minute_per_address),
             ("limits.fetch_requests_per_minute_per_address", limits.fetch_requests_per_minute_per_address),
+            ("limits.record_creations_per_minute_per_address", limits.record_creations_per_minute_per_address),
+            ("limits.user_code_attempts_per_minute_per_address", limits.user_code_attempts_per_minute_per_address),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));

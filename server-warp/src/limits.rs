@@ -2,8 +2,9 @@
 //! growing back-off on failed AuthID secrets. Time is passed in, so the
 //! tests drive it.
 
-use std::collections::HashMap;
-use std::hash::Hash;
+use std::collections::hash_map::{DefaultHasher, Entry};
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -13,8 +14,11 @@ use latchkey_core::KeyId;
 
 use crate::config::LimitsConfig;
 
-/// Buckets kept at most before idle (full) ones are dropped.
+/// Entries one limiter map keeps at most; past that the oldest is forgotten.
 const MAX_TRACKED: usize = 100_000;
+/// Each map is split in this many independently locked shards, so requests
+/// from different clients rarely wait for one another.
+const SHARDS: usize = 16;
 /// Failures of one keyid allowed before back-off starts.
 const FREE_FAILURES: u32 = 5;
 /// The longest back-off.
@@ -26,29 +30,117 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// What a client address is limited as: an IPv4 address, or the /64 an
+/// IPv6 address is in (one subscriber's allocation, which a client can walk
+/// through freely). An IPv4-mapped IPv6 address counts as its IPv4 address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AddressKey {
+    /// One IPv4 address.
+    V4([u8; 4]),
+    /// The upper 64 bits of an IPv6 address.
+    V6Prefix(u64),
+}
+
+impl AddressKey {
+    /// The key `ip` is limited under.
+    pub fn of(ip: IpAddr) -> AddressKey {
+        match ip {
+            IpAddr::V4(v4) => AddressKey::V4(v4.octets()),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => AddressKey::V4(v4.octets()),
+                None => AddressKey::V6Prefix((u128::from(v6) >> 64) as u64),
+            },
+        }
+    }
+}
+
+/// A map that holds at most `capacity` entries and, when full, forgets the
+/// one inserted longest ago: O(1) per insertion (amortised), never a scan
+/// of the whole map under the lock.
+struct Bounded<K, V> {
+    map: HashMap<K, V>,
+    /// Keys in insertion order; may hold keys already removed (skipped when
+    /// evicting, and dropped when the queue is rebuilt).
+    order: VecDeque<K>,
+    capacity: usize,
+}
+
+impl<K: Hash + Eq + Copy, V> Bounded<K, V> {
+    fn new(capacity: usize) -> Self {
+        Bounded { map: HashMap::new(), order: VecDeque::new(), capacity: capacity.max(1) }
+    }
+
+    fn get_or_insert_with(&mut self, key: K, make: impl FnOnce() -> V) -> &mut V {
+        if !self.map.contains_key(&key) {
+            while self.map.len() >= self.capacity {
+                match self.order.pop_front() {
+                    Some(oldest) => {
+                        self.map.remove(&oldest);
+                    }
+                    None => break,
+                }
+            }
+            if self.order.len() >= 2 * self.capacity {
+                // Removed keys pile up in the queue; rebuilding it now and
+                // then keeps it bounded (amortised O(1)).
+                let map = &self.map;
+                self.order.retain(|k| map.contains_key(k));
+            }
+            self.order.push_back(key);
+        }
+        match self.map.entry(key) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(make()),
+        }
+    }
+
+    fn get(&self, key: &K) -> Option<&V> {
+        self.map.get(key)
+    }
+
+    fn remove(&mut self, key: &K) -> Option<V> {
+        self.map.remove(key)
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
+/// [`Bounded`] maps in independently locked shards.
+struct Sharded<K, V> {
+    shards: Vec<Mutex<Bounded<K, V>>>,
+}
+
+impl<K: Hash + Eq + Copy, V> Sharded<K, V> {
+    fn new(capacity: usize) -> Self {
+        Sharded { shards: (0..SHARDS).map(|_| Mutex::new(Bounded::new(capacity / SHARDS))).collect() }
+    }
+
+    fn shard(&self, key: &K) -> MutexGuard<'_, Bounded<K, V>> {
+        let mut hasher = DefaultHasher::new();
+        key.hash(&mut hasher);
+        lock(&self.shards[hasher.finish() as usize % SHARDS])
+    }
+}
+
 /// Token buckets: `per_minute` requests, refilled evenly, bursts up to `per_minute`.
 struct Buckets<K> {
     capacity: f64,
     per_sec: f64,
-    map: Mutex<HashMap<K, (f64, Instant)>>,
+    map: Sharded<K, (f64, Instant)>,
 }
 
-impl<K: Hash + Eq> Buckets<K> {
+impl<K: Hash + Eq + Copy> Buckets<K> {
     fn new(per_minute: u32) -> Self {
         let capacity = f64::from(per_minute.max(1));
-        Buckets { capacity, per_sec: capacity / 60.0, map: Mutex::default() }
+        Buckets { capacity, per_sec: capacity / 60.0, map: Sharded::new(MAX_TRACKED) }
     }
 
     /// Takes one token, or says how long until one is there.
     fn take(&self, key: K, now: Instant) -> Result<(), Duration> {
-        let mut map = lock(&self.map);
-        if map.len() >= MAX_TRACKED {
-            let (capacity, per_sec) = (self.capacity, self.per_sec);
-            map.retain(|_, (tokens, at)| {
-                *tokens + now.saturating_duration_since(*at).as_secs_f64() * per_sec < capacity
-            });
-        }
-        let (tokens, at) = map.entry(key).or_insert((self.capacity, now));
+        let mut shard = self.map.shard(&key);
+        let (tokens, at) = shard.get_or_insert_with(key, || (self.capacity, now));
         *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * self.per_sec).min(self.capacity);
         *at = now;
         if *tokens >= 1.0 {
@@ -70,12 +162,14 @@ struct Failures {
 /// What the token and hand-off routes are limited by.
 pub struct Limiter {
     per_keyid: Buckets<KeyId>,
-    per_address: Buckets<IpAddr>,
-    fetch_per_address: Buckets<IpAddr>,
+    per_address: Buckets<AddressKey>,
+    fetch_per_address: Buckets<AddressKey>,
+    creations_per_address: Buckets<AddressKey>,
+    user_codes_per_address: Buckets<AddressKey>,
     /// Failed secrets per (keyid, client address): a keyid is public, so
     /// whoever sends wrong secrets for it backs off alone; its owner, at
     /// another address, never waits for them.
-    failures: Mutex<HashMap<(KeyId, IpAddr), Failures>>,
+    failures: Sharded<(KeyId, AddressKey), Failures>,
     /// How many entries `failures` holds, readable without its lock: the
     /// common case (no failed secrets anywhere) takes no lock at all.
     failing: AtomicUsize,
@@ -88,7 +182,9 @@ impl Limiter {
             per_keyid: Buckets::new(config.token_requests_per_minute_per_keyid),
             per_address: Buckets::new(config.token_requests_per_minute_per_address),
             fetch_per_address: Buckets::new(config.fetch_requests_per_minute_per_address),
-            failures: Mutex::default(),
+            creations_per_address: Buckets::new(config.record_creations_per_minute_per_address),
+            user_codes_per_address: Buckets::new(config.user_code_attempts_per_minute_per_address),
+            failures: Sharded::new(MAX_TRACKED),
             failing: AtomicUsize::new(0),
         }
     }
@@ -99,6 +195,7 @@ impl Limiter {
     /// proved right ([`Limiter::authenticated`]), so strangers who know a
     /// keyid cannot spend its owner's allowance.
     pub fn token_request(&self, keyid: Option<KeyId>, address: IpAddr, now: Instant) -> Result<(), Duration> {
+        let address = AddressKey::of(address);
         self.per_address.take(address, now)?;
         if let Some(keyid) = keyid {
             self.backoff(&(keyid, address), now)?;
@@ -113,14 +210,27 @@ impl Limiter {
 
     /// A hand-off or device poll from `address`.
     pub fn fetch_request(&self, address: IpAddr, now: Instant) -> Result<(), Duration> {
-        self.fetch_per_address.take(address, now)
+        self.fetch_per_address.take(AddressKey::of(address), now)
     }
 
-    fn backoff(&self, key: &(KeyId, IpAddr), now: Instant) -> Result<(), Duration> {
+    /// A request from `address` that would store a record before anyone
+    /// authenticated (a login, a hand-off, a device code): counted per
+    /// address, so nobody fills the store from one place.
+    pub fn record_creation(&self, address: IpAddr, now: Instant) -> Result<(), Duration> {
+        self.creations_per_address.take(AddressKey::of(address), now)
+    }
+
+    /// A device user code typed in from `address`, right or wrong: counted
+    /// per address, so codes cannot be guessed at speed.
+    pub fn user_code_attempt(&self, address: IpAddr, now: Instant) -> Result<(), Duration> {
+        self.user_codes_per_address.take(AddressKey::of(address), now)
+    }
+
+    fn backoff(&self, key: &(KeyId, AddressKey), now: Instant) -> Result<(), Duration> {
         if self.failing.load(Ordering::Acquire) == 0 {
             return Ok(());
         }
-        let failures = lock(&self.failures);
+        let failures = self.failures.shard(key);
         let Some(f) = failures.get(key) else { return Ok(()) };
         if f.count <= FREE_FAILURES || now.saturating_duration_since(f.last) >= FAILURE_MEMORY {
             return Ok(());
@@ -133,18 +243,21 @@ impl Limiter {
     /// A request from `address` presented a wrong secret for this keyid (or an
     /// unknown keyid); answers whether this failure engages the back-off.
     pub fn failed_secret(&self, keyid: KeyId, address: IpAddr, now: Instant) -> bool {
-        let mut failures = lock(&self.failures);
-        if failures.len() >= MAX_TRACKED {
-            failures.retain(|_, f| now.saturating_duration_since(f.last) < FAILURE_MEMORY);
-        }
-        let f = failures.entry((keyid, address)).or_insert(Failures { count: 0, last: now });
+        let key = (keyid, AddressKey::of(address));
+        let mut failures = self.failures.shard(&key);
+        let before = failures.len();
+        let f = failures.get_or_insert_with(key, || Failures { count: 0, last: now });
         if now.saturating_duration_since(f.last) >= FAILURE_MEMORY {
             f.count = 0;
         }
         f.count += 1;
         f.last = now;
         let engaged = f.count == FREE_FAILURES + 1;
-        self.failing.store(failures.len(), Ordering::Release);
+        let grown = failures.len() > before;
+        drop(failures);
+        if grown {
+            self.failing.fetch_add(1, Ordering::AcqRel);
+        }
         engaged
     }
 
@@ -154,9 +267,10 @@ impl Limiter {
         if self.failing.load(Ordering::Acquire) == 0 {
             return;
         }
-        let mut failures = lock(&self.failures);
-        failures.remove(&(*keyid, address));
-        self.failing.store(failures.len(), Ordering::Release);
+        let key = (*keyid, AddressKey::of(address));
+        if self.failures.shard(&key).remove(&key).is_some() {
+            self.failing.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -170,6 +284,7 @@ mod tests {
             token_requests_per_minute_per_keyid: 3,
             token_requests_per_minute_per_address: 1000,
             fetch_requests_per_minute_per_address: 2,
+            ..LimitsConfig::default()
         });
         let t0 = Instant::now();
         let key = KeyId::from_bytes([1; 16]);
@@ -219,5 +334,71 @@ mod tests {
         assert!(limiter.token_request(Some(key), addr, t0).is_err(), "failures after a reset count again");
         let owner: IpAddr = "198.51.100.9".parse().unwrap();
         assert!(limiter.token_request(Some(key), owner, t0).is_ok(), "another address never waits for them");
+    }
+
+    #[test]
+    fn ipv6_clients_are_limited_per_64_and_mapped_ipv4_as_ipv4() {
+        let limiter =
+            Limiter::new(&LimitsConfig { record_creations_per_minute_per_address: 2, ..LimitsConfig::default() });
+        let t0 = Instant::now();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(limiter.record_creation(ip("2001:db8:1:2::1"), t0).is_ok());
+        assert!(limiter.record_creation(ip("2001:db8:1:2:ffff:ffff:ffff:ffff"), t0).is_ok());
+        assert!(limiter.record_creation(ip("2001:db8:1:2::77"), t0).is_err(), "one /64, one allowance");
+        assert!(limiter.record_creation(ip("2001:db8:1:3::1"), t0).is_ok(), "the next /64 is another client");
+        assert!(limiter.record_creation(ip("::ffff:192.0.2.7"), t0).is_ok());
+        assert!(limiter.record_creation(ip("192.0.2.7"), t0).is_ok());
+        assert!(limiter.record_creation(ip("192.0.2.7"), t0).is_err(), "a mapped IPv4 address is that address");
+        assert!(limiter.record_creation(ip("192.0.2.8"), t0).is_ok(), "IPv4 per address");
+        assert_eq!(AddressKey::of(ip("2001:db8:1:2::1")), AddressKey::V6Prefix(0x2001_0db8_0001_0002));
+    }
+
+    #[test]
+    fn user_codes_and_record_creations_have_their_own_allowances() {
+        let limiter = Limiter::new(&LimitsConfig {
+            record_creations_per_minute_per_address: 3,
+            user_code_attempts_per_minute_per_address: 2,
+            ..LimitsConfig::default()
+        });
+        let (t0, addr) = (Instant::now(), "198.51.100.4".parse().unwrap());
+        let created = (0..10).filter(|_| limiter.record_creation(addr, t0).is_ok()).count();
+        let guessed = (0..10).filter(|_| limiter.user_code_attempt(addr, t0).is_ok()).count();
+        assert_eq!((created, guessed), (3, 2));
+        assert!(limiter.fetch_request(addr, t0).is_ok() && limiter.token_request(None, addr, t0).is_ok(), "apart");
+        assert_eq!(limiter.user_code_attempt(addr, t0 + Duration::from_secs(30)), Ok(()), "refilled: 2/min");
+    }
+
+    #[test]
+    fn a_full_map_forgets_its_oldest_entry_in_constant_time() {
+        let mut map: Bounded<u32, u32> = Bounded::new(3);
+        for k in 0..3 {
+            *map.get_or_insert_with(k, || 0) += 1;
+        }
+        map.remove(&1);
+        *map.get_or_insert_with(3, || 0) += 1;
+        assert_eq!(map.len(), 3, "room freed by a removal is used first");
+        *map.get_or_insert_with(4, || 0) += 1;
+        assert_eq!(map.len(), 3);
+        assert!(map.get(&0).is_none(), "the oldest went");
+        assert!(map.get(&2).is_some() && map.get(&3).is_some() && map.get(&4).is_some());
+        for k in 5..10_000 {
+            map.get_or_insert_with(k, || 0);
+            map.remove(&k);
+        }
+        assert!(map.order.len() <= 2 * map.capacity + 1, "the queue stays bounded: {}", map.order.len());
+    }
+
+    #[test]
+    fn failures_counted_in_the_fast_path_match_the_map_through_eviction() {
+        let limiter = Limiter::new(&LimitsConfig::default());
+        let t0 = Instant::now();
+        let key = KeyId::from_bytes([9; 16]);
+        for i in 0..(MAX_TRACKED as u32 + 5_000) {
+            let addr = IpAddr::from((i + 1).to_be_bytes());
+            limiter.failed_secret(key, addr, t0);
+        }
+        let held: usize = limiter.failures.shards.iter().map(|s| lock(s).len()).sum();
+        assert_eq!(limiter.failing.load(Ordering::Acquire), held);
+        assert!(held <= MAX_TRACKED, "{held}");
     }
 }
