@@ -1,11 +1,12 @@
 //! The `/v1` JSON API (AuthID as a bearer token) and the RFC 6749
 //! `/oauth2/token` facade (AuthID as the refresh token).
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use latchkey_core::engine::{DevicePoll, GrantRevocation, HandleInfo, MintedHandle, ProviderRevocation};
-use latchkey_core::{AuthId, Clock, EngineError, KeyId, SystemClock, Timestamp, TokenGrant};
+use latchkey_core::{AuthId, EngineError, KeyId, Timestamp};
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use warp::Filter;
@@ -15,6 +16,7 @@ use warp::reply::Response;
 use super::pages::provider_outcome;
 use super::reply::{Failure, Surface, error, json_reply, oauth_error};
 use super::routes::Route;
+use super::token_path::{Cost, Refused};
 use super::{State, body, client_ip, fields, with_state};
 use crate::audit;
 
@@ -66,66 +68,59 @@ fn unix(t: Timestamp) -> u64 {
     t.unix_secs()
 }
 
-fn seconds_left(token: &TokenGrant) -> Option<u64> {
-    token.expires_at.map(|at| at.duration_since(SystemClock.now()).as_secs())
+/// The AuthID of a `/v1` request: `Authorization: Bearer <AuthID>`.
+fn bearer(header: Option<&str>) -> Option<&str> {
+    let (scheme, rest) = header?.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(rest)
 }
 
-/// Parses the bearer AuthID and applies the token-route limits.
-fn authenticate(header: Option<String>, ip: IpAddr, state: &State) -> Result<AuthId, Failure> {
-    let raw = header.as_deref().and_then(|h| {
-        let (scheme, rest) = h.trim().split_once(' ')?;
-        scheme.eq_ignore_ascii_case("bearer").then_some(rest)
-    });
-    let parsed = AuthId::parse(raw.unwrap_or_default());
-    if let Err(wait) = state.limiter.token_request(parsed.as_ref().ok().map(AuthId::keyid), ip, Instant::now()) {
-        return Err(Failure::rate_limited(wait));
-    }
-    parsed.map_err(|e| {
-        let mut failure = Failure::from(&EngineError::from(e));
-        if raw.is_none() {
+/// Runs `op` on a `/v1` request's bearer AuthID through the token path; a
+/// refusal is answered in the `/v1` vocabulary.
+async fn with_bearer<T>(
+    state: &State,
+    header: Option<String>,
+    ip: IpAddr,
+    cost: Cost,
+    op: impl AsyncFnOnce(&AuthId) -> Result<T, EngineError>,
+) -> Result<(AuthId, T), Response> {
+    let raw = bearer(header.as_deref());
+    state.with_authid(raw.unwrap_or_default(), ip, cost, op).await.map_err(|refused| {
+        let mut failure = refused.failure();
+        if raw.is_none() && matches!(refused, Refused::Malformed(_)) {
             failure.text = "send the AuthID as `Authorization: Bearer <AuthID>`".into();
         }
-        failure
+        error(Surface::V1, &failure)
     })
 }
 
-fn refused(state: &State, authid: &AuthId, e: &EngineError, surface: Surface, ip: IpAddr) -> Response {
-    state.note_failure(authid, e, ip);
-    error(surface, &Failure::from(e))
+/// `min_validity`: seconds, at most a day.
+fn min_validity(form: &HashMap<String, String>) -> Result<Option<Duration>, EngineError> {
+    match form.get("min_validity").map(|v| v.parse::<u64>()) {
+        None => Ok(None),
+        Some(Ok(secs)) if secs <= 86_400 => Ok(Some(Duration::from_secs(secs))),
+        Some(_) => Err(EngineError::BadRequest("min_validity must be a number of seconds up to 86400".into())),
+    }
 }
 
 async fn v1_token(header: Option<String>, body: Vec<u8>, ip: IpAddr, state: State) -> Response {
-    let authid = match authenticate(header, ip, &state) {
-        Ok(a) => a,
-        Err(f) => return error(Surface::V1, &f),
-    };
     let form = fields(&body);
-    let min_validity = match form.get("min_validity").map(|v| v.parse::<u64>()) {
-        None => None,
-        Some(Ok(secs)) if secs <= 86_400 => Some(Duration::from_secs(secs)),
-        Some(_) => {
-            return error(Surface::V1, &Failure::bad_request("min_validity must be a number of seconds up to 86400"));
-        }
-    };
-    match state.broker.token(&authid, min_validity).await {
-        Ok(token) => {
-            if let Err(wait) = state.note_success(&authid, ip) {
-                return error(Surface::V1, &Failure::rate_limited(wait));
-            }
-            json_reply(
-                StatusCode::OK,
-                &json!({
-                    "access_token": token.access_token.expose_secret(),
-                    "token_type": "Bearer",
-                    "expires_in": seconds_left(&token),
-                    "expires_at": token.expires_at.map(unix),
-                    "service": token.service,
-                    "scope": token.scopes.join(" "),
-                    "refresh_deadline": token.refresh_deadline.map(unix),
-                }),
-            )
-        }
-        Err(e) => refused(&state, &authid, &e, Surface::V1, ip),
+    let served = with_bearer(&state, header, ip, Cost::TokenRequest, async |authid| {
+        state.broker.token(authid, min_validity(&form)?).await
+    });
+    match served.await {
+        Ok((_, token)) => json_reply(
+            StatusCode::OK,
+            &json!({
+                "access_token": token.access_token.expose_secret(),
+                "token_type": "Bearer",
+                "expires_in": state.broker.expires_in(&token).map(|left| left.as_secs()),
+                "expires_at": token.expires_at.map(unix),
+                "service": token.service,
+                "scope": token.scopes.join(" "),
+                "refresh_deadline": token.refresh_deadline.map(unix),
+            }),
+        ),
+        Err(response) => response,
     }
 }
 
@@ -160,57 +155,45 @@ fn revocation_json(r: &GrantRevocation) -> Value {
 }
 
 async fn list_handles(header: Option<String>, ip: IpAddr, state: State) -> Response {
-    let authid = match authenticate(header, ip, &state) {
-        Ok(a) => a,
-        Err(f) => return error(Surface::V1, &f),
-    };
-    match state.broker.list_handles(&authid).await {
-        Ok(handles) => {
+    match with_bearer(&state, header, ip, Cost::Free, async |authid| state.broker.list_handles(authid).await).await {
+        Ok((_, handles)) => {
             json_reply(StatusCode::OK, &json!({ "handles": handles.iter().map(handle_json).collect::<Vec<_>>() }))
         }
-        Err(e) => refused(&state, &authid, &e, Surface::V1, ip),
+        Err(response) => response,
     }
 }
 
 async fn mint(header: Option<String>, body: Vec<u8>, ip: IpAddr, state: State) -> Response {
-    let authid = match authenticate(header, ip, &state) {
-        Ok(a) => a,
-        Err(f) => return error(Surface::V1, &f),
-    };
     let label = fields(&body).remove("label").unwrap_or_default();
-    match state.broker.mint_handle(&authid, &label).await {
-        Ok(minted) => {
+    let minted =
+        with_bearer(&state, header, ip, Cost::Free, async |authid| state.broker.mint_handle(authid, &label).await);
+    match minted.await {
+        Ok((authid, minted)) => {
             audit::authid_minted(&authid.keyid(), &minted.authid.keyid(), ip);
             json_reply(StatusCode::CREATED, &minted_json(&minted))
         }
-        Err(e) => refused(&state, &authid, &e, Surface::V1, ip),
+        Err(response) => response,
     }
 }
 
 async fn rotate(header: Option<String>, ip: IpAddr, state: State) -> Response {
-    let authid = match authenticate(header, ip, &state) {
-        Ok(a) => a,
-        Err(f) => return error(Surface::V1, &f),
-    };
-    match state.broker.rotate_handle(&authid).await {
-        Ok(minted) => {
+    match with_bearer(&state, header, ip, Cost::Free, async |authid| state.broker.rotate_handle(authid).await).await {
+        Ok((authid, minted)) => {
             audit::authid_rotated(&authid.keyid(), &minted.authid.keyid(), ip);
             json_reply(StatusCode::OK, &minted_json(&minted))
         }
-        Err(e) => refused(&state, &authid, &e, Surface::V1, ip),
+        Err(response) => response,
     }
 }
 
 async fn delete_handle(keyid: String, header: Option<String>, ip: IpAddr, state: State) -> Response {
-    let authid = match authenticate(header, ip, &state) {
-        Ok(a) => a,
-        Err(f) => return error(Surface::V1, &f),
-    };
-    let Ok(target) = KeyId::parse(&keyid) else {
-        return error(Surface::V1, &Failure::bad_request("the key id in the path is malformed"));
-    };
-    match state.broker.revoke_handle(&authid, target).await {
-        Ok(grant) => {
+    let revoked = with_bearer(&state, header, ip, Cost::Free, async |authid| {
+        let target =
+            KeyId::parse(&keyid).map_err(|_| EngineError::BadRequest("the key id in the path is malformed".into()))?;
+        Ok((target, state.broker.revoke_handle(authid, target).await?))
+    });
+    match revoked.await {
+        Ok((authid, (target, grant))) => {
             audit::authid_revoked(&authid.keyid(), &target, ip);
             if let Some(grant) = &grant {
                 audit::grant_revoked("last AuthID", grant.handles_revoked, provider_outcome(&grant.provider), ip);
@@ -221,21 +204,17 @@ async fn delete_handle(keyid: String, header: Option<String>, ip: IpAddr, state:
             }
             json_reply(StatusCode::OK, &body)
         }
-        Err(e) => refused(&state, &authid, &e, Surface::V1, ip),
+        Err(response) => response,
     }
 }
 
 async fn revoke(header: Option<String>, ip: IpAddr, state: State) -> Response {
-    let authid = match authenticate(header, ip, &state) {
-        Ok(a) => a,
-        Err(f) => return error(Surface::V1, &f),
-    };
-    match state.broker.revoke_grant(&authid).await {
-        Ok(report) => {
+    match with_bearer(&state, header, ip, Cost::Free, async |authid| state.broker.revoke_grant(authid).await).await {
+        Ok((_, report)) => {
             audit::grant_revoked("/v1/grant/revoke", report.handles_revoked, provider_outcome(&report.provider), ip);
             json_reply(StatusCode::OK, &revocation_json(&report))
         }
-        Err(e) => refused(&state, &authid, &e, Surface::V1, ip),
+        Err(response) => response,
     }
 }
 
@@ -301,30 +280,20 @@ async fn oauth2_token(body: Vec<u8>, ip: IpAddr, state: State) -> Response {
         None => return error(Surface::OAuth2, &Failure::bad_request("grant_type is missing")),
     }
     let raw = form.get("refresh_token").map(String::as_str).unwrap_or_default();
-    let parsed = AuthId::parse(raw);
-    if let Err(wait) = state.limiter.token_request(parsed.as_ref().ok().map(AuthId::keyid), ip, Instant::now()) {
-        return error(Surface::OAuth2, &Failure::rate_limited(wait));
-    }
-    let authid = match parsed {
-        Ok(a) => a,
-        Err(e) => return error(Surface::OAuth2, &Failure::from(&EngineError::from(e))),
-    };
-    match state.broker.token(&authid, None).await {
-        Ok(token) => {
-            if let Err(wait) = state.note_success(&authid, ip) {
-                return error(Surface::OAuth2, &Failure::rate_limited(wait));
-            }
+    let served = state.with_authid(raw, ip, Cost::TokenRequest, async |authid| state.broker.token(authid, None).await);
+    match served.await {
+        Ok((authid, token)) => {
             let mut body = json!({
                 "access_token": token.access_token.expose_secret(),
                 "token_type": "Bearer",
                 "refresh_token": authid.expose_text().as_str(),
                 "scope": token.scopes.join(" "),
             });
-            if let Some(secs) = seconds_left(&token) {
-                body["expires_in"] = json!(secs);
+            if let Some(left) = state.broker.expires_in(&token) {
+                body["expires_in"] = json!(left.as_secs());
             }
             json_reply(StatusCode::OK, &body)
         }
-        Err(e) => refused(&state, &authid, &e, Surface::OAuth2, ip),
+        Err(refused) => error(Surface::OAuth2, &refused.failure()),
     }
 }

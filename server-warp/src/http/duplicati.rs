@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::time::Instant;
 
 use latchkey_core::engine::{Callback, Completed, HandoffFetch, HandoffState, LoginComplete};
-use latchkey_core::{AuthId, AuthIdError, Clock, EngineError, SystemClock};
+use latchkey_core::{AuthIdError, EngineError};
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use warp::Filter;
@@ -21,6 +21,7 @@ use super::reply::{
     slow_down_status, with_body,
 };
 use super::routes::Route;
+use super::token_path::{Cost, Refused};
 use super::{State, body, client_ip, duplicati_authid, fields, query, with_state};
 use crate::audit;
 
@@ -246,18 +247,18 @@ fn see_other(location: &str) -> Response {
     response
 }
 
-/// The Duplicati failure for an engine error; `reauth_required` and an
+/// The Duplicati failure for a refused `/refresh`; `reauth_required` and an
 /// AuthID from another OAuth service name the login link.
-fn duplicati_failure(state: &State, e: &EngineError) -> Failure {
-    let mut failure = Failure::from(e);
-    match e {
-        EngineError::ReauthRequired { service } => {
+fn duplicati_failure(state: &State, refused: &Refused) -> Failure {
+    let mut failure = refused.failure();
+    match refused.engine_error() {
+        Some(EngineError::ReauthRequired { service }) => {
             failure.text = format!(
                 "The provider no longer accepts this login; log in again at {} and use the new AuthID",
                 state.login_link(service)
             );
         }
-        EngineError::AuthIdMalformed(AuthIdError::IssuedElsewhere | AuthIdError::DuplicatiV2) => {
+        Some(EngineError::AuthIdMalformed(AuthIdError::IssuedElsewhere | AuthIdError::DuplicatiV2)) => {
             failure.text = format!(
                 "This AuthID was issued by another OAuth service, not by this one; log in again at {}/ and use the \
                  new AuthID",
@@ -285,33 +286,17 @@ async fn refresh(
             return redirect(&format!("/?type={}", pages::q(service)));
         }
     }
-    let parsed = AuthId::parse(&raw);
-    if let Err(wait) = state.limiter.token_request(parsed.as_ref().ok().map(AuthId::keyid), ip, Instant::now()) {
-        return error(Surface::Duplicati, &Failure::rate_limited(wait));
-    }
-    let authid = match parsed {
-        Ok(authid) => authid,
-        Err(e) => return error(Surface::Duplicati, &duplicati_failure(&state, &EngineError::from(e))),
-    };
-    match state.broker.token(&authid, None).await {
-        Ok(token) => {
-            if let Err(wait) = state.note_success(&authid, ip) {
-                return error(Surface::Duplicati, &Failure::rate_limited(wait));
-            }
-            let expires = token
-                .expires_at
-                .map(|at| at.duration_since(SystemClock.now()).as_secs())
-                .unwrap_or(NEVER_EXPIRES_SECS)
-                .min(MAX_EXPIRES_SECS);
+    let served = state.with_authid(&raw, ip, Cost::TokenRequest, async |authid| state.broker.token(authid, None).await);
+    match served.await {
+        Ok((_, token)) => {
+            let expires =
+                state.broker.expires_in(&token).map_or(NEVER_EXPIRES_SECS, |left| left.as_secs()).min(MAX_EXPIRES_SECS);
             json_reply(
                 StatusCode::OK,
                 &json!({ "access_token": token.access_token.expose_secret(), "expires": expires, "type": token.service }),
             )
         }
-        Err(e) => {
-            state.note_failure(&authid, &e, ip);
-            error(Surface::Duplicati, &duplicati_failure(&state, &e))
-        }
+        Err(refused) => error(Surface::Duplicati, &duplicati_failure(&state, &refused)),
     }
 }
 
@@ -398,16 +383,10 @@ async fn revoked(body: Vec<u8>, ip: IpAddr, state: State) -> Response {
             Err(e) => error_page(&state, "Cannot revoke", &e),
         };
     }
-    let parsed = AuthId::parse(form.get("authid").map(String::as_str).unwrap_or_default());
-    if let Err(wait) = state.limiter.token_request(parsed.as_ref().ok().map(AuthId::keyid), ip, Instant::now()) {
-        return slow_down_page(&state, wait);
-    }
-    let authid = match parsed {
-        Ok(authid) => authid,
-        Err(e) => return error_page(&state, "Cannot revoke", &EngineError::from(e)),
-    };
-    match state.broker.revoke_for_page(&authid).await {
-        Ok(done) => {
+    let raw = form.get("authid").map(String::as_str).unwrap_or_default();
+    let revoked = state.with_authid(raw, ip, Cost::Free, async |authid| state.broker.revoke_for_page(authid).await);
+    match revoked.await {
+        Ok((authid, done)) => {
             let keyid = authid.keyid();
             audit::authid_revoked(&keyid, &keyid, ip);
             let provider = done.grant.as_ref().map(|g| pages::provider_outcome(&g.provider));
@@ -427,10 +406,8 @@ async fn revoked(body: Vec<u8>, ip: IpAddr, state: State) -> Response {
             let ticket = done.ticket.as_ref().map(|t| t.expose_secret());
             pages::revoked_page(&state.csp, provider, &rows, ticket)
         }
-        Err(e) => {
-            state.note_failure(&authid, &e, ip);
-            error_page(&state, "Cannot revoke", &e)
-        }
+        Err(Refused::Limited(wait)) => slow_down_page(&state, wait),
+        Err(Refused::Malformed(e) | Refused::Engine(e)) => error_page(&state, "Cannot revoke", &e),
     }
 }
 

@@ -13,14 +13,14 @@ mod metrics;
 pub mod pages;
 pub mod reply;
 mod routes;
+mod token_path;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
 
-use latchkey_core::{AuthId, Broker, EngineError, LoginMethod, Store};
+use latchkey_core::{Broker, LoginMethod, Store};
 use warp::Filter;
 use warp::http::StatusCode;
 use warp::reply::Response;
@@ -87,31 +87,6 @@ impl AppState {
     /// The login link for a service (what Duplicati shows its user).
     pub fn login_link(&self, service: &str) -> String {
         format!("{}/?type={}", self.public_url, pages::q(service))
-    }
-
-    /// A token request whose AuthID was right: charged to its keyid's bucket
-    /// (which only right secrets reach), and this address's failed secrets
-    /// for it are forgotten. Logged at debug level
-    /// (`LATCHKEY_LOG=latchkey_server=debug`): the keyid names the client,
-    /// never its secret.
-    fn note_success(&self, authid: &AuthId, client: IpAddr) -> Result<(), std::time::Duration> {
-        self.limiter.succeeded(&authid.keyid(), client);
-        self.limiter.authenticated(authid.keyid(), Instant::now())?;
-        tracing::debug!(keyid = %authid.keyid(), "token served");
-        for mismatch in self.broker.take_rotation_mismatches() {
-            tracing::warn!(provider = %mismatch.provider, rotated = mismatch.rotated, "{mismatch}");
-        }
-        Ok(())
-    }
-
-    /// A refused token request: counts a failed secret against the keyid.
-    fn note_failure(&self, authid: &AuthId, error: &EngineError, client: IpAddr) {
-        if matches!(error, EngineError::AuthIdInvalid)
-            && self.limiter.failed_secret(authid.keyid(), client, Instant::now())
-        {
-            crate::audit::backoff_engaged(&authid.keyid(), client);
-        }
-        tracing::info!(keyid = %authid.keyid(), code = error.code().as_str(), "token request refused");
     }
 }
 

@@ -1,0 +1,114 @@
+//! The one path every request that presents an AuthID takes: `/refresh`,
+//! `/v1/token`, `/oauth2/token`, `/revoked` and the `/v1` handle routes. Each
+//! surface finds the AuthID where its protocol puts it and words the outcome
+//! in its own vocabulary; between the two, the steps are the same:
+//!
+//! 1. the AuthID is parsed, and the request is counted against its client
+//!    address (and refused while that address backs off after wrong secrets
+//!    for the keyid) before the parse result is looked at, so malformed
+//!    AuthIDs are limited too;
+//! 2. the engine does what the surface asks;
+//! 3. a refusal counts a wrong secret against (keyid, address); a token
+//!    request that succeeded is charged to its keyid's bucket — which only
+//!    right secrets reach — and forgets that address's wrong secrets.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use latchkey_core::{AuthId, EngineError};
+
+use super::AppState;
+use super::reply::Failure;
+
+/// What a success costs the AuthID's keyid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Cost {
+    /// A token request: one of the keyid's per-minute allowance.
+    TokenRequest,
+    /// Nothing: managing AuthIDs (`/v1/handles`, revoking) is not limited per keyid.
+    Free,
+}
+
+/// Why the path ended without the engine's answer.
+#[derive(Debug)]
+pub(super) enum Refused {
+    /// Over a limit, with how long to wait.
+    Limited(Duration),
+    /// The AuthID text does not parse (`AuthIdMalformed`).
+    Malformed(EngineError),
+    /// The engine refused (already counted against the keyid).
+    Engine(EngineError),
+}
+
+impl Refused {
+    /// The engine's error, when there is one.
+    pub(super) fn engine_error(&self) -> Option<&EngineError> {
+        match self {
+            Refused::Limited(_) => None,
+            Refused::Malformed(e) | Refused::Engine(e) => Some(e),
+        }
+    }
+
+    /// The failure in the common vocabulary, for a surface to render.
+    pub(super) fn failure(&self) -> Failure {
+        match self {
+            Refused::Limited(wait) => Failure::rate_limited(*wait),
+            Refused::Malformed(e) | Refused::Engine(e) => Failure::from(e),
+        }
+    }
+}
+
+impl AppState {
+    /// Runs `op` for the AuthID in `raw` from `client`: parse and limits
+    /// first, the accounting after (see the module docs). Answers the AuthID
+    /// with `op`'s result, for the surface to render.
+    pub(super) async fn with_authid<T>(
+        &self,
+        raw: &str,
+        client: IpAddr,
+        cost: Cost,
+        op: impl AsyncFnOnce(&AuthId) -> Result<T, EngineError>,
+    ) -> Result<(AuthId, T), Refused> {
+        let parsed = AuthId::parse(raw);
+        let keyid = parsed.as_ref().ok().map(AuthId::keyid);
+        self.limiter.token_request(keyid, client, Instant::now()).map_err(Refused::Limited)?;
+        let authid = parsed.map_err(|e| Refused::Malformed(EngineError::from(e)))?;
+        match op(&authid).await {
+            Ok(answer) => {
+                if cost == Cost::TokenRequest {
+                    self.token_served(&authid, client).map_err(Refused::Limited)?;
+                }
+                Ok((authid, answer))
+            }
+            Err(e) => {
+                self.refused(&authid, &e, client);
+                Err(Refused::Engine(e))
+            }
+        }
+    }
+
+    /// A token request whose AuthID was right: charged to its keyid's bucket,
+    /// and this address's failed secrets for it are forgotten. Logged at
+    /// debug level (`LATCHKEY_LOG=latchkey_server=debug`): the keyid names
+    /// the client, never its secret. A provider whose refreshes contradict
+    /// the catalogue is warned about here, once.
+    fn token_served(&self, authid: &AuthId, client: IpAddr) -> Result<(), Duration> {
+        self.limiter.succeeded(&authid.keyid(), client);
+        self.limiter.authenticated(authid.keyid(), Instant::now())?;
+        tracing::debug!(keyid = %authid.keyid(), "token served");
+        for mismatch in self.broker.take_rotation_mismatches() {
+            tracing::warn!(provider = %mismatch.provider, rotated = mismatch.rotated, "{mismatch}");
+        }
+        Ok(())
+    }
+
+    /// A refused request: counts a failed secret against the keyid.
+    fn refused(&self, authid: &AuthId, error: &EngineError, client: IpAddr) {
+        if matches!(error, EngineError::AuthIdInvalid)
+            && self.limiter.failed_secret(authid.keyid(), client, Instant::now())
+        {
+            crate::audit::backoff_engaged(&authid.keyid(), client);
+        }
+        tracing::info!(keyid = %authid.keyid(), code = error.code().as_str(), "token request refused");
+    }
+}
