@@ -16,7 +16,7 @@ cd "$(dirname "$0")"
 
 seconds=${1:?usage: fuzz/run.sh SECONDS [TARGET...]}
 shift
-all=(envelope_open record_decode authid_parse token_response config_parse duplicati_request)
+all=(envelope_open record_decode authid_parse token_response config_parse duplicati_request forwarded_for)
 targets=("${@:-${all[@]}}")
 
 if ! cargo fuzz --version >/dev/null 2>&1; then

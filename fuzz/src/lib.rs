@@ -32,6 +32,7 @@ use latchkey_providers::{BuildOptions, CatalogueConfig};
 use latchkey_server::config::{Cidr, Config, parse_duration};
 use latchkey_server::http::reply::{Failure, Surface, error, one_line};
 use latchkey_server::http::{client_address, duplicati_authid, fields, query_map};
+use latchkey_server::limits::{self, AddressKey};
 use secrecy::{ExposeSecret, SecretString};
 
 pub mod seeds;
@@ -40,13 +41,14 @@ pub mod seeds;
 pub type Target = (&'static str, fn(&[u8]));
 
 /// Every target, in the order `run.sh` fuzzes them.
-pub const TARGETS: [Target; 6] = [
+pub const TARGETS: [Target; 7] = [
     ("envelope_open", envelope_open),
     ("record_decode", record_decode),
     ("authid_parse", authid_parse),
     ("token_response", token_response),
     ("config_parse", config_parse),
     ("duplicati_request", duplicati_request),
+    ("forwarded_for", forwarded_for),
 ];
 
 // ---------------------------------------------------------------------------
@@ -679,5 +681,59 @@ fn check_error_responses(failure: &Failure) {
         } else {
             assert!(reason.is_none());
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 7. forwarded_for
+// ---------------------------------------------------------------------------
+
+/// Input layout: 1 flag byte (bits 0–2: the peer, from the same list as
+/// `duplicati_request`), then `\n`-separated `X-Forwarded-For` lines.
+///
+/// Follows the limiter's address parsing: `limits::client_address` over
+/// every line and `AddressKey::of`. Checks that an untrusted peer is never
+/// overruled; that the answer is the peer or a hop of some line; that many
+/// lines read as their concatenation (a proxy that adds a line is heard, not
+/// only the first); that a trusted answer only comes out when every hop to
+/// its right is trusted; and that the limiter's key groups an IPv6 /64.
+pub fn forwarded_for(data: &[u8]) {
+    let flags = data.first().copied().unwrap_or(0);
+    let text = String::from_utf8_lossy(data.get(1..).unwrap_or_default()).into_owned();
+    let lines: Vec<&str> = if text.is_empty() { Vec::new() } else { text.split('\n').collect() };
+    let proxies: Vec<Cidr> = PROXIES.iter().map(|p| Cidr::parse(p).expect("fixed proxy parses")).collect();
+    let trusted = |ip: IpAddr| proxies.iter().any(|c| c.contains(ip));
+    let peer = PEERS[usize::from(flags & 7)].map(|p| SocketAddr::new(p.parse().expect("fixed peer parses"), 80));
+    let peer_ip = peer.map_or(IpAddr::from([0, 0, 0, 0]), |p| p.ip());
+
+    let client = limits::client_address(peer, lines.iter().copied(), &proxies);
+    let joined = lines.join(",");
+    assert_eq!(
+        client,
+        limits::client_address(peer, (!lines.is_empty()).then_some(joined.as_str()), &proxies),
+        "several lines must read as one list"
+    );
+    let hops: Vec<&str> = joined.split(',').map(str::trim).collect();
+    if !trusted(peer_ip) {
+        assert_eq!(client, peer_ip, "an untrusted peer's X-Forwarded-For was believed");
+    } else if client != peer_ip {
+        let at = hops.iter().rposition(|h| h.parse::<IpAddr>().ok() == Some(client));
+        let at = at.unwrap_or_else(|| panic!("client {client} is neither the peer nor a forwarded hop"));
+        for hop in &hops[at + 1..] {
+            let ip: IpAddr = hop.parse().expect("hops right of the answer are addresses");
+            assert!(trusted(ip), "{ip} is right of the answer but not a trusted proxy");
+        }
+    }
+    // The limiter's key: one /64 is one client; IPv4 (mapped or not) per address.
+    let key = AddressKey::of(client);
+    match client {
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+            let sibling = std::net::Ipv6Addr::from(u128::from(v6) ^ 0xffff);
+            assert_eq!(AddressKey::of(IpAddr::V6(sibling)), key, "one /64, one key");
+            let neighbour = std::net::Ipv6Addr::from(u128::from(v6) ^ (1 << 64));
+            assert_ne!(AddressKey::of(IpAddr::V6(neighbour)), key, "another /64, another key");
+        }
+        IpAddr::V6(v6) => assert_eq!(key, AddressKey::of(IpAddr::V4(v6.to_ipv4_mapped().expect("mapped")))),
+        IpAddr::V4(v4) => assert_eq!(key, AddressKey::of(IpAddr::V6(v4.to_ipv6_mapped()))),
     }
 }

@@ -32,6 +32,7 @@ pub fn all() -> Vec<Seed> {
     token_response(&mut seeds);
     config_parse(&mut seeds);
     duplicati_request(&mut seeds);
+    forwarded_for(&mut seeds);
     seeds
 }
 
@@ -355,4 +356,21 @@ fn duplicati_request(seeds: &mut Vec<Seed>) {
     request("ipv6_chain", 4, &["2001:db8::7, fd00::1", "", "authid="]);
     request("bad_separator", 5, &["junk, 10.0.0.1", "", &format!("authid={k}%20{s}")]);
     request("reason_injection", 0, &["", "", "authid=x\r\nInjected: yes\u{7f} ünïcode"]);
+}
+
+fn forwarded_for(seeds: &mut Vec<Seed>) {
+    const T: &str = "forwarded_for";
+    // flags (bits 0-2 peer), then X-Forwarded-For lines separated by '\n'.
+    let mut lines = |name: &str, peer: u8, lines: &[&str]| {
+        let mut bytes = vec![peer];
+        bytes.extend_from_slice(lines.join("\n").as_bytes());
+        add(seeds, T, name, bytes);
+    };
+    lines("one_line", 1, &["198.51.100.7, 10.0.0.2"]);
+    lines("second_line_added_by_a_proxy", 1, &["6.6.6.6", "198.51.100.7", "10.0.0.2"]);
+    lines("untrusted_peer", 3, &["198.51.100.7"]);
+    lines("ipv6_client", 4, &["2001:db8:5:6::42", "fd00::1"]);
+    lines("mapped_ipv4", 7, &["::ffff:198.51.100.9"]);
+    lines("garbage_hop", 2, &["198.51.100.7, junk", "10.9.9.9"]);
+    lines("no_lines", 1, &[]);
 }

@@ -5,14 +5,14 @@
 use std::collections::hash_map::{DefaultHasher, Entry};
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use latchkey_core::KeyId;
 
-use crate::config::LimitsConfig;
+use crate::config::{Cidr, LimitsConfig};
 
 /// Entries one limiter map keeps at most; past that the oldest is forgotten.
 const MAX_TRACKED: usize = 100_000;
@@ -28,6 +28,34 @@ const FAILURE_MEMORY: Duration = Duration::from_secs(3600);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The client's address: the peer, or — only when the peer is a trusted
+/// proxy — the last address in `X-Forwarded-For` that is not one.
+/// `forwarded` is every `X-Forwarded-For` line in the order received (a
+/// proxy may add its own line rather than extend the last one): they are
+/// one list, walked from the right. A hop that is not an address stops the
+/// walk at the last trusted hop.
+pub fn client_address<'a>(
+    peer: Option<SocketAddr>,
+    forwarded: impl IntoIterator<Item = &'a str>,
+    proxies: &[Cidr],
+) -> IpAddr {
+    let peer = peer.map(|p| p.ip()).unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    let trusted = |ip: IpAddr| proxies.iter().any(|c| c.contains(ip));
+    if !trusted(peer) {
+        return peer;
+    }
+    let lines: Vec<&str> = forwarded.into_iter().collect();
+    let mut client = peer;
+    for hop in lines.iter().rev().flat_map(|line| line.rsplit(',')) {
+        match hop.trim().parse::<IpAddr>() {
+            Ok(ip) if trusted(ip) => client = ip,
+            Ok(ip) => return ip,
+            Err(_) => return client,
+        }
+    }
+    client
 }
 
 /// What a client address is limited as: an IPv4 address, or the /64 an
