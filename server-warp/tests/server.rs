@@ -3,6 +3,7 @@
 //! `cargo nextest run -p latchkey-server --test server`. Real processes,
 //! Chromium and oidc-provider are the `e2e` binary's (tests/e2e.rs).
 
+mod abuse;
 mod api;
 mod bad_input;
 mod config;

@@ -38,7 +38,7 @@ pub(super) fn routes(state: State) -> warp::filters::BoxedFilter<(Response,)> {
         .then(delete_handle)
         .boxed();
     let revoke = post(Route::V1GrantRevoke).and(bearer()).and(ip()).and(s()).then(revoke);
-    let device_code = post(Route::V1DeviceCode).and(body()).and(s()).then(device_code).boxed();
+    let device_code = post(Route::V1DeviceCode).and(body()).and(ip()).and(s()).then(device_code).boxed();
     let device_token = post(Route::V1DeviceToken).and(body()).and(ip()).and(s()).then(device_token);
     let services = get(Route::V1Services).and(s()).map(services).boxed();
     let oauth2 = post(Route::OAuth2Token).and(body()).and(ip()).and(s()).then(oauth2_token);
@@ -218,7 +218,10 @@ async fn revoke(header: Option<String>, ip: IpAddr, state: State) -> Response {
     }
 }
 
-async fn device_code(body: Vec<u8>, state: State) -> Response {
+async fn device_code(body: Vec<u8>, ip: IpAddr, state: State) -> Response {
+    if let Err(wait) = state.limiter.record_creation(ip, Instant::now()) {
+        return error(Surface::V1, &Failure::rate_limited(wait));
+    }
     let mut form = fields(&body);
     let service = form.remove("service").unwrap_or_default();
     // RFC 8628 has no name for the program; `label` (or `client_name`) is shown on the device page.

@@ -51,7 +51,7 @@ pub(super) fn routes(state: State) -> warp::filters::BoxedFilter<(Response,)> {
     let b = front_door::browser;
     let get = |route: Route| warp::get().and(route.filter());
     let post = |route: Route| warp::post().and(route.filter());
-    let index = get(Route::Index).and(query()).and(b()).and(s()).then(index).boxed();
+    let index = get(Route::Index).and(query()).and(b()).and(ip()).and(s()).then(index).boxed();
     let login = get(Route::Login).and(query()).and(b()).and(s()).then(login);
     let login_post = post(Route::Login).and(body()).and(b()).and(ip()).and(s()).then(login_post);
     let logged_in = get(Route::LoggedIn).and(query()).and(b()).and(ip()).and(s()).then(logged_in).boxed();
@@ -109,6 +109,16 @@ fn refusal_page(state: &State, refusal: Refusal, title: &str, message: &str) -> 
     pages::error_page(refusal.status(), &state.csp, title, message)
 }
 
+/// Whether `ip` may store one more record before anyone is authenticated
+/// (and, with a user code, try one more code).
+fn creation_allowed(state: &State, ip: IpAddr, user_code: bool) -> Result<(), std::time::Duration> {
+    let now = Instant::now();
+    if user_code {
+        state.limiter.user_code_attempt(ip, now)?;
+    }
+    state.limiter.record_creation(ip, now)
+}
+
 /// The page of a request over a limit.
 fn slow_down_page(state: &State, wait: std::time::Duration) -> Response {
     let message = format!("Too many attempts; try again in {} s.", wait.as_secs().max(1));
@@ -129,12 +139,15 @@ fn display_name(state: &State, service: &str) -> String {
     state.broker.catalogue().service(service).map(|s| s.display_name.clone()).unwrap_or_else(|| service.to_owned())
 }
 
-async fn index(q: HashMap<String, String>, browser: BrowserRequest, state: State) -> Response {
+async fn index(q: HashMap<String, String>, browser: BrowserRequest, ip: IpAddr, state: State) -> Response {
     let token = q.get("token").map(String::as_str);
     if let Some(service) = q.get("redirect") {
         return confirm(&state, service, token, &browser).await;
     }
     if let Some(token) = token {
+        if let Err(wait) = state.limiter.record_creation(ip, Instant::now()) {
+            return slow_down_page(&state, wait);
+        }
         if let Err(e) = state.broker.start_handoff(token).await {
             return error_page(&state, "Cannot start", &e);
         }
@@ -185,6 +198,9 @@ async fn login_post(body: Vec<u8>, browser: BrowserRequest, ip: IpAddr, state: S
         Ok(proof) => proof,
         Err(reason) => return refused_page("/login", reason, ip, &state),
     };
+    if let Err(wait) = creation_allowed(&state, ip, form.contains_key("user_code")) {
+        return slow_down_page(&state, wait);
+    }
     let started = if let Some(user_code) = form.get("user_code") {
         state.broker.begin_device_login(user_code, &proof).await
     } else {
@@ -441,6 +457,9 @@ async fn cli_token_login(body: Vec<u8>, browser: BrowserRequest, ip: IpAddr, sta
         Ok(proof) => proof,
         Err(reason) => return refused_page("/cli-token-login", reason, ip, &state),
     };
+    if let Err(wait) = creation_allowed(&state, ip, false) {
+        return slow_down_page(&state, wait);
+    }
     let service = form.get("id").map(String::as_str).unwrap_or_default();
     if !state.logs_in_with_token(service) {
         return no_login_token_page(&state);
@@ -467,6 +486,9 @@ async fn device_post(body: Vec<u8>, browser: BrowserRequest, ip: IpAddr, state: 
         Ok(proof) => proof,
         Err(reason) => return refused_page("/device", reason, ip, &state),
     };
+    if let Err(wait) = state.limiter.user_code_attempt(ip, Instant::now()) {
+        return slow_down_page(&state, wait);
+    }
     let code = form.get("user_code").map(String::as_str).unwrap_or_default();
     match state.broker.device_confirmation(code).await {
         Ok(shown) => {

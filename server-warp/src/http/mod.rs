@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use latchkey_core::{Broker, LoginMethod, Store};
 use warp::Filter;
-use warp::http::StatusCode;
+use warp::http::{HeaderMap, StatusCode};
 use warp::reply::Response;
 
 pub use self::metrics::HttpMetrics;
@@ -97,30 +97,13 @@ fn with_state(state: State) -> impl Filter<Extract = (State,), Error = Infallibl
     warp::any().map(move || Arc::clone(&state))
 }
 
-/// The client's address: the peer, or — only when the peer is a trusted
-/// proxy — the last address in `X-Forwarded-For` that is not one.
-pub fn client_address(peer: Option<SocketAddr>, forwarded: Option<&str>, proxies: &[Cidr]) -> IpAddr {
-    let peer = peer.map(|p| p.ip()).unwrap_or(IpAddr::from([0, 0, 0, 0]));
-    let trusted = |ip: IpAddr| proxies.iter().any(|c| c.contains(ip));
-    if !trusted(peer) {
-        return peer;
-    }
-    let Some(chain) = forwarded else { return peer };
-    let mut client = peer;
-    for hop in chain.rsplit(',') {
-        match hop.trim().parse::<IpAddr>() {
-            Ok(ip) if trusted(ip) => client = ip,
-            Ok(ip) => return ip,
-            Err(_) => return client,
-        }
-    }
-    client
-}
+pub use crate::limits::client_address;
 
-fn client_ip(state: State) -> impl Filter<Extract = (IpAddr,), Error = warp::Rejection> + Clone {
-    warp::addr::remote()
-        .and(warp::header::optional::<String>("x-forwarded-for"))
-        .map(move |peer: Option<SocketAddr>, xff: Option<String>| client_address(peer, xff.as_deref(), &state.proxies))
+fn client_ip(state: State) -> impl Filter<Extract = (IpAddr,), Error = Infallible> + Clone {
+    warp::addr::remote().and(warp::header::headers_cloned()).map(move |peer: Option<SocketAddr>, headers: HeaderMap| {
+        let lines = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok());
+        client_address(peer, lines, &state.proxies)
+    })
 }
 
 /// Query parameters as a map (the first value of each name).
