@@ -144,6 +144,18 @@ async fn a_refresh_whose_lease_was_taken_is_given_up() {
     world.provider.release();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_the_catalogue_did_not_announce_is_counted() {
+    let mut world = World::new(ScriptedProvider::new().rotating(true));
+    world.rotation_claim = Some(false);
+    let broker = world.broker("a", |_| {}).await;
+    let login = world.login(&broker).await;
+    world.expire_tokens();
+    broker.token(&login.authid, None).await.unwrap();
+    let mismatches = broker.metrics().rotation_mismatches;
+    assert_eq!(mismatches.get(&("scripted".to_owned(), true)), Some(&1), "{mismatches:?}");
+}
+
 // c. Persist before answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_refresh_token_is_stored_before_the_access_token_is_returned() {

@@ -45,6 +45,8 @@ pub(crate) struct World {
     pub(crate) provider: Arc<ScriptedProvider>,
     pub(crate) ring: MasterKeyring,
     pub(crate) log: EventLog,
+    /// What the catalogue says about the provider rotating refresh tokens.
+    pub(crate) rotation_claim: Option<bool>,
 }
 
 pub(crate) fn runtime(clock: &ManualClock) -> Arc<ManualRuntime> {
@@ -69,6 +71,7 @@ impl World {
             provider: Arc::new(provider.with_log(log.clone())),
             ring,
             log,
+            rotation_claim: None,
         }
     }
 
@@ -77,6 +80,7 @@ impl World {
         let mut spec = ProviderSpec::new("scripted");
         spec.issuer = Some(ISSUER.into());
         spec.refresh_idle_lifetime = Some(IDLE);
+        spec.rotates_refresh_tokens = self.rotation_claim;
         catalogue.add_provider(spec, self.provider.clone()).unwrap();
         let mut svc = ServiceSpec::new(SERVICE, "scripted");
         svc.scopes = vec!["files".into(), "offline_access".into()];

@@ -119,10 +119,6 @@ impl Metrics {
     /// refresh token contradicts what the catalogue says (nothing when it
     /// says nothing). The first contradiction of each kind per provider is
     /// kept for the log ([`Metrics::take_unreported`]).
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "called by the refresh path once it is wired in; remove this attribute then")
-    )]
     pub(crate) fn refresh_rotation(&self, spec: Option<&ProviderSpec>, rotated: bool) {
         let Some(spec) = spec else { return };
         if spec.rotates_refresh_tokens.is_none_or(|says| says == rotated) {

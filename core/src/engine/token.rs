@@ -420,6 +420,7 @@ impl Inner {
             Ok(response) => {
                 self.metrics.refresh(provider, RefreshOutcome::Success);
                 let (payload, rotated) = decide::apply_refresh(self.now(), payload, response);
+                self.metrics.refresh_rotation(Some(&entry.spec), rotated);
                 (Called::Refreshed { rotated }, Some(payload))
             }
             Err(ProviderError::InvalidGrant { .. }) => {
