@@ -310,6 +310,7 @@ fn master_key_rotate_replaces_the_generated_key_beside_the_data_and_audits_it() 
     assert_eq!(audit[0]["fields"]["key_id"], newest_id.as_str());
 }
 
+#[cfg(feature = "postgres-tls")] // without it, a CA file is refused as needing TLS support
 #[tokio::test]
 async fn the_postgres_ca_file_setting_reaches_the_store() {
     let dir = tempfile::tempdir().unwrap();
