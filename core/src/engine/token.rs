@@ -27,6 +27,10 @@ use crate::runtime::BoxFuture;
 use crate::store::{LeaseOutcome, Notice, StoreError, StoreExt};
 use crate::time::Timestamp;
 
+/// "Retry after" for requests whose refresh task ended without an answer
+/// (the runtime shutting down under it).
+const FLIGHT_LOST_RETRY: Duration = Duration::from_secs(1);
+
 /// A token answer and the token's lifetime (for the cache's half-lifetime cap).
 pub(crate) type Fresh = (TokenGrant, Option<Duration>);
 type FlightResult = Result<Fresh, EngineError>;
@@ -185,7 +189,7 @@ impl Inner {
                 }
                 None => {
                     let (tx, rx) = oneshot::channel();
-                    let lost = EngineError::ProviderUnavailable { retry_after: Duration::from_secs(1) };
+                    let lost = EngineError::ProviderUnavailable { retry_after: FLIGHT_LOST_RETRY };
                     let flight: Flight = rx.map(move |r| r.unwrap_or(Err(lost))).boxed().shared();
                     flights.insert(grant_id, flight.clone());
                     let me = Arc::clone(self);
