@@ -21,6 +21,12 @@ impl Runtime for TokioRuntime {
     }
 
     fn spawn(&self, task: BoxFuture<'static, ()>) {
-        tokio::spawn(task);
+        // Outside a runtime (a broker dropped after its runtime shut down,
+        // releasing a lease from a destructor) there is nothing to run the
+        // task on: it is dropped, never a panic in a destructor. A lease not
+        // released lapses at its deadline.
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(task);
+        }
     }
 }
