@@ -10,3 +10,4 @@ mod key_rotation;
 mod memory_store;
 mod records_props;
 mod redaction;
+mod sweep;

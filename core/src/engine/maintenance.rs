@@ -1,4 +1,5 @@
-//! Maintenance: garbage collection, statistics, master key re-seal.
+//! Maintenance: garbage collection, the sweep of expired short-lived
+//! records, statistics, master key re-seal.
 //! None of it needs an AuthID, and none of it sees a secret.
 
 use std::collections::BTreeMap;
@@ -87,6 +88,73 @@ async fn scan<R: Record>(store: &dyn Store, mut visit: impl FnMut(R)) -> Result<
     }
 }
 
+/// A short-lived record, useless once its expiry has passed.
+trait Expiring: Record {
+    fn expires_at(&self) -> Timestamp;
+}
+
+impl Expiring for LoginTransaction {
+    fn expires_at(&self) -> Timestamp {
+        self.expires_at
+    }
+}
+
+impl Expiring for Handoff {
+    fn expires_at(&self) -> Timestamp {
+        self.expires_at
+    }
+}
+
+impl Expiring for DeviceGrant {
+    fn expires_at(&self) -> Timestamp {
+        self.expires_at
+    }
+}
+
+/// Whether a short-lived record has expired at `now`.
+fn expired<R: Expiring>(now: Timestamp) -> impl Fn(&R) -> bool {
+    move |r| now >= r.expires_at()
+}
+
+/// What one page of [`remove_expired_page`] did.
+struct PageSwept {
+    /// Records read.
+    examined: usize,
+    /// Records deleted (or, in a dry run, that would be).
+    removed: usize,
+    /// Where the next page starts; `None` after the last.
+    next: Option<Vec<u8>>,
+}
+
+/// Reads one page (at most `limit` records) of a kind after `after` and
+/// deletes, unless `dry_run`, those `expired` selects, each at the version
+/// read: a record changed or deleted meanwhile (another instance's sweep,
+/// a login completing) is left alone, so concurrent passes are harmless.
+/// The one piece `gc` and the sweep share.
+async fn remove_expired_page<R: Record>(
+    store: &dyn Store,
+    after: Option<Vec<u8>>,
+    limit: usize,
+    dry_run: bool,
+    expired: &impl Fn(&R) -> bool,
+) -> Result<PageSwept, EngineError> {
+    let (page, next) = store.load_page::<R>(after, limit.max(1)).await?;
+    let mut swept = PageSwept { examined: page.len(), removed: 0, next };
+    for record in page.iter().filter(|r| expired(r)) {
+        if dry_run {
+            swept.removed += 1;
+            continue;
+        }
+        match store.remove(record).await {
+            Ok(()) => swept.removed += 1,
+            // Changed or gone meanwhile: leave it to its new owner.
+            Err(StoreError::Conflict | StoreError::NotFound) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(swept)
+}
+
 /// Deletes (unless `dry_run`) every record of a kind that `expired` selects,
 /// at the version read; answers how many went (or would go).
 async fn remove_expired<R: Record>(
@@ -94,26 +162,93 @@ async fn remove_expired<R: Record>(
     dry_run: bool,
     expired: impl Fn(&R) -> bool,
 ) -> Result<usize, EngineError> {
-    let mut doomed = Vec::new();
-    scan::<R>(store, |r| {
-        if expired(&r) {
-            doomed.push(r);
-        }
-    })
-    .await?;
-    if dry_run {
-        return Ok(doomed.len());
-    }
-    let mut removed = 0;
-    for record in doomed {
-        match store.remove(&record).await {
-            Ok(()) => removed += 1,
-            // Changed or gone meanwhile: leave it to its new owner.
-            Err(StoreError::Conflict | StoreError::NotFound) => {}
-            Err(e) => return Err(e.into()),
+    let (mut removed, mut after) = (0, None);
+    loop {
+        let page = remove_expired_page::<R>(store, after, PAGE, dry_run, &expired).await?;
+        removed += page.removed;
+        match page.next {
+            Some(next) => after = Some(next),
+            None => return Ok(removed),
         }
     }
-    Ok(removed)
+}
+
+/// What one sweep pass removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Expired login transactions deleted.
+    pub expired_logins: usize,
+    /// Expired hand-offs deleted.
+    pub expired_handoffs: usize,
+    /// Expired device codes deleted.
+    pub expired_devices: usize,
+    /// Records read, at most the pass's limit per kind.
+    pub examined: usize,
+    /// Whether some kind has records this pass did not reach; the next pass
+    /// goes on from there.
+    pub more: bool,
+}
+
+impl SweepReport {
+    /// Records deleted, of every kind.
+    pub fn removed(&self) -> usize {
+        self.expired_logins + self.expired_handoffs + self.expired_devices
+    }
+}
+
+/// Where the next sweep pass goes on, per kind: each pass reads one page of
+/// each kind, so a store with more short-lived records than a page holds is
+/// swept over several passes, and then from the start again.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SweepCursor {
+    logins: Option<Vec<u8>>,
+    handoffs: Option<Vec<u8>>,
+    devices: Option<Vec<u8>>,
+}
+
+/// One sweep pass over `store` at `now`: reads at most `limit` login
+/// transactions, hand-offs and device codes each (from where `cursor` says)
+/// and deletes those expired, each at the version read, so passes of several
+/// instances at once are harmless. [`Broker::sweep_expired`] runs it with
+/// the broker's clock and cursor; `latchkey gc` removes the same records in
+/// one go.
+pub async fn sweep_pass(
+    store: &dyn Store,
+    now: Timestamp,
+    limit: usize,
+    cursor: &mut SweepCursor,
+) -> Result<SweepReport, EngineError> {
+    let mut report = SweepReport::default();
+    sweep_into(store, now, limit, cursor, &mut report).await?;
+    Ok(report)
+}
+
+/// [`sweep_pass`], counting into `report` kind by kind, so a pass that fails
+/// half-way still tells what the kinds before the failure removed.
+async fn sweep_into(
+    store: &dyn Store,
+    now: Timestamp,
+    limit: usize,
+    cursor: &mut SweepCursor,
+    report: &mut SweepReport,
+) -> Result<(), EngineError> {
+    async fn kind<R: Expiring>(
+        store: &dyn Store,
+        now: Timestamp,
+        limit: usize,
+        at: &mut Option<Vec<u8>>,
+        report: &mut SweepReport,
+    ) -> Result<usize, EngineError> {
+        let page = remove_expired_page::<R>(store, at.take(), limit, false, &expired::<R>(now)).await?;
+        report.examined += page.examined;
+        report.more |= page.next.is_some();
+        *at = page.next;
+        Ok(page.removed)
+    }
+    report.expired_logins = kind::<LoginTransaction>(store, now, limit, &mut cursor.logins, report).await?;
+    report.expired_handoffs = kind::<Handoff>(store, now, limit, &mut cursor.handoffs, report).await?;
+    report.expired_devices = kind::<DeviceGrant>(store, now, limit, &mut cursor.devices, report).await?;
+    Ok(())
 }
 
 impl Broker {
@@ -167,12 +302,28 @@ impl Broker {
             }
         }
 
-        report.expired_logins = remove_expired::<LoginTransaction>(store, dry_run, |t| now >= t.expires_at).await?;
-        report.expired_handoffs = remove_expired::<Handoff>(store, dry_run, |h| now >= h.expires_at).await?;
-        report.expired_devices = remove_expired::<DeviceGrant>(store, dry_run, |d| now >= d.expires_at).await?;
+        report.expired_logins = remove_expired(store, dry_run, expired::<LoginTransaction>(now)).await?;
+        report.expired_handoffs = remove_expired(store, dry_run, expired::<Handoff>(now)).await?;
+        report.expired_devices = remove_expired(store, dry_run, expired::<DeviceGrant>(now)).await?;
         let long_ago = now.saturating_sub(Duration::from_secs(3600));
         report.stale_leases = remove_expired::<Lease>(store, dry_run, |l| l.deadline < long_ago).await?;
         Ok(report)
+    }
+
+    /// One bounded pass of the background sweep: deletes expired login
+    /// transactions, hand-offs and device codes, reading at most `limit`
+    /// records of each kind ([`sweep_pass`]). Successive passes go on where
+    /// the last stopped, so every record is reached; what went is counted in
+    /// [`MetricsSnapshot::swept_records`](super::MetricsSnapshot::swept_records).
+    /// Safe to run on several instances at once.
+    pub async fn sweep_expired(&self, limit: usize) -> Result<SweepReport, EngineError> {
+        let inner = &self.inner;
+        let mut cursor = std::mem::take(&mut *super::lock(&inner.sweep_cursor));
+        let mut report = SweepReport::default();
+        let swept = sweep_into(inner.store.as_ref(), inner.now(), limit, &mut cursor, &mut report).await;
+        *super::lock(&inner.sweep_cursor) = cursor;
+        inner.metrics.swept_records.fetch_add(report.removed() as u64, std::sync::atomic::Ordering::Relaxed);
+        swept.map(|()| report)
     }
 
     /// Counts by service and state.

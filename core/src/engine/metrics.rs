@@ -94,6 +94,7 @@ pub(crate) struct Metrics {
     pub(crate) stale_served: AtomicU64,
     pub(crate) persist_failures: AtomicU64,
     pub(crate) failed_secrets: AtomicU64,
+    pub(crate) swept_records: AtomicU64,
     refreshes: Mutex<BTreeMap<(String, RefreshOutcome), u64>>,
     latency: Mutex<BTreeMap<String, LatencyHistogram>>,
     /// Refreshes that contradicted the catalogue, by (provider, rotated).
@@ -159,6 +160,7 @@ impl Metrics {
             stale_served: get(&self.stale_served),
             persist_failures: get(&self.persist_failures),
             failed_secrets: get(&self.failed_secrets),
+            swept_records: get(&self.swept_records),
             pending_writes: pending_writes as u64,
             cached_tokens: cached_tokens as u64,
             refreshes: self.refreshes.lock().unwrap_or_else(|p| p.into_inner()).clone(),
@@ -189,6 +191,9 @@ pub struct MetricsSnapshot {
     pub persist_failures: u64,
     /// AuthIDs with a known keyid but a wrong secret.
     pub failed_secrets: u64,
+    /// Expired login transactions, hand-offs and device codes deleted by
+    /// [`Broker::sweep_expired`](super::Broker::sweep_expired).
+    pub swept_records: u64,
     /// Refreshed grants held in memory until the store takes them.
     pub pending_writes: u64,
     /// Tokens in the cache.

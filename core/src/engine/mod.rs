@@ -49,7 +49,7 @@ pub use self::login::{
     BROWSER_PROOF_LEN, Callback, Completed, DeviceConfirmation, DevicePoll, DeviceStart, HandoffFetch, HandoffState,
     LoginComplete, LoginStart, MIN_HANDOFF_TOKEN_LEN, TokenHandout,
 };
-pub use self::maintenance::{GcCandidate, GcReport, ResealReport, Stats};
+pub use self::maintenance::{GcCandidate, GcReport, ResealReport, Stats, SweepCursor, SweepReport, sweep_pass};
 pub use self::metrics::{LATENCY_BUCKETS_MS, LatencyHistogram, MetricsSnapshot, RefreshOutcome, RotationMismatch};
 
 use self::cache::TokenCache;
@@ -213,6 +213,7 @@ pub(crate) struct Inner {
     pending: Mutex<HashMap<GrantId, Pending>>,
     waiters: Mutex<HashMap<GrantId, Vec<oneshot::Sender<()>>>>,
     device_polls: Mutex<HashMap<HandoffId, Timestamp>>,
+    sweep_cursor: Mutex<SweepCursor>,
     metrics: Metrics,
 }
 
@@ -245,6 +246,7 @@ impl Broker {
                 pending: Mutex::default(),
                 waiters: Mutex::default(),
                 device_polls: Mutex::default(),
+                sweep_cursor: Mutex::default(),
                 metrics: Metrics::default(),
             }),
         }

@@ -29,6 +29,7 @@ use futures_util::future::join_all;
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::authid::AuthId;
+use crate::engine::{SweepCursor, sweep_pass};
 use crate::keys::{MasterKey, MasterKeyId, MasterKeyring, SymmetricKey};
 use crate::random::{OsRandom, Random};
 use crate::records::{
@@ -385,6 +386,96 @@ async fn notices_reach_every_subscriber(store: &dyn Store) {
     assert_eq!(second.next().await, Some(Notice::GrantChanged(a)));
 }
 
+/// Stores a login transaction, a hand-off and a device code named by `name`,
+/// each expiring at `expires`.
+async fn short_lived_records(store: &dyn Store, name: &str, expires: Timestamp) {
+    let keys = ring().record_keys();
+    let handoff = HandoffId::for_token(&keys, &format!("handoff-{name}"));
+    let mut tx = LoginTransaction {
+        id: LoginId::for_state(&keys, &format!("state-{name}")),
+        version: 0,
+        service: "googledrive".into(),
+        pkce_verifier: None,
+        handoff: Some(handoff),
+        browser: None,
+        label: String::new(),
+        created_at: now(),
+        expires_at: expires,
+        completed_at: None,
+        tag: [0; 32],
+    };
+    tx.sign(&keys);
+    store.create(&mut tx).await.expect("insert login");
+    let mut h = Handoff::new(&keys, &format!("handoff-{name}"), now(), expires);
+    h.sign(&keys);
+    store.create(&mut h).await.expect("insert handoff");
+    let mut device = DeviceGrant {
+        id: UserCodeId::for_user_code(&keys, &format!("CODE-{name}")),
+        version: 0,
+        service: "dropbox".into(),
+        handoff,
+        label: String::new(),
+        created_at: now(),
+        expires_at: expires,
+        tag: [0; 32],
+    };
+    device.sign(&keys);
+    store.create(&mut device).await.expect("insert device grant");
+}
+
+/// How many login transactions, hand-offs and device codes the store holds.
+async fn short_lived_counts(store: &dyn Store) -> [usize; 3] {
+    let mut counts = [0; 3];
+    for (count, kind) in
+        counts.iter_mut().zip([RecordKind::LoginTransaction, RecordKind::Handoff, RecordKind::DeviceGrant])
+    {
+        let page = store.list(&ListQuery::all(kind, 1000)).await.expect("list");
+        assert!(page.next.is_none());
+        *count = page.items.len();
+    }
+    counts
+}
+
+/// The engine's sweep deletes expired login transactions, hand-offs and
+/// device codes and nothing else, reads at most its limit of each kind per
+/// pass, goes on where the last pass stopped, and two passes at once delete
+/// each record once between them.
+async fn sweeps_delete_expired_records_a_page_at_a_time(store: &dyn Store) {
+    let expired = now().saturating_add(Duration::from_secs(30));
+    let live = now().saturating_add(Duration::from_secs(600));
+    let at = now().saturating_add(Duration::from_secs(60));
+    for i in 0..7 {
+        short_lived_records(store, &format!("a{i}"), if i < 5 { expired } else { live }).await;
+    }
+    let mut cursor = SweepCursor::default();
+    let mut removed = 0;
+    for pass in 1..=3 {
+        let report = sweep_pass(store, at, 3, &mut cursor).await.expect("sweep");
+        assert!(report.examined <= 9, "at most 3 of each kind per pass: {report:?}");
+        assert!(report.expired_logins <= 3 && report.expired_handoffs <= 3 && report.expired_devices <= 3);
+        assert_eq!(report.more, pass < 3, "pass {pass}: {report:?}");
+        removed += report.removed();
+    }
+    assert_eq!(removed, 15);
+    assert_eq!(short_lived_counts(store).await, [2, 2, 2], "only the live records are left");
+    let report = sweep_pass(store, at, 3, &mut cursor).await.expect("sweep from the start again");
+    assert_eq!((report.removed(), report.examined), (0, 6));
+
+    for round in 0..3 {
+        for i in 0..RACERS {
+            short_lived_records(store, &format!("r{round}-{i}"), expired).await;
+        }
+        let (mut first, mut second) = (SweepCursor::default(), SweepCursor::default());
+        let (a, b) =
+            futures_util::join!(sweep_pass(store, at, 1000, &mut first), sweep_pass(store, at, 1000, &mut second));
+        let (a, b) = (a.expect("first sweep"), b.expect("second sweep"));
+        assert_eq!(a.expired_logins + b.expired_logins, RACERS, "{a:?} {b:?}");
+        assert_eq!(a.expired_handoffs + b.expired_handoffs, RACERS, "{a:?} {b:?}");
+        assert_eq!(a.expired_devices + b.expired_devices, RACERS, "{a:?} {b:?}");
+        assert_eq!(short_lived_counts(store).await, [2, 2, 2]);
+    }
+}
+
 /// A running conformance case.
 pub type CaseFuture<'a> = Pin<Box<dyn Future<Output = ()> + 'a>>;
 
@@ -415,6 +506,7 @@ macro_rules! store_conformance_tests {
             leases_are_exclusive_until_released_or_lapsed,
             listing_pages_in_id_order,
             notices_reach_every_subscriber,
+            sweeps_delete_expired_records_a_page_at_a_time,
         );
     };
     (@tests $make:expr ; $($case:ident),* $(,)?) => {
