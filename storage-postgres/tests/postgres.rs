@@ -166,6 +166,90 @@ mod two_instances {
             assert!(matches!(a.acquire_lease(&g, other, at(100), at(40)).await, Ok(LeaseOutcome::Acquired { .. })));
         }
     }
+
+    /// The engine's sweep on two instances at once, each on its own task,
+    /// a few records a pass: every expired record goes exactly once, the
+    /// live ones stay, and neither pass fails.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sweeps_on_two_instances_at_once_delete_each_expired_record_once() {
+        use std::sync::Arc;
+        use std::time::Duration;
+
+        use latchkey_core::engine::{SweepCursor, sweep_pass};
+        use latchkey_core::keys::{MasterKey, MasterKeyId, MasterKeyring};
+        use latchkey_core::records::{DeviceGrant, Handoff, HandoffId, LoginId, LoginTransaction, UserCodeId};
+        use latchkey_core::{OsRandom, StoreExt, Tagged};
+
+        let schema = Schema::fresh();
+        let (a, b) = (Arc::new(schema.open().await), Arc::new(schema.open().await));
+        let keys = MasterKeyring::single(MasterKey::generate(MasterKeyId::new("k").unwrap(), &OsRandom)).record_keys();
+        let t = Timestamp::from_unix_secs(1_767_225_600);
+        let (expired, live, now) =
+            (t, t.saturating_add(Duration::from_secs(600)), t.saturating_add(Duration::from_secs(1)));
+        const EXPIRED: usize = 60;
+        for i in 0..EXPIRED + 4 {
+            let expires = if i < EXPIRED { expired } else { live };
+            let handoff = HandoffId::for_token(&keys, &format!("handoff-{i}"));
+            let mut tx = LoginTransaction {
+                id: LoginId::for_state(&keys, &format!("state-{i}")),
+                version: 0,
+                service: "svc".into(),
+                pkce_verifier: None,
+                handoff: Some(handoff),
+                browser: None,
+                label: String::new(),
+                created_at: t,
+                expires_at: expires,
+                completed_at: None,
+                tag: [0; 32],
+            };
+            tx.sign(&keys);
+            a.create(&mut tx).await.expect("insert login");
+            let mut h = Handoff::new(&keys, &format!("handoff-{i}"), t, expires);
+            h.sign(&keys);
+            b.create(&mut h).await.expect("insert hand-off");
+            let mut device = DeviceGrant {
+                id: UserCodeId::for_user_code(&keys, &format!("CODE-{i}")),
+                version: 0,
+                service: "svc".into(),
+                handoff,
+                label: String::new(),
+                created_at: t,
+                expires_at: expires,
+                tag: [0; 32],
+            };
+            device.sign(&keys);
+            a.create(&mut device).await.expect("insert device code");
+        }
+        let sweeper = |store: Arc<latchkey_storage_postgres::PostgresStore>| {
+            tokio::spawn(async move {
+                let (mut cursor, mut removed, mut passes) = (SweepCursor::default(), [0; 3], 0);
+                loop {
+                    let report = sweep_pass(store.as_ref(), now, 7, &mut cursor).await.expect("a sweep pass");
+                    passes += 1;
+                    for (sum, n) in
+                        removed.iter_mut().zip([report.expired_logins, report.expired_handoffs, report.expired_devices])
+                    {
+                        *sum += n;
+                    }
+                    if !report.more {
+                        return (removed, passes);
+                    }
+                }
+            })
+        };
+        let (first, second) = (sweeper(Arc::clone(&a)), sweeper(Arc::clone(&b)));
+        let ((one, one_passes), (two, two_passes)) = (first.await.unwrap(), second.await.unwrap());
+        eprintln!("two sweepers: {one:?} in {one_passes} passes, {two:?} in {two_passes} passes");
+        for kind in 0..3 {
+            assert_eq!(one[kind] + two[kind], EXPIRED, "each expired record once: {one:?} {two:?}");
+        }
+        assert!(one_passes <= 10 && two_passes <= 10, "at most 64 records of each kind, 7 a pass");
+        for kind in [RecordKind::LoginTransaction, RecordKind::Handoff, RecordKind::DeviceGrant] {
+            let left = a.list(&latchkey_core::ListQuery::all(kind, 100)).await.expect("list");
+            assert_eq!(left.items.len(), 4, "{kind:?}: the live records stay");
+        }
+    }
 }
 
 // (3) A notice published through one instance reaches the subscribers of every instance.
