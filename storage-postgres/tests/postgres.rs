@@ -240,11 +240,13 @@ mod two_instances {
         };
         let (first, second) = (sweeper(Arc::clone(&a)), sweeper(Arc::clone(&b)));
         let ((one, one_passes), (two, two_passes)) = (first.await.unwrap(), second.await.unwrap());
-        eprintln!("two sweepers: {one:?} in {one_passes} passes, {two:?} in {two_passes} passes");
         for kind in 0..3 {
             assert_eq!(one[kind] + two[kind], EXPIRED, "each expired record once: {one:?} {two:?}");
         }
-        assert!(one_passes <= 10 && two_passes <= 10, "at most 64 records of each kind, 7 a pass");
+        assert!(
+            one_passes <= 10 && two_passes <= 10,
+            "at most 64 records of each kind, 7 a pass: {one_passes} and {two_passes} passes"
+        );
         for kind in [RecordKind::LoginTransaction, RecordKind::Handoff, RecordKind::DeviceGrant] {
             let left = a.list(&latchkey_core::ListQuery::all(kind, 100)).await.expect("list");
             assert_eq!(left.items.len(), 4, "{kind:?}: the live records stay");
