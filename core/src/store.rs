@@ -106,6 +106,11 @@ pub enum Notice {
     /// A grant's tokens were refreshed and stored: instances waiting on the
     /// refreshing instance's lease may re-read.
     TokenRefreshed(GrantId),
+    /// Notices may have been lost (a store's listening connection came back
+    /// after a break): drop every cached token and re-read. Local only: a
+    /// store emits it to its own subscribers and never sends it to another
+    /// process; publishing it reaches this store's subscribers alone.
+    Resync,
 }
 
 /// The notices a subscriber receives.

@@ -8,6 +8,7 @@ mod engine_world;
 mod envelope_props;
 mod key_rotation;
 mod memory_store;
+mod notices;
 mod records_props;
 mod redaction;
 mod sweep;

@@ -39,8 +39,10 @@
 //! * **A dedicated listening connection**, outside the pool, is polled
 //!   directly for notifications and fans them out to subscribers; when it
 //!   drops it reconnects with backoff and LISTENs again. Notices published
-//!   while it is down are lost: they are hints (cache purges, wake-ups) the
-//!   engine also covers by polling and expiry.
+//!   while it is down are lost, so after each reconnect the subscribers get
+//!   [`Notice::Resync`] and the engine drops its whole token cache (a lost
+//!   "grant changed" may have been a revocation); lost wake-ups are covered
+//!   by the engine's polling.
 //! * **TLS by `sslmode`, behind the `tls` feature.** Plain on loopback;
 //!   rustls with a verified certificate where the URL (or a CA file) asks for
 //!   it; a build without the feature refuses `sslmode=require` at start
@@ -322,7 +324,10 @@ impl Store for PostgresStore {
     }
 
     async fn publish(&self, notice: Notice) -> Result<(), StoreError> {
-        let payload = listener::encode(notice);
+        let Some(payload) = listener::encode(notice) else {
+            self.listener.deliver_locally(notice);
+            return Ok(());
+        };
         self.execute("SELECT pg_notify($1, $2)", &[&self.channel, &payload]).await.map(|_| ())
     }
 

@@ -1,5 +1,7 @@
 //! Notices over LISTEN/NOTIFY: one dedicated connection per store, fanned out
 //! to every subscriber, reconnected with backoff when the server goes away.
+//! Notices sent while it was away are lost, so after every reconnect the
+//! subscribers get [`Notice::Resync`] (drop every cache, re-read).
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -20,17 +22,19 @@ const LISTEN_WAIT: Duration = Duration::from_secs(5);
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(2));
 
 /// Encodes a notice as the NOTIFY payload: `c:` (grant changed) or `r:`
-/// (token refreshed), then the grant id in lowercase hex.
-pub(crate) fn encode(notice: Notice) -> String {
+/// (token refreshed), then the grant id in lowercase hex. `None` for
+/// [`Notice::Resync`], which never goes over the wire.
+pub(crate) fn encode(notice: Notice) -> Option<String> {
     let (tag, grant) = match notice {
         Notice::GrantChanged(g) => ('c', g),
         Notice::TokenRefreshed(g) => ('r', g),
+        Notice::Resync => return None,
     };
     let mut out = format!("{tag}:");
     for b in grant.as_bytes() {
         out.push_str(&format!("{b:02x}"));
     }
-    out
+    Some(out)
 }
 
 /// Decodes a payload written by [`encode`]; anything else is `None`.
@@ -66,8 +70,12 @@ impl Shared {
 
     fn deliver(&self, payload: &str) {
         if let Some(notice) = decode(payload) {
-            self.subscribers().retain(|tx| tx.unbounded_send(notice).is_ok());
+            self.send(notice);
         }
+    }
+
+    fn send(&self, notice: Notice) {
+        self.subscribers().retain(|tx| tx.unbounded_send(notice).is_ok());
     }
 }
 
@@ -110,6 +118,11 @@ impl Listener {
         }
     }
 
+    /// Hands a notice to this store's subscribers only (no NOTIFY).
+    pub(crate) fn deliver_locally(&self, notice: Notice) {
+        self.shared.send(notice);
+    }
+
     fn start(&self) -> Result<(), StoreError> {
         let mut task = self.task.lock().unwrap_or_else(PoisonError::into_inner);
         if task.as_ref().is_none_or(JoinHandle::is_finished) {
@@ -130,17 +143,21 @@ impl Drop for Listener {
     }
 }
 
-/// Listens, and after every lost connection listens again, forever.
+/// Listens, and after every lost connection listens again, forever. Every
+/// LISTEN after the first is announced to the subscribers with
+/// [`Notice::Resync`]: whatever was published in between is lost.
 async fn run(config: tokio_postgres::Config, transport: Transport, listen_sql: String, shared: Arc<Shared>) {
     let mut backoff = BACKOFF.0;
+    let mut resync = false;
     loop {
         let listened = match &transport {
-            Transport::Plain => listen_once(config.connect(NoTls).await, &listen_sql, &shared).await,
+            Transport::Plain => listen_once(config.connect(NoTls).await, &listen_sql, &shared, resync).await,
             #[cfg(feature = "tls")]
-            Transport::Tls(tls) => listen_once(config.connect(tls.clone()).await, &listen_sql, &shared).await,
+            Transport::Tls(tls) => listen_once(config.connect(tls.clone()).await, &listen_sql, &shared, resync).await,
         };
         if listened {
             backoff = BACKOFF.0;
+            resync = true;
         }
         shared.listening.send_replace(false);
         tokio::time::sleep(backoff).await;
@@ -148,12 +165,14 @@ async fn run(config: tokio_postgres::Config, transport: Transport, listen_sql: S
     }
 }
 
-/// One connection's life, from its connect result: LISTEN, deliver until it
+/// One connection's life, from its connect result: LISTEN, (with `resync`)
+/// tell the subscribers that notices may have been lost, deliver until it
 /// ends. Answers whether the LISTEN took effect.
 async fn listen_once<S, T>(
     connected: Result<(Client, Connection<S, T>), tokio_postgres::Error>,
     listen_sql: &str,
     shared: &Shared,
+    resync: bool,
 ) -> bool
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -177,6 +196,9 @@ where
                 },
             }
         }
+    }
+    if resync {
+        shared.send(Notice::Resync);
     }
     shared.listening.send_replace(true);
     while let Some(Ok(message)) = messages.next().await {

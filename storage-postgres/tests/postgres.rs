@@ -296,6 +296,42 @@ mod notices {
         y.publish(Notice::GrantChanged(h)).await.expect("publish on y");
         assert_eq!(next_within_a_second(&mut on_y).await, Notice::GrantChanged(h));
     }
+
+    /// Notices sent while the listening connection is gone are lost; once it
+    /// listens again its subscribers are told so with `Resync`. A `Resync`
+    /// published by hand stays in its own store.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lost_listening_connection_is_followed_by_resync() {
+        let schema = Schema::fresh();
+        let (a, b) = (schema.open().await, schema.open().await);
+        let mut on_a = a.subscribe().await.expect("subscribe a");
+        let mut on_b = b.subscribe().await.expect("subscribe b");
+        b.publish(Notice::Resync).await.expect("publish resync");
+        assert_eq!(next_within_a_second(&mut on_b).await, Notice::Resync, "b's own subscribers get it");
+        let g = grant();
+        a.publish(Notice::GrantChanged(g)).await.expect("publish");
+        assert_eq!(next_within_a_second(&mut on_a).await, Notice::GrantChanged(g), "but nobody else");
+        assert_eq!(next_within_a_second(&mut on_b).await, Notice::GrantChanged(g));
+
+        // Both listening connections (one query text per schema) go.
+        let raw = raw_client().await;
+        let listen = format!("LISTEN \"{}\"", a.channel());
+        let killed = raw
+            .query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query = $1", &[&listen])
+            .await
+            .expect("terminate the listening connections");
+        assert_eq!(killed.len(), 2);
+        for stream in [&mut on_a, &mut on_b] {
+            let first = tokio::time::timeout(std::time::Duration::from_secs(5), futures_util::StreamExt::next(stream))
+                .await
+                .expect("a notice within 5 s of the break");
+            assert_eq!(first, Some(Notice::Resync));
+        }
+        let h = grant();
+        a.publish(Notice::GrantChanged(h)).await.expect("publish after the reconnect");
+        assert_eq!(next_within_a_second(&mut on_b).await, Notice::GrantChanged(h));
+        assert_eq!(next_within_a_second(&mut on_a).await, Notice::GrantChanged(h));
+    }
 }
 
 // (4) Migrations: concurrent starts, re-opening, a newer schema, invalid names, no server.

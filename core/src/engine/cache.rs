@@ -3,7 +3,8 @@
 //! Indexed by an HMAC of the whole AuthID under a random per-instance key, so
 //! a lookup with a wrong secret can never hit and the map holds no AuthID.
 //! Bounded in entries and age; purged by grant on revocation and on "grant
-//! changed" notices. A purge also bumps an epoch, and an insert that began
+//! changed" notices, and whole when the store says notices may have been
+//! lost (`Notice::Resync`). A purge also bumps an epoch, and an insert that began
 //! before the latest purge is dropped, so a request racing a revocation
 //! cannot put a revoked grant's token back.
 
@@ -134,6 +135,15 @@ impl TokenCache {
         for key in inner.by_grant.remove(grant).unwrap_or_default() {
             inner.remove(&key);
         }
+    }
+
+    /// Drops every entry, and fences off inserts already under way.
+    pub(crate) fn purge_all(&self) {
+        let mut inner = self.lock();
+        inner.epoch += 1;
+        inner.entries.clear();
+        inner.by_age.clear();
+        inner.by_grant.clear();
     }
 
     pub(crate) fn len(&self) -> usize {

@@ -95,6 +95,7 @@ pub(crate) struct Metrics {
     pub(crate) persist_failures: AtomicU64,
     pub(crate) failed_secrets: AtomicU64,
     pub(crate) swept_records: AtomicU64,
+    pub(crate) notice_publish_failures: AtomicU64,
     refreshes: Mutex<BTreeMap<(String, RefreshOutcome), u64>>,
     latency: Mutex<BTreeMap<String, LatencyHistogram>>,
     /// Refreshes that contradicted the catalogue, by (provider, rotated).
@@ -161,6 +162,7 @@ impl Metrics {
             persist_failures: get(&self.persist_failures),
             failed_secrets: get(&self.failed_secrets),
             swept_records: get(&self.swept_records),
+            notice_publish_failures: get(&self.notice_publish_failures),
             pending_writes: pending_writes as u64,
             cached_tokens: cached_tokens as u64,
             refreshes: self.refreshes.lock().unwrap_or_else(|p| p.into_inner()).clone(),
@@ -194,6 +196,11 @@ pub struct MetricsSnapshot {
     /// Expired login transactions, hand-offs and device codes deleted by
     /// [`Broker::sweep_expired`](super::Broker::sweep_expired).
     pub swept_records: u64,
+    /// "Grant changed" notices (a revocation, a re-login mark, a gc) the
+    /// store would not publish: other instances keep serving that grant's
+    /// cached tokens until their cache entries age out or their listener
+    /// reconnects. The change itself was made.
+    pub notice_publish_failures: u64,
     /// Refreshed grants held in memory until the store takes them.
     pub pending_writes: u64,
     /// Tokens in the cache.

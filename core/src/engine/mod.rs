@@ -254,7 +254,9 @@ impl Broker {
 
     /// Subscribes to the store's notices: "grant changed" purges this
     /// instance's cache, "token refreshed" wakes requests waiting on another
-    /// instance's lease.
+    /// instance's lease, and "resync" (notices may have been lost while the
+    /// store's listener was disconnected) purges the whole cache and wakes
+    /// every waiter.
     pub async fn start(&self) -> Result<(), StoreError> {
         let mut notices = self.inner.store.subscribe().await?;
         let weak = Arc::downgrade(&self.inner);
@@ -267,6 +269,10 @@ impl Broker {
                         inner.wake(&grant);
                     }
                     Notice::TokenRefreshed(grant) => inner.wake(&grant),
+                    Notice::Resync => {
+                        inner.cache.purge_all();
+                        inner.wake_all();
+                    }
                 }
             }
         }));
@@ -366,13 +372,23 @@ impl Inner {
         }
     }
 
+    /// Wakes every waiter: a notice for any grant may have been lost.
+    fn wake_all(&self) {
+        for tx in std::mem::take(&mut *lock(&self.waiters)).into_values().flatten() {
+            let _ = tx.send(());
+        }
+    }
+
     /// Purges this instance's cache for a grant and tells the others.
     async fn grant_changed(&self, grant: &GrantId) {
         self.cache.purge_grant(grant);
         self.wake(grant);
         // Other instances purge when the notice arrives; our own cache is
         // already clean, so a failed publish only delays theirs (bounded by
-        // the cache TTL).
-        let _ = self.store.publish(Notice::GrantChanged(*grant)).await;
+        // the cache TTL). The change itself stands; the failure is counted
+        // for the front end to report.
+        if self.store.publish(Notice::GrantChanged(*grant)).await.is_err() {
+            Metrics::bump(&self.metrics.notice_publish_failures);
+        }
     }
 }

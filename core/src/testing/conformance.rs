@@ -384,6 +384,9 @@ async fn notices_reach_every_subscriber(store: &dyn Store) {
     drop(first);
     store.publish(Notice::GrantChanged(a)).await.expect("publish after a subscriber left");
     assert_eq!(second.next().await, Some(Notice::GrantChanged(a)));
+    // Resync is local, but this store's own subscribers get it.
+    store.publish(Notice::Resync).await.expect("publish resync");
+    assert_eq!(second.next().await, Some(Notice::Resync));
 }
 
 /// Stores a login transaction, a hand-off and a device code named by `name`,

@@ -9,12 +9,13 @@ use super::EventLog;
 use crate::records::RecordKind;
 use crate::store::{ListQuery, Notice, NoticeStream, Page, Store, StoreError, StoredRecord};
 
-/// Wraps a store; fails reads or writes while told to, and appends
+/// Wraps a store; fails reads, writes or publishes while told to, and appends
 /// `store.cas <kind>` to an event log after each successful compare-and-swap.
 pub struct FaultStore {
     inner: Arc<dyn Store>,
     fail_reads: AtomicBool,
     fail_writes: AtomicBool,
+    fail_publishes: AtomicBool,
     fail_next_grant_writes: AtomicUsize,
     failed_writes: AtomicUsize,
     log: Option<EventLog>,
@@ -27,6 +28,7 @@ impl FaultStore {
             inner,
             fail_reads: AtomicBool::new(false),
             fail_writes: AtomicBool::new(false),
+            fail_publishes: AtomicBool::new(false),
             fail_next_grant_writes: AtomicUsize::new(0),
             failed_writes: AtomicUsize::new(0),
             log: None,
@@ -47,6 +49,12 @@ impl FaultStore {
     /// Every write fails (`Unavailable`) while set.
     pub fn fail_writes(&self, fail: bool) {
         self.fail_writes.store(fail, Ordering::SeqCst);
+    }
+
+    /// Every notice publish fails (`Unavailable`) while set; subscribing
+    /// still works.
+    pub fn fail_publishes(&self, fail: bool) {
+        self.fail_publishes.store(fail, Ordering::SeqCst);
     }
 
     /// The next `n` compare-and-swaps of grant records fail.
@@ -119,6 +127,9 @@ impl Store for FaultStore {
     }
 
     async fn publish(&self, notice: Notice) -> Result<(), StoreError> {
+        if self.fail_publishes.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable { retryable: true, source: None });
+        }
         self.inner.publish(notice).await
     }
 
