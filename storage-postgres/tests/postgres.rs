@@ -2,12 +2,19 @@
 //! concern. They need the PostgreSQL server named by `DATABASE_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/test`); without it they fail. Each test
 //! works in its own random schema and drops it at the end.
+//!
+//! Some tests restart or stop that server. Under cargo-nextest every test is
+//! a process and the PostgreSQL tests run one at a time (a test group in
+//! `.config/nextest.toml`); under `cargo test` they are threads of this one
+//! process, so each holds the server through [`SERVER`]: shared by any test
+//! with a schema, alone by a test that restarts it ([`Schema::alone`]).
 
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use latchkey_core::{GrantId, Notice, NoticeStream, OsRandom, Random};
 use latchkey_storage_postgres::PostgresStore;
+use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tokio_postgres::NoTls;
 
 fn database_url() -> String {
@@ -24,12 +31,47 @@ fn grant() -> GrantId {
     GrantId::generate(&OsRandom)
 }
 
-/// A fresh schema, dropped (with everything in it) when this guard is dropped.
-struct Schema(String);
+/// The PostgreSQL server as this binary's tests share it: a test that talks
+/// to it holds it shared, a test that restarts or stops it holds it alone
+/// (and waits for the others to finish first). A failed test leaves no
+/// poisoned lock behind.
+static SERVER: RwLock<()> = RwLock::const_new(());
+
+/// How a test holds [`SERVER`].
+#[allow(dead_code)] // the guards are held, never read
+enum Hold {
+    Shared(RwLockReadGuard<'static, ()>),
+    Alone(RwLockWriteGuard<'static, ()>),
+    /// Through another schema of the same test ([`Schema::beside`]).
+    Beside,
+}
+
+/// A fresh schema, dropped (with everything in it) when this guard is
+/// dropped; it holds the server (see [`SERVER`]) until then.
+struct Schema(String, #[allow(dead_code)] Hold);
 
 impl Schema {
-    fn fresh() -> Self {
-        Schema(format!("lk_test_{}", random_hex(8)))
+    /// A fresh schema in the shared server.
+    async fn fresh() -> Self {
+        Schema::named(format!("lk_test_{}", random_hex(8))).await
+    }
+
+    /// A schema named `name` in the shared server.
+    async fn named(name: String) -> Self {
+        Schema(name, Hold::Shared(SERVER.read().await))
+    }
+
+    /// A second fresh schema under this one's hold, for a test that needs
+    /// two: a second shared hold could wait behind a test queued to restart
+    /// the server, which waits for the first. Drop it before this one.
+    fn beside(&self) -> Self {
+        Schema(format!("lk_test_{}", random_hex(8)), Hold::Beside)
+    }
+
+    /// A fresh schema for a test that restarts or stops the server: no other
+    /// test of this binary uses the server until it is dropped.
+    async fn alone() -> Self {
+        Schema(format!("lk_test_{}", random_hex(8)), Hold::Alone(SERVER.write().await))
     }
 
     async fn open(&self) -> PostgresStore {
@@ -68,7 +110,7 @@ async fn raw_client() -> tokio_postgres::Client {
 type TestStore = latchkey_core::testing::Guarded<PostgresStore, Schema>;
 
 async fn fresh_store() -> TestStore {
-    let schema = Schema::fresh();
+    let schema = Schema::fresh().await;
     TestStore::new(schema.open().await, schema)
 }
 
@@ -96,7 +138,7 @@ mod two_instances {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn compare_and_swap_has_one_winner_per_round_across_instances() {
-        let schema = Schema::fresh();
+        let schema = Schema::fresh().await;
         let (a, b) = (schema.open().await, schema.open().await);
         let id = b"shared";
         a.insert(RecordKind::Grant, id, None, b"start").await.expect("insert");
@@ -123,7 +165,7 @@ mod two_instances {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn leases_have_one_holder_across_instances() {
-        let schema = Schema::fresh();
+        let schema = Schema::fresh().await;
         let (a, b) = (schema.open().await, schema.open().await);
         let t = Timestamp::from_unix_secs(1_767_225_600);
         let at = |s: u64| t.saturating_add(std::time::Duration::from_secs(s));
@@ -180,7 +222,7 @@ mod two_instances {
         use latchkey_core::records::{DeviceGrant, Handoff, HandoffId, LoginId, LoginTransaction, UserCodeId};
         use latchkey_core::{OsRandom, StoreExt, Tagged};
 
-        let schema = Schema::fresh();
+        let schema = Schema::fresh().await;
         let (a, b) = (Arc::new(schema.open().await), Arc::new(schema.open().await));
         let keys = MasterKeyring::single(MasterKey::generate(MasterKeyId::new("k").unwrap(), &OsRandom)).record_keys();
         let t = Timestamp::from_unix_secs(1_767_225_600);
@@ -262,7 +304,7 @@ mod notices {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn notices_cross_instances_and_bad_payloads_are_ignored() {
-        let schema = Schema::fresh();
+        let schema = Schema::fresh().await;
         let (a, b) = (schema.open().await, schema.open().await);
         let mut on_a = a.subscribe().await.expect("subscribe a");
         let mut on_b = b.subscribe().await.expect("subscribe b");
@@ -287,7 +329,8 @@ mod notices {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn schemas_do_not_hear_each_other() {
-        let (one, two) = (Schema::fresh(), Schema::fresh());
+        let one = Schema::fresh().await;
+        let two = one.beside();
         let (x, y) = (one.open().await, two.open().await);
         assert_ne!(x.channel(), y.channel());
         let mut on_y = y.subscribe().await.expect("subscribe");
@@ -302,7 +345,7 @@ mod notices {
     /// published by hand stays in its own store.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_lost_listening_connection_is_followed_by_resync() {
-        let schema = Schema::fresh();
+        let schema = Schema::fresh().await;
         let (a, b) = (schema.open().await, schema.open().await);
         let mut on_a = a.subscribe().await.expect("subscribe a");
         let mut on_b = b.subscribe().await.expect("subscribe b");
@@ -346,7 +389,7 @@ mod migrations {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn instances_starting_together_migrate_once() {
-        let schema = Schema::fresh();
+        let schema = Schema::fresh().await;
         let url = database_url();
         let stores = join_all((0..8).map(|_| PostgresStore::connect(&url, &schema.0))).await;
         let stores: Vec<PostgresStore> = stores.into_iter().map(|s| s.expect("every instance starts")).collect();
@@ -367,7 +410,7 @@ mod migrations {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_newer_schema_is_refused_clearly() {
-        let schema = Schema::fresh();
+        let schema = Schema::fresh().await;
         drop(schema.open().await);
         let newer = SCHEMA_VERSION + 1;
         raw_client()
@@ -395,7 +438,7 @@ mod migrations {
             };
             assert_eq!(source.downcast_ref::<SetupError>(), Some(&SetupError::InvalidSchemaName), "{bad}");
         }
-        let longest = Schema(format!("lk_{}", "z".repeat(38)));
+        let longest = Schema::named(format!("lk_{}", "z".repeat(38))).await;
         assert_eq!(longest.0.len(), 41);
         assert_eq!(longest.open().await.schema(), longest.0);
     }
@@ -508,8 +551,10 @@ mod restart {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[allow(clippy::print_stderr)] // the measured outage is the point of this test
     async fn the_store_recovers_from_a_restart_without_being_rebuilt() {
+        // Dropped in reverse: the server is started again (if a failure left
+        // it stopped) before the schema goes and the other tests may go on.
+        let schema = Schema::alone().await;
         let _server = ServerBack;
-        let schema = Schema::fresh();
         let a = Arc::new(schema.open().await);
         let b = schema.open().await;
         let mut on_b = b.subscribe().await.expect("subscribe before the restart");

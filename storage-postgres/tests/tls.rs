@@ -152,7 +152,7 @@ async fn a_verified_tls_connection_carries_queries_and_notices() {
     let front = front(cert, key).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let options = TlsOptions { ca_file: Some(ca.pem_file(&dir)) };
-    let schema = Schema::fresh();
+    let schema = Schema::fresh().await;
 
     let store =
         PostgresStore::connect_with(&url_through(&front, "require"), &schema.0, &options).await.expect("connect");
@@ -179,7 +179,7 @@ async fn a_certificate_from_an_unknown_ca_is_refused() {
     let front = front(cert, key).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let options = TlsOptions { ca_file: Some(trusted.pem_file(&dir)) };
-    let schema = Schema::fresh();
+    let schema = Schema::fresh().await;
 
     let error = PostgresStore::connect_with(&url_through(&front, "require"), &schema.0, &options)
         .await
@@ -196,7 +196,7 @@ async fn a_certificate_for_another_host_is_refused() {
     let front = front(cert, key).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let options = TlsOptions { ca_file: Some(ca.pem_file(&dir)) };
-    let schema = Schema::fresh();
+    let schema = Schema::fresh().await;
 
     let error = PostgresStore::connect_with(&url_through(&front, "require"), &schema.0, &options)
         .await
@@ -212,7 +212,7 @@ async fn a_ca_file_without_certificates_is_refused_before_connecting() {
     let path = dir.path().join("ca.pem");
     std::fs::write(&path, "not a certificate\n").expect("write");
     let options = TlsOptions { ca_file: Some(path.clone()) };
-    let error = PostgresStore::connect_with(&database_url(), &Schema::fresh().0, &options)
+    let error = PostgresStore::connect_with(&database_url(), &Schema::fresh().await.0, &options)
         .await
         .expect_err("an unusable CA file");
     let StoreError::Unavailable { retryable: false, source: Some(source) } = &error else {
@@ -223,7 +223,7 @@ async fn a_ca_file_without_certificates_is_refused_before_connecting() {
         Some(&SetupError::CaFile { path, reason: "it holds no PEM certificate".into() })
     );
     let missing = TlsOptions { ca_file: Some(dir.path().join("missing.pem")) };
-    let error = PostgresStore::connect_with(&database_url(), &Schema::fresh().0, &missing).await.unwrap_err();
+    let error = PostgresStore::connect_with(&database_url(), &Schema::fresh().await.0, &missing).await.unwrap_err();
     assert!(chain(&error).contains("missing.pem"), "{}", chain(&error));
 }
 
@@ -231,7 +231,7 @@ async fn a_ca_file_without_certificates_is_refused_before_connecting() {
 async fn loopback_stays_plain_by_default() {
     // The local server offers TLS with a certificate nobody can verify; the
     // default `prefer` on loopback must not try it.
-    let schema = Schema::fresh();
+    let schema = Schema::fresh().await;
     let store = schema.open().await;
     assert!(!store.uses_tls());
     store.insert(RecordKind::Grant, b"plain", None, b"x").await.expect("insert over plain TCP");
