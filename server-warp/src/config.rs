@@ -51,6 +51,9 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// The background sweep of expired short-lived records.
+    #[serde(default)]
+    pub sweep: SweepConfig,
     /// Provider credentials and overrides.
     #[serde(default)]
     pub providers: BTreeMap<String, ProviderConfig>,
@@ -222,6 +225,33 @@ impl Default for LogConfig {
     }
 }
 
+/// `[sweep]`: how often expired login transactions, hand-offs and device
+/// codes are deleted, and how many of each a pass reads at most.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SweepConfig {
+    /// Seconds between passes.
+    #[serde(default = "default_sweep_interval")]
+    pub interval_secs: u64,
+    /// Records of each kind a pass reads at most (and so deletes at most);
+    /// the next pass goes on where it stopped.
+    #[serde(default = "default_records_per_pass")]
+    pub records_per_pass: usize,
+}
+
+fn default_sweep_interval() -> u64 {
+    60
+}
+fn default_records_per_pass() -> usize {
+    1000
+}
+
+impl Default for SweepConfig {
+    fn default() -> Self {
+        SweepConfig { interval_secs: default_sweep_interval(), records_per_pass: default_records_per_pass() }
+    }
+}
+
 /// Why the configuration was refused. Each message names the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -371,6 +401,14 @@ impl Config {
         }
         if self.store.kind == StoreKind::Postgres && self.store.url.is_none() {
             return Err(invalid("store.url", "the postgres store needs a url"));
+        }
+        for (key, value) in [
+            ("sweep.interval_secs", self.sweep.interval_secs),
+            ("sweep.records_per_pass", self.sweep.records_per_pass as u64),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
         }
         let limits = &self.limits;
         for (key, value) in [

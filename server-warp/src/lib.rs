@@ -18,6 +18,7 @@ pub mod http;
 pub mod limits;
 pub mod runtime;
 pub mod setup;
+pub mod upkeep;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -45,6 +46,8 @@ pub struct Running {
     pub withheld: Vec<latchkey_providers::Withheld>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
+    /// The sweep and the notice watch; they stop with this value.
+    _upkeep: upkeep::Upkeep,
 }
 
 impl Running {
@@ -104,6 +107,7 @@ pub async fn serve(
     tune: impl FnOnce(&mut EngineConfig),
 ) -> anyhow::Result<Running> {
     let setup = setup::engine(config, Arc::clone(&store), tune).await?;
+    let upkeep = upkeep::spawn(&setup.broker, &config.sweep);
     let addr = listener.local_addr()?;
     let state = Arc::new(AppState::new(setup.broker.clone(), store, config, Limiter::new(&config.limits)));
     let routes = http::routes(state);
@@ -116,7 +120,7 @@ pub async fn serve(
             })
             .run(),
     );
-    Ok(Running { addr, broker: setup.broker, withheld: setup.withheld, stop: Some(stop), task })
+    Ok(Running { addr, broker: setup.broker, withheld: setup.withheld, stop: Some(stop), task, _upkeep: upkeep })
 }
 
 /// Resolves when the process gets SIGTERM or SIGINT.

@@ -11,3 +11,4 @@ mod duplicati;
 mod duplicati_clients;
 mod front_door;
 mod support;
+mod upkeep;

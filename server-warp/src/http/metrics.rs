@@ -127,6 +127,18 @@ fn render(state: State) -> Response {
     );
     counter(&mut out, "latchkey_persist_failures_total", "Failed writes of refreshed grants.", engine.persist_failures);
     counter(&mut out, "latchkey_failed_secrets_total", "AuthIDs presented with a wrong secret.", engine.failed_secrets);
+    counter(
+        &mut out,
+        "latchkey_swept_records_total",
+        "Expired logins, hand-offs and device codes swept.",
+        engine.swept_records,
+    );
+    counter(
+        &mut out,
+        "latchkey_notice_publish_failures_total",
+        "Grant-changed notices (revocations) the store would not publish to other instances.",
+        engine.notice_publish_failures,
+    );
     gauge(&mut out, "latchkey_pending_writes", "Refreshed grants waiting for the store.", engine.pending_writes);
     gauge(&mut out, "latchkey_cached_tokens", "Access tokens in the cache.", engine.cached_tokens);
     gauge(
