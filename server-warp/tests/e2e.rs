@@ -4,6 +4,7 @@
 //! `server` binary (tests/server.rs).
 
 mod browser;
+mod instances;
 mod interop;
 mod processes;
 // The HTTP helpers; the in-process harness is the fast tier's.
