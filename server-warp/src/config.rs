@@ -48,6 +48,9 @@ pub struct Config {
     /// Rate limits.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Connection deadlines and cap.
+    #[serde(default)]
+    pub connections: ConnectionsConfig,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
@@ -188,6 +191,44 @@ impl Default for LimitsConfig {
             fetch_requests_per_minute_per_address: default_fetch(),
             record_creations_per_minute_per_address: default_creations(),
             user_code_attempts_per_minute_per_address: default_user_codes(),
+        }
+    }
+}
+
+/// `[connections]`: how long a client may take to send a request, and how
+/// many connections may be open (see [`crate::connections`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionsConfig {
+    /// Open connections at most, on each listener; at the cap the longest
+    /// idle keep-alive connection is closed, or the new one waits.
+    #[serde(default = "default_max_open")]
+    pub max_open: usize,
+    /// Seconds a request head may take to arrive (also how long a keep-alive
+    /// connection stays open idle).
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout_secs: u64,
+    /// Seconds a request body may take to arrive, from its head.
+    #[serde(default = "default_body_timeout")]
+    pub body_timeout_secs: u64,
+}
+
+fn default_max_open() -> usize {
+    10_000
+}
+fn default_header_timeout() -> u64 {
+    10
+}
+fn default_body_timeout() -> u64 {
+    30
+}
+
+impl Default for ConnectionsConfig {
+    fn default() -> Self {
+        ConnectionsConfig {
+            max_open: default_max_open(),
+            header_timeout_secs: default_header_timeout(),
+            body_timeout_secs: default_body_timeout(),
         }
     }
 }
@@ -422,10 +463,25 @@ impl Config {
                 return Err(invalid(key, "must be at least 1"));
             }
         }
+        let connections = &self.connections;
+        for (key, value) in [
+            ("connections.max_open", connections.max_open as u64),
+            ("connections.header_timeout_secs", connections.header_timeout_secs),
+            ("connections.body_timeout_secs", connections.body_timeout_secs),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
         if self.keys.master_keys.is_some() && self.keys.master_passphrase_file.is_some() {
             return Err(invalid("keys", "give master_keys or master_passphrase_file, not both"));
         }
         Ok(())
+    }
+
+    /// Whether users reach the broker over HTTPS (`public_url`).
+    pub fn served_over_https(&self) -> bool {
+        self.public_url().starts_with("https://")
     }
 
     /// The public base URL without a trailing slash.

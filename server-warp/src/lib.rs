@@ -12,6 +12,7 @@
 
 pub mod audit;
 pub mod config;
+pub mod connections;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod http;
@@ -26,15 +27,25 @@ use std::time::Duration;
 
 use anyhow::Context;
 use latchkey_core::{Broker, EngineConfig, Store};
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use warp::http::header::{HeaderName, HeaderValue};
 
 use crate::config::Config;
+use crate::connections::{Handler, Limits};
 use crate::http::AppState;
 use crate::limits::Limiter;
 
 /// How long a graceful shutdown waits for refreshes in flight.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Every answer says its content type is the one to believe.
+pub const NOSNIFF: (HeaderName, HeaderValue) =
+    (HeaderName::from_static("x-content-type-options"), HeaderValue::from_static("nosniff"));
+
+/// With an https `public_url`: browsers go on using HTTPS for a year.
+pub const HSTS: (HeaderName, HeaderValue) =
+    (HeaderName::from_static("strict-transport-security"), HeaderValue::from_static("max-age=31536000"));
 
 /// A broker serving HTTP.
 pub struct Running {
@@ -44,7 +55,7 @@ pub struct Running {
     pub broker: Broker,
     /// Services not offered, and why.
     pub withheld: Vec<latchkey_providers::Withheld>,
-    stop: Option<oneshot::Sender<()>>,
+    stop: Option<watch::Sender<bool>>,
     task: JoinHandle<()>,
     /// The sweep and the notice watch; they stop with this value.
     _upkeep: upkeep::Upkeep,
@@ -60,7 +71,7 @@ impl Running {
     /// refreshes in flight to store what they obtained.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+            let _ = stop.send(true);
         }
         let _ = (&mut self.task).await;
         drain(&self.broker).await;
@@ -110,17 +121,39 @@ pub async fn serve(
     let upkeep = upkeep::spawn(&setup.broker, &config.sweep);
     let addr = listener.local_addr()?;
     let state = Arc::new(AppState::new(setup.broker.clone(), store, config, Limiter::new(&config.limits)));
-    let routes = http::routes(state);
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(
-        warp::serve(routes)
-            .incoming(listener)
-            .graceful(async move {
-                let _ = stopped.await;
-            })
-            .run(),
-    );
+    let routes = hyper_util::service::TowerToHyperService::new(warp::service(http::routes(state)));
+    let mut headers = vec![NOSNIFF];
+    if config.served_over_https() {
+        headers.push(HSTS);
+    }
+    let headers: Arc<[(HeaderName, HeaderValue)]> = headers.into();
+    let limits = Limits::new(&config.connections);
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(connections::serve(listener, handler(routes), limits, headers, stopped));
     Ok(Running { addr, broker: setup.broker, withheld: setup.withheld, stop: Some(stop), task, _upkeep: upkeep })
+}
+
+/// The routes as a [`Handler`].
+fn handler<S>(service: S) -> Handler
+where
+    S: hyper::service::Service<
+            warp::http::Request<connections::RequestBody>,
+            Response = warp::reply::Response,
+            Error = std::convert::Infallible,
+        > + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    Arc::new(move |request| {
+        let answer = hyper::service::Service::call(&service, request);
+        Box::pin(async move {
+            match answer.await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            }
+        })
+    })
 }
 
 /// Resolves when the process gets SIGTERM or SIGINT.

@@ -4,6 +4,7 @@
 //! `server` binary (tests/server.rs).
 
 mod browser;
+mod connections;
 mod instances;
 mod interop;
 mod processes;

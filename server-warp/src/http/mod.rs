@@ -100,10 +100,12 @@ fn with_state(state: State) -> impl Filter<Extract = (State,), Error = Infallibl
 pub use crate::limits::client_address;
 
 fn client_ip(state: State) -> impl Filter<Extract = (IpAddr,), Error = Infallible> + Clone {
-    warp::addr::remote().and(warp::header::headers_cloned()).map(move |peer: Option<SocketAddr>, headers: HeaderMap| {
-        let lines = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok());
-        client_address(peer, lines, &state.proxies)
-    })
+    crate::connections::remote().and(warp::header::headers_cloned()).map(
+        move |peer: Option<SocketAddr>, headers: HeaderMap| {
+            let lines = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok());
+            client_address(peer, lines, &state.proxies)
+        },
+    )
 }
 
 /// Query parameters as a map (the first value of each name).

@@ -1,0 +1,450 @@
+//! The broker's own accept loop: HTTP/1.1 connections on hyper, with the
+//! deadlines and the cap warp's server does not have.
+//!
+//! - **Headers** must arrive within `header_timeout` of the connection
+//!   opening or of the previous answer (so an idle keep-alive connection is
+//!   also closed after it); then the connection is closed without an answer.
+//!   A request head over [`MAX_HEADER_BYTES`] is answered 431 by hyper.
+//! - **A request body** must arrive whole within `body_timeout` of its head:
+//!   a handler reading it then gets an error, the client a 408 (`/v1` error
+//!   shape) and the connection is closed.
+//! - **At most `max_open` connections** are open on a listener. When a new
+//!   one arrives at the cap, the keep-alive connection idle the longest is
+//!   told to close (it has no request in progress, so nothing is lost); with
+//!   none idle, the new connection waits unserved (the listener stops
+//!   accepting) until one ends — every busy connection is bounded by the
+//!   deadlines above or by its handler.
+//! - **Shutdown** stops accepting, lets every request in progress finish,
+//!   closes idle connections and resolves when all are gone.
+//!
+//! Every answer, the 408 included, gets the `headers` the caller names
+//! (the security headers); hyper's own answers to heads it cannot parse
+//! (400, 414, 431) are bare and have no body.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::json;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, watch};
+use warp::Filter;
+use warp::http::header::{CONNECTION, HeaderName, HeaderValue};
+use warp::http::{Request, StatusCode};
+use warp::reply::Response;
+
+use crate::config::ConnectionsConfig;
+
+/// A request head (request line and headers) larger than this is answered 431.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// The deadlines and the cap of one listener.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Open connections at most.
+    pub max_open: usize,
+    /// How long a request head may take to arrive.
+    pub header_timeout: Duration,
+    /// How long a request body may take to arrive, from its head.
+    pub body_timeout: Duration,
+}
+
+impl Limits {
+    /// The configured limits.
+    pub fn new(config: &ConnectionsConfig) -> Self {
+        Limits {
+            max_open: config.max_open,
+            header_timeout: Duration::from_secs(config.header_timeout_secs),
+            body_timeout: Duration::from_secs(config.body_timeout_secs),
+        }
+    }
+}
+
+/// What answers a request: the routes, as a future.
+pub type Handler =
+    Arc<dyn Fn(Request<RequestBody>) -> Pin<Box<dyn Future<Output = Response> + Send>> + Send + Sync + 'static>;
+
+/// The peer's address, as a request extension (warp's own is private to warp).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+/// The peer's address as a filter: what `warp::addr::remote()` answers
+/// under warp's own server.
+pub fn remote() -> impl Filter<Extract = (Option<SocketAddr>,), Error = Infallible> + Copy {
+    warp::ext::optional::<Peer>().map(|peer: Option<Peer>| peer.map(|Peer(addr)| addr))
+}
+
+/// Serves `listener` until `shutdown` turns true, then shuts down gracefully;
+/// resolves when every connection has ended.
+pub async fn serve(
+    listener: TcpListener,
+    handler: Handler,
+    limits: Limits,
+    headers: Arc<[(HeaderName, HeaderValue)]>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let site = Arc::new(Site { handler, limits, headers, registry: Registry::default() });
+    let mut next_id = 0u64;
+    'accept: loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) if is_connection_error(&e) => continue,
+            Err(e) => {
+                // Out of file descriptors, most likely: wait for some to close.
+                tracing::error!(error = %e, "accept failed");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = shutdown.wait_for(|stop| *stop) => break,
+                }
+            }
+        };
+        // At the cap: shed the longest idle connection, or wait for one to end.
+        loop {
+            let changed = site.registry.changed.notified();
+            let mut changed = std::pin::pin!(changed);
+            changed.as_mut().enable();
+            if site.registry.open() < site.limits.max_open {
+                break;
+            }
+            if let Some(idle) = site.registry.longest_idle() {
+                tracing::debug!(peer = %peer, "connection cap reached: closing an idle keep-alive connection");
+                idle.shed.store(true, Ordering::Relaxed);
+                idle.close.notify_one();
+            }
+            tokio::select! {
+                () = changed => {}
+                _ = shutdown.wait_for(|stop| *stop) => break 'accept,
+            }
+        }
+        next_id += 1;
+        let conn = site.registry.add(next_id);
+        tokio::spawn(serve_connection(Arc::clone(&site), conn, stream, peer));
+    }
+    drop(listener);
+    site.registry.close_all();
+    site.registry.until_empty().await;
+}
+
+fn is_connection_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+    )
+}
+
+/// What every connection of a listener shares.
+struct Site {
+    handler: Handler,
+    limits: Limits,
+    headers: Arc<[(HeaderName, HeaderValue)]>,
+    registry: Registry,
+}
+
+/// The open connections of a listener.
+#[derive(Default)]
+struct Registry {
+    conns: Mutex<HashMap<u64, Arc<Conn>>>,
+    /// A connection ended or went idle.
+    changed: Notify,
+    epoch: EpochInstant,
+}
+
+struct EpochInstant(Instant);
+
+impl Default for EpochInstant {
+    fn default() -> Self {
+        EpochInstant(Instant::now())
+    }
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Conn>>> {
+        self.conns.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn open(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn add(&self, id: u64) -> Arc<Conn> {
+        let conn = Arc::new(Conn {
+            id,
+            read: AtomicU64::new(0),
+            read_when_answered: AtomicU64::new(0),
+            answered_at: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            answered: AtomicBool::new(false),
+            shed: AtomicBool::new(false),
+            close: Notify::new(),
+        });
+        self.lock().insert(id, Arc::clone(&conn));
+        conn
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().remove(&id);
+        self.changed.notify_waiters();
+    }
+
+    /// The keep-alive connection idle the longest, not already told to close.
+    fn longest_idle(&self) -> Option<Arc<Conn>> {
+        self.lock()
+            .values()
+            .filter(|c| c.is_idle() && !c.shed.load(Ordering::Relaxed))
+            .min_by_key(|c| c.answered_at.load(Ordering::Relaxed))
+            .cloned()
+    }
+
+    fn close_all(&self) {
+        for conn in self.lock().values() {
+            conn.close.notify_one();
+        }
+    }
+
+    async fn until_empty(&self) {
+        loop {
+            let changed = self.changed.notified();
+            let mut changed = std::pin::pin!(changed);
+            changed.as_mut().enable();
+            if self.open() == 0 {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    fn millis(&self) -> u64 {
+        u64::try_from(self.epoch.0.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+/// One connection, as the accept loop sees it.
+struct Conn {
+    id: u64,
+    /// Bytes read from the client.
+    read: AtomicU64,
+    /// `read` when the last answer was handed to hyper.
+    read_when_answered: AtomicU64,
+    /// When that was ([`Registry::millis`]).
+    answered_at: AtomicU64,
+    /// Requests being answered.
+    in_flight: AtomicUsize,
+    /// At least one request was answered.
+    answered: AtomicBool,
+    /// Told to close to make room.
+    shed: AtomicBool,
+    /// Close when idle; finish the request in progress first.
+    close: Notify,
+}
+
+impl Conn {
+    /// Idle keep-alive: answered at least once, nothing in progress, and not
+    /// a byte of a next request received.
+    fn is_idle(&self) -> bool {
+        self.answered.load(Ordering::Acquire)
+            && self.in_flight.load(Ordering::Acquire) == 0
+            && self.read.load(Ordering::Acquire) == self.read_when_answered.load(Ordering::Acquire)
+    }
+}
+
+async fn serve_connection(site: Arc<Site>, conn: Arc<Conn>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let io = TokioIo::new(Counted { inner: stream, conn: Arc::clone(&conn) });
+    let service = {
+        let (site, conn) = (Arc::clone(&site), Arc::clone(&conn));
+        hyper::service::service_fn(move |request| answer(Arc::clone(&site), Arc::clone(&conn), peer, request))
+    };
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(site.limits.header_timeout)
+        .max_header_size(MAX_HEADER_BYTES)
+        .keep_alive(true);
+    let connection = http.serve_connection(io, service);
+    let mut connection = std::pin::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = conn.close.notified() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = result {
+        if e.is_timeout() {
+            tracing::debug!(peer = %peer, "closed a connection whose request head did not arrive in time");
+        } else {
+            tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+        }
+    }
+    site.registry.remove(conn.id);
+}
+
+/// Answers one request: the body under its deadline, the handler, then the
+/// headers every answer carries.
+async fn answer(
+    site: Arc<Site>,
+    conn: Arc<Conn>,
+    peer: SocketAddr,
+    request: Request<Incoming>,
+) -> Result<Response, Infallible> {
+    let in_flight = InFlight::start(&site, &conn);
+    let expired = Arc::new(AtomicBool::new(false));
+    let deadline = site.limits.body_timeout;
+    let mut request = request.map(|body| RequestBody::new(body, deadline, Arc::clone(&expired)));
+    request.extensions_mut().insert(Peer(peer));
+    let mut response = (site.handler)(request).await;
+    if expired.load(Ordering::Acquire) {
+        tracing::info!(peer = %peer, "closed a connection whose request body did not arrive in time");
+        response = body_timeout(deadline);
+    }
+    let headers = response.headers_mut();
+    for (name, value) in site.headers.iter() {
+        headers.insert(name.clone(), value.clone());
+    }
+    drop(in_flight);
+    Ok(response)
+}
+
+/// A request being answered; when it is, the connection may be idle.
+struct InFlight<'a> {
+    site: &'a Site,
+    conn: &'a Conn,
+}
+
+impl<'a> InFlight<'a> {
+    fn start(site: &'a Site, conn: &'a Conn) -> Self {
+        conn.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight { site, conn }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let conn = self.conn;
+        conn.read_when_answered.store(conn.read.load(Ordering::Acquire), Ordering::Release);
+        conn.answered_at.store(self.site.registry.millis(), Ordering::Relaxed);
+        conn.answered.store(true, Ordering::Release);
+        conn.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.site.registry.changed.notify_waiters();
+    }
+}
+
+/// The 408 for a body that did not arrive in time; the connection closes.
+fn body_timeout(deadline: Duration) -> Response {
+    let mut response = crate::http::reply::json_reply(
+        StatusCode::REQUEST_TIMEOUT,
+        &json!({
+            "error": "bad_request",
+            "error_description": format!("the request body did not arrive within {} s", deadline.as_secs()),
+        }),
+    );
+    response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// The body did not arrive by its deadline.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive in time")]
+pub struct BodyTimeout;
+
+/// A request body that fails once its deadline passes before its end.
+pub struct RequestBody {
+    inner: Incoming,
+    /// `None` once the body has ended (or when there is none).
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    expired: Arc<AtomicBool>,
+}
+
+impl RequestBody {
+    fn new(inner: Incoming, within: Duration, expired: Arc<AtomicBool>) -> Self {
+        let deadline = (!inner.is_end_stream()).then(|| Box::pin(tokio::time::sleep(within)));
+        RequestBody { inner, deadline, expired }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Some(deadline) = self.deadline.as_mut() {
+            if deadline.as_mut().poll(cx).is_ready() {
+                self.deadline = None;
+                self.expired.store(true, Ordering::Release);
+                return Poll::Ready(Some(Err(Box::new(BodyTimeout))));
+            }
+        }
+        let frame = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(frame, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) || self.inner.is_end_stream() {
+            self.deadline = None;
+        }
+        frame.map_err(Into::into)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The socket, counting the bytes the client sent: a connection that has
+/// received nothing since its last answer is idle.
+struct Counted {
+    inner: TcpStream,
+    conn: Arc<Conn>,
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        if read > 0 {
+            self.conn.read.fetch_add(read as u64, Ordering::AcqRel);
+        }
+        result
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
