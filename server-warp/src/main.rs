@@ -38,7 +38,10 @@ override its keys (LATCHKEY_STORE__KIND=postgres); LATCHKEY_LOG sets the log fil
 }
 
 #[cfg(feature = "demo")]
-const USAGE: &str = usage!("run the broker with a fake provider on loopback, for a first look");
+const USAGE: &str = usage!(
+    "run the broker with a fake provider on loopback, for a first look
+                                        (default 127.0.0.1:8080; port 0 takes any free port)"
+);
 #[cfg(not(feature = "demo"))]
 const USAGE: &str = usage!("not in this build (rebuild with the `demo` feature)");
 
@@ -121,12 +124,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
             init_logging(None);
             let fake = latchkey_server::demo::fake_provider().await?;
             let listen = args.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+            // Bound before the configuration is made, so that port 0 (any
+            // free port) works: the demo's URLs name the port it got.
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("--listen: cannot bind {listen}"))?;
             let dir = std::env::temp_dir().join(format!("latchkey-demo-{}", std::process::id()));
             // The data one level down: the generated master key goes beside
             // it, in `dir`, and is removed with it.
-            let config = latchkey_server::demo::config(listen, &dir.join("data"), &fake)?;
+            let config = latchkey_server::demo::config(listener.local_addr()?, &dir.join("data"), &fake)?;
             let store = setup::open_store(&config).await?;
-            let running = latchkey_server::start(&config, store, |_| {}).await?;
+            let running = latchkey_server::serve(&config, store, listener, |_| {}).await?;
             println!("{}", latchkey_server::demo::instructions(&running.url()));
             running.until(latchkey_server::shutdown_signal()).await;
             drop(fake);

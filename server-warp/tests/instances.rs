@@ -93,6 +93,7 @@ async fn until(what: &str, within: Duration, mut done: impl AsyncFnMut() -> bool
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_missed_while_the_listener_was_down_is_enforced_soon_after_it_reconnects_on_postgres() {
+    let _postgres = crate::support::postgres_shared().await;
     let mut bytes = [0u8; 6];
     latchkey_core::Random::fill(&latchkey_core::OsRandom, &mut bytes);
     let schema = format!("latchkey_it_{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>());

@@ -124,6 +124,7 @@ async fn refresh(client: &reqwest::Client, url: &str, authid: &str) -> (u16, Opt
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_broker_processes_on_postgres_share_rotating_grants_under_load() {
+    let _postgres = crate::support::postgres_shared().await;
     let dir = tempfile::tempdir().unwrap();
     let (port_a, port_b) = (free_port(), free_port());
     let urls = [format!("http://127.0.0.1:{port_a}"), format!("http://127.0.0.1:{port_b}")];
@@ -330,6 +331,7 @@ async fn sigkill_during_a_refresh_storm_on_sled() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_a_refresh_storm_on_postgres() {
+    let _postgres = crate::support::postgres_shared().await;
     let schema = random_schema();
     let store = format!("[store]\nkind = \"postgres\"\nurl = \"{}\"\nschema = \"{schema}\"", database_url());
     let s = schema.clone();
@@ -365,6 +367,9 @@ impl Drop for PostgresBack {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopping_postgres_fails_fast_serves_the_cache_and_recovers_postgres() {
+    // Alone until the end: the server is started again (`back`) before
+    // another test may use it.
+    let _postgres = crate::support::postgres_alone().await;
     let dir = tempfile::tempdir().unwrap();
     let fake = FakeProvider::start(FakeConfig { client_secrets: vec!["pg-secret".into()], ..FakeConfig::default() })
         .await
@@ -485,6 +490,7 @@ async fn sigterm_finishes_refreshes_in_flight_and_stores_every_rotation() {
 /// 45 s of real time, two minutes at most.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_slower_than_the_lease_is_asked_by_one_broker_process_only_on_postgres() {
+    let _postgres = crate::support::postgres_shared().await;
     let run = async {
         let dir = tempfile::tempdir().unwrap();
         let fake = FakeProvider::start(FakeConfig {

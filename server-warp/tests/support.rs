@@ -11,6 +11,27 @@ use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
 
 pub(crate) const CLIENT_SECRET: &str = "fake-client-secret-value";
 
+/// The PostgreSQL server as the tests of one binary share it (the `e2e`
+/// binary's process tests): under `cargo test` they are threads of one
+/// process, so a test that uses the server holds this shared and a test that
+/// stops or restarts it holds it alone, for the whole test. (Under
+/// cargo-nextest each test is a process of its own; the `postgres` test group
+/// in `.config/nextest.toml` runs them one at a time.)
+static POSTGRES: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// Holds the PostgreSQL server shared with the other tests that use it.
+#[allow(dead_code)] // the fast tier uses no PostgreSQL
+pub(crate) async fn postgres_shared() -> tokio::sync::RwLockReadGuard<'static, ()> {
+    POSTGRES.read().await
+}
+
+/// Holds the PostgreSQL server alone, to stop or restart it: waits for the
+/// tests using it to finish, and keeps new ones waiting until dropped.
+#[allow(dead_code)] // the fast tier uses no PostgreSQL
+pub(crate) async fn postgres_alone() -> tokio::sync::RwLockWriteGuard<'static, ()> {
+    POSTGRES.write().await
+}
+
 /// Every log line the broker wrote in this test process.
 static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
 
