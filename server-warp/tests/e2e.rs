@@ -5,6 +5,7 @@
 
 mod browser;
 mod connections;
+mod demo;
 mod instances;
 mod interop;
 mod processes;
