@@ -27,6 +27,9 @@ pub struct Config {
     /// Address to listen on.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// A separate address for `/metrics`; when set, the main listener does
+    /// not serve it.
+    pub metrics_listen: Option<SocketAddr>,
     /// The broker's public base URL; see [`Config::redirect_uri`].
     pub public_url: Option<String>,
     /// Proxies whose `X-Forwarded-For` is believed (CIDRs).
@@ -473,6 +476,9 @@ impl Config {
                 return Err(invalid(key, "must be at least 1"));
             }
         }
+        if self.metrics_listen.is_some_and(|metrics| metrics == self.listen && metrics.port() != 0) {
+            return Err(invalid("metrics_listen", "must differ from listen"));
+        }
         if self.keys.master_keys.is_some() && self.keys.master_passphrase_file.is_some() {
             return Err(invalid("keys", "give master_keys or master_passphrase_file, not both"));
         }
@@ -482,6 +488,19 @@ impl Config {
     /// Whether users reach the broker over HTTPS (`public_url`).
     pub fn served_over_https(&self) -> bool {
         self.public_url().starts_with("https://")
+    }
+
+    /// Plain HTTP at a `public_url` that is not a loopback host: browsers
+    /// would send AuthIDs and login cookies in the clear.
+    pub fn plain_http_exposed(&self) -> bool {
+        let Ok(url) = url::Url::parse(&self.public_url()) else { return false };
+        let loopback = match url.host() {
+            Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+            None => true,
+        };
+        url.scheme() == "http" && !loopback
     }
 
     /// The public base URL without a trailing slash.
@@ -526,6 +545,7 @@ impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
             .field("listen", &self.listen)
+            .field("metrics_listen", &self.metrics_listen)
             .field("public_url", &self.public_url)
             .field("store", &self.store)
             .field("keys", &self.keys)

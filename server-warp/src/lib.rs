@@ -34,6 +34,7 @@ use warp::http::header::{HeaderName, HeaderValue};
 use crate::config::Config;
 use crate::connections::{Handler, Limits};
 use crate::http::AppState;
+use crate::http::reply::{Failure, Refusal, Surface};
 use crate::limits::Limiter;
 
 /// How long a graceful shutdown waits for refreshes in flight.
@@ -47,10 +48,15 @@ pub const NOSNIFF: (HeaderName, HeaderValue) =
 pub const HSTS: (HeaderName, HeaderValue) =
     (HeaderName::from_static("strict-transport-security"), HeaderValue::from_static("max-age=31536000"));
 
+/// The path of the metrics, which `metrics_listen` moves off the main listener.
+const METRICS_PATH: &str = "/metrics";
+
 /// A broker serving HTTP.
 pub struct Running {
     /// The bound address.
     pub addr: SocketAddr,
+    /// Where `/metrics` is served when `metrics_listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
     /// The engine (tests read its metrics).
     pub broker: Broker,
     /// Services not offered, and why.
@@ -120,6 +126,20 @@ pub async fn serve(
     let setup = setup::engine(config, Arc::clone(&store), tune).await?;
     let upkeep = upkeep::spawn(&setup.broker, &config.sweep);
     let addr = listener.local_addr()?;
+    let metrics_listener = match config.metrics_listen {
+        Some(at) => {
+            Some(tokio::net::TcpListener::bind(at).await.with_context(|| format!("metrics_listen: cannot bind {at}"))?)
+        }
+        None => None,
+    };
+    let metrics_addr = metrics_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+    if config.plain_http_exposed() {
+        tracing::warn!(
+            public_url = %config.public_url(),
+            "public_url is plain http on a host other than loopback: AuthIDs, access tokens and login cookies \
+             cross the network in the clear; serve the broker behind TLS and give its https URL"
+        );
+    }
     let state = Arc::new(AppState::new(setup.broker.clone(), store, config, Limiter::new(&config.limits)));
     let routes = hyper_util::service::TowerToHyperService::new(warp::service(http::routes(state)));
     let mut headers = vec![NOSNIFF];
@@ -129,12 +149,41 @@ pub async fn serve(
     let headers: Arc<[(HeaderName, HeaderValue)]> = headers.into();
     let limits = Limits::new(&config.connections);
     let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(connections::serve(listener, handler(routes), limits, headers, stopped));
-    Ok(Running { addr, broker: setup.broker, withheld: setup.withheld, stop: Some(stop), task, _upkeep: upkeep })
+    let main = connections::serve(
+        listener,
+        handler(routes.clone(), move |path| metrics_addr.is_none() || path != METRICS_PATH),
+        limits,
+        Arc::clone(&headers),
+        stopped.clone(),
+    );
+    let metrics = metrics_listener.map(|listener| {
+        connections::serve(listener, handler(routes, |path| path == METRICS_PATH), limits, headers, stopped)
+    });
+    let task = tokio::spawn(async move {
+        match metrics {
+            Some(metrics) => {
+                tokio::join!(main, metrics);
+            }
+            None => main.await,
+        }
+    });
+    if let Some(metrics) = metrics_addr {
+        tracing::info!(addr = %metrics, "serving /metrics on its own address, not on the main one");
+    }
+    Ok(Running {
+        addr,
+        metrics_addr,
+        broker: setup.broker,
+        withheld: setup.withheld,
+        stop: Some(stop),
+        task,
+        _upkeep: upkeep,
+    })
 }
 
-/// The routes as a [`Handler`].
-fn handler<S>(service: S) -> Handler
+/// The routes as a [`Handler`] serving the paths `serves` allows, and 404
+/// (no route, in the `/v1` shape) for the rest.
+fn handler<S>(service: S, serves: impl Fn(&str) -> bool + Send + Sync + 'static) -> Handler
 where
     S: hyper::service::Service<
             warp::http::Request<connections::RequestBody>,
@@ -146,6 +195,10 @@ where
     S::Future: Send + 'static,
 {
     Arc::new(move |request| {
+        if !serves(request.uri().path()) {
+            let failure = Failure::refused(Refusal::NoRoute, "no such endpoint");
+            return Box::pin(std::future::ready(http::reply::error(Surface::V1, &failure)));
+        }
         let answer = hyper::service::Service::call(&service, request);
         Box::pin(async move {
             match answer.await {

@@ -9,6 +9,7 @@ mod bad_input;
 mod config;
 mod duplicati;
 mod duplicati_clients;
+mod edge;
 mod front_door;
 mod support;
 mod upkeep;
