@@ -4,9 +4,10 @@
 // printed and asserted; loops are bounded and on loopback.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use latchkey_core::{MemoryStore, RecordKind};
+use latchkey_core::engine::{SweepCursor, sweep_pass};
+use latchkey_core::{Clock, MemoryStore, RecordKind, SystemClock};
 use reqwest::header::COOKIE;
 
 use crate::support::{Harness, fake_config, form_fields, harness, harness_on, login_cookie};
@@ -94,6 +95,12 @@ async fn ten_thousand_record_creations_from_one_address_store_no_more_than_the_a
     assert!(through <= allowance, "{through} > {allowance}");
     assert!(through >= 30, "the allowance itself is served");
     assert!(stored() <= allowance as usize, "the store holds at most the allowance: {}", stored());
+    // Once they expire, one sweep pass (the background sweep's, at a time
+    // past every lifetime) leaves none.
+    let later = SystemClock.now().saturating_add(Duration::from_secs(86_400));
+    let swept = sweep_pass(memory.as_ref(), later, 1_000, &mut SweepCursor::default()).await.unwrap();
+    eprintln!("one sweep pass a day later: {swept:?}");
+    assert_eq!(stored(), 0, "expired records are swept");
     // Another address is not limited by this one.
     let other =
         h.http.get(format!("{}/?token=another-address-token-0001", h.url)).header("X-Forwarded-For", "192.0.2.9");
