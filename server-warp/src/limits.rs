@@ -217,18 +217,13 @@ impl Limiter {
         }
     }
 
-    /// A token request, before its AuthID is checked: counted per address,
-    /// and refused while this address is backing off after failed secrets
-    /// for this keyid. The per-keyid bucket is charged only once the secret
-    /// proved right ([`Limiter::authenticated`]), so strangers who know a
-    /// keyid cannot spend its owner's allowance.
-    pub fn token_request(&self, keyid: Option<KeyId>, address: IpAddr, now: Instant) -> Result<(), Duration> {
-        let address = AddressKey::of(address);
-        self.per_address.take(address, now)?;
-        if let Some(keyid) = keyid {
-            self.backoff(&(keyid, address), now)?;
-        }
-        Ok(())
+    /// A token request, before its AuthID is checked: counted per address.
+    /// Whether the address backs off for the keyid is
+    /// [`Limiter::backing_off`]'s to say; the per-keyid bucket is charged
+    /// only once the secret proved right ([`Limiter::authenticated`]), so
+    /// strangers who know a keyid cannot spend its owner's allowance.
+    pub fn token_request(&self, address: IpAddr, now: Instant) -> Result<(), Duration> {
+        self.per_address.take(AddressKey::of(address), now)
     }
 
     /// A token request whose AuthID was right: counted against its keyid.
@@ -252,6 +247,13 @@ impl Limiter {
     /// per address, so codes cannot be guessed at speed.
     pub fn user_code_attempt(&self, address: IpAddr, now: Instant) -> Result<(), Duration> {
         self.user_codes_per_address.take(AddressKey::of(address), now)
+    }
+
+    /// Whether `address` is backing off after wrong secrets for `keyid`,
+    /// and for how long. The caller checks the secret before it refuses: a
+    /// right secret is served whatever others sent.
+    pub fn backing_off(&self, keyid: KeyId, address: IpAddr, now: Instant) -> Result<(), Duration> {
+        self.backoff(&(keyid, AddressKey::of(address)), now)
     }
 
     fn backoff(&self, key: &(KeyId, AddressKey), now: Instant) -> Result<(), Duration> {
@@ -319,7 +321,7 @@ mod tests {
         let addr: IpAddr = "192.0.2.1".parse().unwrap();
         for _ in 0..10 {
             assert!(
-                limiter.token_request(Some(key), addr, t0).is_ok(),
+                limiter.token_request(addr, t0).is_ok() && limiter.backing_off(key, addr, t0).is_ok(),
                 "before the secret is checked: per address only"
             );
         }
@@ -344,24 +346,24 @@ mod tests {
         for _ in 0..5 {
             assert!(!limiter.failed_secret(key, addr, t0));
         }
-        assert!(limiter.token_request(Some(key), addr, t0).is_ok(), "five failures are free");
+        assert!(limiter.backing_off(key, addr, t0).is_ok(), "five failures are free");
         assert!(limiter.failed_secret(key, addr, t0), "the sixth engages the back-off");
-        assert_eq!(limiter.token_request(Some(key), addr, t0).unwrap_err(), Duration::from_secs(2));
+        assert_eq!(limiter.backing_off(key, addr, t0).unwrap_err(), Duration::from_secs(2));
         assert!(!limiter.failed_secret(key, addr, t0), "engaged once, not again");
-        assert_eq!(limiter.token_request(Some(key), addr, t0).unwrap_err(), Duration::from_secs(4), "growing");
-        assert!(limiter.token_request(Some(key), addr, t0 + Duration::from_secs(4)).is_ok());
+        assert_eq!(limiter.backing_off(key, addr, t0).unwrap_err(), Duration::from_secs(4), "growing");
+        assert!(limiter.backing_off(key, addr, t0 + Duration::from_secs(4)).is_ok());
         for _ in 0..30 {
             let _ = limiter.failed_secret(key, addr, t0);
         }
-        assert_eq!(limiter.token_request(Some(key), addr, t0).unwrap_err(), MAX_BACKOFF, "capped");
+        assert_eq!(limiter.backing_off(key, addr, t0).unwrap_err(), MAX_BACKOFF, "capped");
         limiter.succeeded(&key, addr);
-        assert!(limiter.token_request(Some(key), addr, t0).is_ok());
+        assert!(limiter.backing_off(key, addr, t0).is_ok());
         for _ in 0..6 {
             let _ = limiter.failed_secret(key, addr, t0);
         }
-        assert!(limiter.token_request(Some(key), addr, t0).is_err(), "failures after a reset count again");
+        assert!(limiter.backing_off(key, addr, t0).is_err(), "failures after a reset count again");
         let owner: IpAddr = "198.51.100.9".parse().unwrap();
-        assert!(limiter.token_request(Some(key), owner, t0).is_ok(), "another address never waits for them");
+        assert!(limiter.backing_off(key, owner, t0).is_ok(), "another address never waits for them");
     }
 
     #[test]
@@ -392,7 +394,7 @@ mod tests {
         let created = (0..10).filter(|_| limiter.record_creation(addr, t0).is_ok()).count();
         let guessed = (0..10).filter(|_| limiter.user_code_attempt(addr, t0).is_ok()).count();
         assert_eq!((created, guessed), (3, 2));
-        assert!(limiter.fetch_request(addr, t0).is_ok() && limiter.token_request(None, addr, t0).is_ok(), "apart");
+        assert!(limiter.fetch_request(addr, t0).is_ok() && limiter.token_request(addr, t0).is_ok(), "apart");
         assert_eq!(limiter.user_code_attempt(addr, t0 + Duration::from_secs(30)), Ok(()), "refilled: 2/min");
     }
 

@@ -160,3 +160,24 @@ async fn a_client_address_a_proxy_adds_in_a_second_header_line_is_the_one_limite
     assert_eq!(statuses, [200, 200, 429], "changing the spoofed first line does not escape the limit");
     assert_eq!(create(&["198.51.100.70", "198.51.100.71"], 4).await, 200, "the last line's address counts");
 }
+
+#[tokio::test]
+async fn the_right_secret_is_served_from_an_address_that_is_backing_off() {
+    // A guesser and the owner behind one NAT address: the back-off the
+    // guesser's wrong secrets engaged never refuses the right secret.
+    let h = harness(fake_config(), PROXIED).await;
+    let authid = h.login().await;
+    let keyid = authid.split(':').next().unwrap();
+    let wrong = format!("{keyid}:{}", "A".repeat(43));
+    let shared = "203.0.113.80";
+    for _ in 0..10 {
+        refresh_from(&h, shared, &wrong).await;
+    }
+    assert_eq!(refresh_from(&h, shared, &wrong).await, 503, "the guesser backs off");
+    assert_eq!(refresh_from(&h, shared, &authid).await, 200, "the right secret (handle unwrapped) is served");
+    for _ in 0..10 {
+        refresh_from(&h, shared, &wrong).await;
+    }
+    assert_eq!(refresh_from(&h, shared, &wrong).await, 503, "backing off again");
+    assert_eq!(refresh_from(&h, shared, &authid).await, 200, "the right secret (token cached) is served");
+}

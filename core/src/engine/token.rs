@@ -59,6 +59,22 @@ impl Broker {
         self.token(&authid, min_validity).await
     }
 
+    /// Whether `authid`'s secret is right, serving nothing: a token cached
+    /// for it (the cache is keyed by the whole AuthID, and purged on
+    /// revocation), or else its handle's data key unwrapped. For a front end
+    /// that must not refuse the right secret for others' wrong ones.
+    pub async fn secret_is_right(&self, authid: &AuthId) -> Result<bool, EngineError> {
+        let inner = &self.inner;
+        if inner.cache.lookup(&inner.cache.key_for(authid), inner.now(), Duration::ZERO).is_ok() {
+            return Ok(true);
+        }
+        match inner.authenticate(authid).await {
+            Ok(_) => Ok(true),
+            Err(EngineError::AuthIdInvalid) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// An access token for `authid` with at least `min_validity` left (the
     /// configured default when `None`; capped at half the token's lifetime).
     pub async fn token(&self, authid: &AuthId, min_validity: Option<Duration>) -> Result<TokenGrant, EngineError> {

@@ -387,7 +387,7 @@ async fn token_state(q: HashMap<String, String>, ip: IpAddr, state: State) -> Re
 async fn revoked(body: Vec<u8>, ip: IpAddr, state: State) -> Response {
     let form = fields(&body);
     if let Some(ticket) = form.get("ticket") {
-        if let Err(wait) = state.limiter.token_request(None, ip, Instant::now()) {
+        if let Err(wait) = state.limiter.token_request(ip, Instant::now()) {
             return slow_down_page(&state, wait);
         }
         return match state.broker.revoke_grant_with_ticket(ticket).await {

@@ -3,10 +3,10 @@
 //! surface finds the AuthID where its protocol puts it and words the outcome
 //! in its own vocabulary; between the two, the steps are the same:
 //!
-//! 1. the AuthID is parsed, and the request is counted against its client
-//!    address (and refused while that address backs off after wrong secrets
-//!    for the keyid) before the parse result is looked at, so malformed
-//!    AuthIDs are limited too;
+//! 1. the request is counted against its client address before the parse
+//!    result is looked at, so malformed AuthIDs are limited too; while that
+//!    address backs off after wrong secrets for the keyid, the secret is
+//!    checked first and only a wrong one is refused;
 //! 2. the engine does what the surface asks;
 //! 3. a refusal counts a wrong secret against (keyid, address); a token
 //!    request that succeeded is charged to its keyid's bucket — which only
@@ -70,9 +70,17 @@ impl AppState {
         op: impl AsyncFnOnce(&AuthId) -> Result<T, EngineError>,
     ) -> Result<(AuthId, T), Refused> {
         let parsed = AuthId::parse(raw);
-        let keyid = parsed.as_ref().ok().map(AuthId::keyid);
-        self.limiter.token_request(keyid, client, Instant::now()).map_err(Refused::Limited)?;
+        self.limiter.token_request(client, Instant::now()).map_err(Refused::Limited)?;
         let authid = parsed.map_err(|e| Refused::Malformed(EngineError::from(e)))?;
+        if let Err(wait) = self.limiter.backing_off(authid.keyid(), client, Instant::now()) {
+            // This address sent wrong secrets for the keyid. The secret is
+            // checked before it is refused (a cached token, or the handle's
+            // key unwrapped): whoever holds the right one is served, even
+            // from the address someone else guessed from.
+            if !self.broker.secret_is_right(&authid).await.unwrap_or(false) {
+                return Err(Refused::Limited(wait));
+            }
+        }
         match op(&authid).await {
             Ok(answer) => {
                 if cost == Cost::TokenRequest {
