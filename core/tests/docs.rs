@@ -13,6 +13,7 @@ const NOT_REPOSITORY_PATHS: &[&str] = &[
     "target/screenshots/",               // written by the browser tests
     "fuzz-0.log",                        // a name libFuzzer would write
     "pagecache/snapshot.rs",             // a file of sled's source
+    "latchkey.toml",                     // the configuration file the README has the reader write
 ];
 
 /// Endings that make a name in backticks a file name even without a `/`.

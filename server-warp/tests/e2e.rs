@@ -9,6 +9,7 @@ mod demo;
 mod instances;
 mod interop;
 mod processes;
+mod readme;
 // The HTTP helpers; the in-process harness is the fast tier's.
 #[allow(dead_code)]
 mod support;
