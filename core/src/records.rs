@@ -137,6 +137,12 @@ macro_rules! byte_id {
             pub fn generate(rng: &dyn Random) -> Self {
                 $name(array(rng))
             }
+            /// Parses the base64url text form `Display` writes; `None` for
+            /// anything else.
+            pub fn parse(text: &str) -> Option<Self> {
+                let bytes = URL_SAFE_NO_PAD.decode(text.trim()).ok()?;
+                Some($name(bytes.try_into().ok()?))
+            }
         }
 
         impl fmt::Display for $name {

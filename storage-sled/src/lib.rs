@@ -88,11 +88,11 @@ impl SledStore {
             // small (hot grants are in the token cache), so a modest cache keeps
             // memory flat however many grants are stored.
             let db = sled::Config::new()
-                .path(dir)
+                .path(&dir)
                 .flush_every_ms(None)
                 .cache_capacity(CACHE_BYTES)
                 .open()
-                .map_err(backend)?;
+                .map_err(|e| opening(e, &dir))?;
             let records = db.open_tree(TREE).map_err(backend)?;
             db.flush().map_err(backend)?;
             Ok(Inner { db, records })
@@ -153,6 +153,39 @@ where
             Err(e) => Err(StoreError::Unavailable { retryable: false, source: Some(Box::new(e)) }),
         },
         Err(_) => f(),
+    }
+}
+
+/// Another process (or another [`SledStore`] in this one) has the directory
+/// open: sled admits one at a time. The source of the
+/// [`StoreError::Unavailable`] that [`SledStore::open`] answers then, so a
+/// caller can tell the operator what to do.
+#[derive(Debug)]
+pub struct Locked {
+    /// The store's directory.
+    pub path: PathBuf,
+    /// What sled and the operating system said.
+    pub reason: String,
+}
+
+impl fmt::Display for Locked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} is in use by another process (sled admits one at a time): {}", self.path.display(), self.reason)
+    }
+}
+
+impl std::error::Error for Locked {}
+
+/// Maps an error from opening the database: the directory's lock taken by
+/// another process is [`Locked`], the rest as [`backend`].
+fn opening(e: sled::Error, path: &Path) -> StoreError {
+    match &e {
+        // sled words its lock failure this way (0.34, `Config::try_lock`).
+        sled::Error::Io(io) if io.to_string().starts_with("could not acquire lock") => StoreError::Unavailable {
+            retryable: false,
+            source: Some(Box::new(Locked { path: path.to_path_buf(), reason: io.to_string() })),
+        },
+        _ => backend(e),
     }
 }
 

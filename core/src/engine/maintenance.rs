@@ -1,10 +1,13 @@
 //! Maintenance: garbage collection, the sweep of expired short-lived
-//! records, statistics, master key re-seal.
+//! records, statistics, master key re-seal, and the operator's view of
+//! grants (list, show, revoke without the AuthID).
 //! None of it needs an AuthID, and none of it sees a secret.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::authid::KeyId;
+use crate::envelope::SealedBlob;
 use crate::records::{
     DeviceGrant, Grant, GrantId, GrantState, Handle, Handoff, Lease, LoginTransaction, Record, Tagged,
 };
@@ -73,6 +76,106 @@ pub struct ResealReport {
     pub logins_resealed: u64,
     /// Records that could not be opened with any configured key.
     pub failed: u64,
+}
+
+/// A grant as the operator sees it: bookkeeping only. Its tokens and its
+/// handles' labels are sealed under its data key, which only an AuthID opens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantSummary {
+    /// The grant.
+    pub grant_id: GrantId,
+    /// Its service.
+    pub service: String,
+    /// Its state.
+    pub state: GrantState,
+    /// When its login completed.
+    pub created_at: Timestamp,
+    /// The last change of the grant record.
+    pub updated_at: Timestamp,
+    /// The latest use of the grant or any of its handles.
+    pub last_used_at: Timestamp,
+    /// Handles not revoked.
+    pub handles_active: usize,
+    /// Handles revoked.
+    pub handles_revoked: usize,
+}
+
+impl GrantSummary {
+    fn of(grant: &Grant, handles: &[Handle]) -> Self {
+        let active = handles.iter().filter(|h| h.revoked_at.is_none()).count();
+        GrantSummary {
+            grant_id: grant.id,
+            service: grant.service.clone(),
+            state: grant.state,
+            created_at: grant.created_at,
+            updated_at: grant.updated_at,
+            last_used_at: handles.iter().map(|h| h.last_used_at).fold(grant.last_used_at, Timestamp::max),
+            handles_active: active,
+            handles_revoked: handles.len() - active,
+        }
+    }
+}
+
+/// One handle (AuthID) of a grant, as the operator sees it: never its key
+/// wrap, and not its label, which is sealed under the grant's data key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandleSummary {
+    /// The AuthID's public half.
+    pub keyid: KeyId,
+    /// When minted.
+    pub created_at: Timestamp,
+    /// Last token request made with it.
+    pub last_used_at: Timestamp,
+    /// When revoked, if it is.
+    pub revoked_at: Option<Timestamp>,
+}
+
+impl HandleSummary {
+    fn of(handle: &Handle) -> Self {
+        HandleSummary {
+            keyid: handle.keyid,
+            created_at: handle.created_at,
+            last_used_at: handle.last_used_at,
+            revoked_at: handle.revoked_at,
+        }
+    }
+}
+
+/// A grant and its handles.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantDetails {
+    /// The grant.
+    pub grant: GrantSummary,
+    /// Its handles, in keyid order.
+    pub handles: Vec<HandleSummary>,
+}
+
+/// Which grants [`Broker::list_grants`] answers; every field set must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GrantFilter {
+    /// Of this service.
+    pub service: Option<String>,
+    /// In this state.
+    pub state: Option<GrantState>,
+    /// Neither the grant nor any of its handles used for this long.
+    pub unused_for: Option<Duration>,
+}
+
+/// What an operator's revocation did. The provider is never told: its
+/// refresh token is sealed under the data key, which only an AuthID opens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorRevocation {
+    /// The grant concerned.
+    pub grant_id: GrantId,
+    /// Its service.
+    pub service: String,
+    /// Whether this call revoked the grant (and erased its payload); false
+    /// when it was revoked already or keeps other live handles.
+    pub grant_revoked: bool,
+    /// Handles this call revoked (their key wraps erased).
+    pub handles_revoked: usize,
+    /// Handles of the grant still live afterwards.
+    pub handles_left: usize,
 }
 
 /// Calls `visit` with every record of a kind, a page at a time.
@@ -410,5 +513,119 @@ impl Broker {
             after = Some(next);
         }
         Ok(report)
+    }
+
+    /// The grants `filter` selects, in id order, with the latest use of each
+    /// (its own or any handle's).
+    pub async fn list_grants(&self, filter: &GrantFilter) -> Result<Vec<GrantSummary>, EngineError> {
+        let inner = &self.inner;
+        let store = inner.store.as_ref();
+        let cutoff = filter.unused_for.map(|d| inner.now().saturating_sub(d));
+        let mut grants = Vec::new();
+        scan::<Grant>(store, |g| {
+            let keep = filter.service.as_ref().is_none_or(|s| *s == g.service)
+                && filter.state.is_none_or(|s| s == g.state)
+                && cutoff.is_none_or(|c| g.last_used_at < c);
+            if keep {
+                grants.push(g);
+            }
+        })
+        .await?;
+        let mut out = Vec::with_capacity(grants.len());
+        for grant in grants {
+            let handles: Vec<Handle> = store.load_group(grant.id.as_bytes()).await?;
+            let summary = GrantSummary::of(&grant, &handles);
+            if cutoff.is_none_or(|c| summary.last_used_at < c) {
+                out.push(summary);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One grant and its handles; `None` if there is no such grant.
+    pub async fn show_grant(&self, grant_id: &GrantId) -> Result<Option<GrantDetails>, EngineError> {
+        let store = self.inner.store.as_ref();
+        let Some(grant) = store.load::<Grant>(grant_id.as_bytes()).await? else { return Ok(None) };
+        let handles: Vec<Handle> = store.load_group(grant.id.as_bytes()).await?;
+        Ok(Some(GrantDetails {
+            grant: GrantSummary::of(&grant, &handles),
+            handles: handles.iter().map(HandleSummary::of).collect(),
+        }))
+    }
+
+    /// Revokes a grant without any of its AuthIDs: marks it revoked, erases
+    /// its sealed payload and every handle's key wrap (so nothing can be
+    /// decrypted any more, with any AuthID or master key), drops its lease
+    /// and publishes "grant changed" so every instance drops its cached
+    /// token. The provider cannot be told: the refresh token is sealed under
+    /// the data key. `None` if there is no such grant.
+    pub async fn revoke_grant_as_operator(
+        &self,
+        grant_id: &GrantId,
+    ) -> Result<Option<OperatorRevocation>, EngineError> {
+        let inner = &self.inner;
+        let store = inner.store.as_ref();
+        let Some(grant) = store.load::<Grant>(grant_id.as_bytes()).await? else { return Ok(None) };
+        let service = grant.service.clone();
+        let grant_revoked = self.erase_grant(grant).await?;
+        // A token this instance refreshed and could not store yet dies with the grant.
+        drop(inner.take_pending_token(grant_id));
+        let _ = store.delete(Lease::KIND, grant_id.as_bytes(), None).await;
+        let mut handles_revoked = 0;
+        for handle in store.load_group::<Handle>(grant_id.as_bytes()).await? {
+            if inner.revoke_one(handle).await? {
+                handles_revoked += 1;
+            }
+        }
+        inner.grant_changed(grant_id).await;
+        Ok(Some(OperatorRevocation { grant_id: *grant_id, service, grant_revoked, handles_revoked, handles_left: 0 }))
+    }
+
+    /// Revokes one handle without its AuthID: marks it revoked and erases its
+    /// key wrap, and publishes "grant changed". When it was the grant's last
+    /// live handle, the grant is revoked as by
+    /// [`revoke_grant_as_operator`](Self::revoke_grant_as_operator): no AuthID
+    /// could open it any more. `None` if there is no such handle.
+    pub async fn revoke_handle_as_operator(&self, keyid: &KeyId) -> Result<Option<OperatorRevocation>, EngineError> {
+        let inner = &self.inner;
+        let store = inner.store.as_ref();
+        let Some(handle) = store.load::<Handle>(keyid.as_bytes()).await? else { return Ok(None) };
+        let grant_id = handle.grant_id;
+        let handles_revoked = usize::from(inner.revoke_one(handle).await?);
+        inner.grant_changed(&grant_id).await;
+        let left = store.load_group::<Handle>(grant_id.as_bytes()).await?;
+        let handles_left = left.iter().filter(|h| h.revoked_at.is_none()).count();
+        let grant = store.load::<Grant>(grant_id.as_bytes()).await?;
+        let service = grant.as_ref().map(|g| g.service.clone()).unwrap_or_default();
+        if handles_left == 0 {
+            if let Some(mut whole) = self.revoke_grant_as_operator(&grant_id).await? {
+                whole.handles_revoked += handles_revoked;
+                return Ok(Some(whole));
+            }
+        }
+        Ok(Some(OperatorRevocation { grant_id, service, grant_revoked: false, handles_revoked, handles_left }))
+    }
+
+    /// Marks a grant revoked and erases its payload, at the version read,
+    /// re-reading on a conflict; answers whether this call changed it.
+    async fn erase_grant(&self, mut grant: Grant) -> Result<bool, EngineError> {
+        let inner = &self.inner;
+        loop {
+            if grant.state == GrantState::Revoked && grant.payload.as_bytes().is_empty() {
+                return Ok(false);
+            }
+            grant.state = GrantState::Revoked;
+            grant.payload = SealedBlob::from_bytes(Vec::new());
+            grant.updated_at = inner.now();
+            match inner.store.update(&mut grant).await {
+                Ok(()) => return Ok(true),
+                Err(StoreError::NotFound) => return Ok(false),
+                Err(StoreError::Conflict) => match inner.store.load::<Grant>(grant.id.as_bytes()).await? {
+                    Some(current) => grant = current,
+                    None => return Ok(false),
+                },
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 }

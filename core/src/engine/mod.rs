@@ -49,7 +49,10 @@ pub use self::login::{
     BROWSER_PROOF_LEN, Callback, Completed, DeviceConfirmation, DevicePoll, DeviceStart, HandoffFetch, HandoffState,
     LoginComplete, LoginStart, MIN_HANDOFF_TOKEN_LEN, TokenHandout,
 };
-pub use self::maintenance::{GcCandidate, GcReport, ResealReport, Stats, SweepCursor, SweepReport, sweep_pass};
+pub use self::maintenance::{
+    GcCandidate, GcReport, GrantDetails, GrantFilter, GrantSummary, HandleSummary, OperatorRevocation, ResealReport,
+    Stats, SweepCursor, SweepReport, sweep_pass,
+};
 pub use self::metrics::{LATENCY_BUCKETS_MS, LatencyHistogram, MetricsSnapshot, RefreshOutcome, RotationMismatch};
 
 use self::cache::TokenCache;
