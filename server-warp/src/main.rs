@@ -6,10 +6,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use latchkey_core::OsRandom;
+use latchkey_core::engine::{GrantFilter, OperatorRevocation};
 use latchkey_core::keys::{MasterKey, MasterKeyId, MasterKeyring};
+use latchkey_core::{Broker, GrantId, GrantState, KeyId, OsRandom};
 use latchkey_server::config::{Config, LogFormat, StoreKind, parse_duration};
-use latchkey_server::setup;
+use latchkey_server::{operator, setup};
 
 /// The help text; `$demo` is what the `demo` line says, which depends on
 /// whether this build has the `demo` feature.
@@ -30,6 +31,18 @@ usage:
                                         delete grants unused for DURATION (e.g. 365d) and expired records
   latchkey master-key rotate [--config FILE]
                                         re-seal every handle under the current master key
+  latchkey grants list [--service S] [--state S] [--unused-for DURATION] [--json] [--config FILE]
+                                        list grants (state: active, reauth_required, revoked)
+  latchkey grants show GRANT_ID [--json] [--config FILE]
+                                        a grant and its AuthIDs (key ids, created, last used) — never a secret
+  latchkey grants revoke GRANT_ID [--json] [--config FILE]
+                                        revoke a grant and all its AuthIDs without an AuthID; the provider
+                                        cannot be told (its token is sealed under the AuthIDs)
+  latchkey handles revoke KEYID [--json] [--config FILE]
+                                        revoke one AuthID by its key id (its grant too if it was the last)
+
+On the embedded (sled) store, stop the broker before running stats, gc, grants,
+handles or master-key rotate: sled admits one process at a time.
 
 The configuration file may also be named by LATCHKEY_CONFIG; LATCHKEY_* variables
 override its keys (LATCHKEY_STORE__KIND=postgres); LATCHKEY_LOG sets the log filter."
@@ -53,10 +66,22 @@ struct Args {
     listen: Option<SocketAddr>,
     unused_for: Option<String>,
     dry_run: bool,
+    service: Option<String>,
+    state: Option<String>,
+    json: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
-    let mut args = Args { command: Vec::new(), config: None, listen: None, unused_for: None, dry_run: false };
+    let mut args = Args {
+        command: Vec::new(),
+        config: None,
+        listen: None,
+        unused_for: None,
+        dry_run: false,
+        service: None,
+        state: None,
+        json: false,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -64,6 +89,9 @@ fn parse_args() -> anyhow::Result<Args> {
             "--listen" => args.listen = Some(it.next().context("--listen needs an address")?.parse()?),
             "--unused-for" => args.unused_for = Some(it.next().context("--unused-for needs a duration")?),
             "--dry-run" => args.dry_run = true,
+            "--service" => args.service = Some(it.next().context("--service needs a service id")?),
+            "--state" => args.state = Some(it.next().context("--state needs a state")?),
+            "--json" => args.json = true,
             "-h" | "--help" => args.command = vec!["help".into()],
             "-V" | "--version" => args.command = vec!["version".into()],
             flag if flag.starts_with('-') => bail!("unknown option {flag}; see latchkey --help"),
@@ -203,8 +231,81 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Ok(())
         }
         ["master-key", "rotate"] => master_key_rotate(&args).await,
+        ["grants", "list"] => {
+            let state = match args.state.as_deref() {
+                None => None,
+                Some("active") => Some(GrantState::Active),
+                Some("reauth_required") => Some(GrantState::ReauthRequired),
+                Some("revoked") => Some(GrantState::Revoked),
+                Some(other) => bail!("--state: '{other}' is none of active, reauth_required, revoked"),
+            };
+            let unused_for = match args.unused_for.as_deref() {
+                None => None,
+                Some(text) => {
+                    Some(parse_duration(text).with_context(|| format!("--unused-for: '{text}' is not like 365d"))?)
+                }
+            };
+            let filter = GrantFilter { service: args.service.clone(), state, unused_for };
+            let broker = operator_broker(&args).await?;
+            println!("{}", operator::grant_list(&broker.list_grants(&filter).await?, args.json));
+            Ok(())
+        }
+        ["grants", "show", id] => {
+            let grant_id = parse_grant_id(id)?;
+            let broker = operator_broker(&args).await?;
+            let details = broker.show_grant(&grant_id).await?.with_context(|| format!("no grant {grant_id}"))?;
+            println!("{}", operator::grant_details(&details, args.json));
+            Ok(())
+        }
+        ["grants", "revoke", id] => {
+            let grant_id = parse_grant_id(id)?;
+            let broker = operator_broker(&args).await?;
+            let done =
+                broker.revoke_grant_as_operator(&grant_id).await?.with_context(|| format!("no grant {grant_id}"))?;
+            audit_revocation(&done, None);
+            println!("{}", operator::revocation(&done, args.json));
+            Ok(())
+        }
+        ["handles", "revoke", keyid] => {
+            let keyid = KeyId::parse(keyid).map_err(|_| anyhow::anyhow!("'{keyid}' is not a key id"))?;
+            let broker = operator_broker(&args).await?;
+            let done = broker
+                .revoke_handle_as_operator(&keyid)
+                .await?
+                .with_context(|| format!("no AuthID with key id {keyid}"))?;
+            audit_revocation(&done, Some(&keyid));
+            println!("{}", operator::revocation(&done, args.json));
+            Ok(())
+        }
         _ => bail!("unknown command '{}'; see latchkey --help", words.join(" ")),
     }
+}
+
+/// The engine on the configured store, for the operator commands.
+async fn operator_broker(args: &Args) -> anyhow::Result<Broker> {
+    let config = load_config(args)?;
+    init_logging(Some(&config));
+    let store = setup::open_store(&config).await?;
+    Ok(setup::engine(&config, store, |_| {}).await?.broker)
+}
+
+fn parse_grant_id(text: &str) -> anyhow::Result<GrantId> {
+    GrantId::parse(text).with_context(|| format!("'{text}' is not a grant id (see latchkey grants list)"))
+}
+
+/// One audit line per operator revocation, as the HTTP surface writes for a user's.
+fn audit_revocation(done: &OperatorRevocation, keyid: Option<&KeyId>) {
+    tracing::info!(
+        target: "latchkey::audit",
+        event = if keyid.is_some() { "authid_revoked_by_operator" } else { "grant_revoked_by_operator" },
+        grant_id = %done.grant_id,
+        keyid = keyid.map(tracing::field::display),
+        service = %done.service,
+        grant_revoked = done.grant_revoked,
+        handles_revoked = done.handles_revoked,
+        provider_told = false,
+        "revoked by the operator"
+    );
 }
 
 /// Re-seals every handle under the current master key. With the generated

@@ -55,8 +55,17 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
         }
         StoreKind::Sled => {
             let store = SledStore::open(&config.store.path).await.map_err(|e| {
-                anyhow::Error::new(e)
-                    .context(format!("store: cannot open the sled store at {}", config.store.path.display()))
+                let locked = std::error::Error::source(&e).is_some_and(|s| s.is::<latchkey_storage_sled::Locked>());
+                let what = format!("store: cannot open the sled store at {}", config.store.path.display());
+                if locked {
+                    // The usual cause: the broker itself runs on it.
+                    anyhow::Error::new(e).context(format!(
+                        "{what}: another process has it open, most likely a running broker; \
+                         stop the broker first (sled admits one process at a time), then run this again"
+                    ))
+                } else {
+                    anyhow::Error::new(e).context(what)
+                }
             })?;
             Ok(Arc::new(store))
         }
