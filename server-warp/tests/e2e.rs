@@ -4,6 +4,7 @@
 //! `server` binary (tests/server.rs).
 
 mod browser;
+mod cli;
 mod connections;
 mod demo;
 mod instances;
