@@ -11,5 +11,6 @@ mod duplicati;
 mod duplicati_clients;
 mod edge;
 mod front_door;
+mod operator;
 mod support;
 mod upkeep;
