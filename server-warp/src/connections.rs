@@ -12,8 +12,9 @@
 //!   one arrives at the cap, the keep-alive connection idle the longest is
 //!   told to close (it has no request in progress, so nothing is lost); with
 //!   none idle, the new connection waits unserved (the listener stops
-//!   accepting) until one ends — every busy connection is bounded by the
-//!   deadlines above or by its handler.
+//!   accepting; the kernel queues up to [`LISTEN_BACKLOG`] more) until one
+//!   ends — every busy connection is bounded by the deadlines above or by
+//!   its handler.
 //! - **Shutdown** stops accepting, lets every request in progress finish,
 //!   closes idle connections and resolves when all are gone.
 //!
@@ -46,6 +47,12 @@ use crate::config::ConnectionsConfig;
 
 /// A request head (request line and headers) larger than this is answered 431.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// Connections the kernel completes and queues for us to accept (capped by
+/// `net.core.somaxconn`); tokio's listeners are made with 128, which a burst
+/// of clients overflows while the accept loop waits its turn, and a client
+/// whose attempt is dropped retries only a second later.
+pub const LISTEN_BACKLOG: i32 = 1024;
 
 /// The deadlines and the cap of one listener.
 #[derive(Debug, Clone, Copy)]
@@ -92,6 +99,13 @@ pub async fn serve(
     headers: Arc<[(HeaderName, HeaderValue)]>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let listener = match deepen(listener) {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot set up the listening socket");
+            return;
+        }
+    };
     let site = Arc::new(Site { handler, limits, headers, registry: Registry::default() });
     let mut next_id = 0u64;
     'accept: loop {
@@ -136,6 +150,16 @@ pub async fn serve(
     drop(listener);
     site.registry.close_all();
     site.registry.until_empty().await;
+}
+
+/// `listener` with a listen queue of [`LISTEN_BACKLOG`] (listening again
+/// changes the queue of a listening socket).
+fn deepen(listener: TcpListener) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::from(listener.into_std()?);
+    if let Err(e) = socket.listen(LISTEN_BACKLOG) {
+        tracing::warn!(error = %e, "cannot lengthen the listen queue; keeping it as it is");
+    }
+    TcpListener::from_std(socket.into())
 }
 
 fn is_connection_error(e: &std::io::Error) -> bool {

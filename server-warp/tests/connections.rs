@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::support::{Harness, fake_config, harness};
@@ -39,8 +40,7 @@ fn open_files_limit() -> u64 {
 /// What a client that stopped sending saw: how long until the broker closed
 /// the connection, and what it answered before that.
 struct Cut {
-    /// How long connecting took: in a burst of a thousand the kernel may
-    /// drop a SYN and retry it a second later.
+    /// How long connecting took, waiting for a turn included.
     connect: Duration,
     /// From connected (as this task saw it, which may be a little late on a
     /// busy runtime) to closed.
@@ -48,11 +48,14 @@ struct Cut {
     answer: String,
 }
 
-/// Connects, sends `start` and nothing more, and reads until the broker
-/// closes the connection (at most `give_up`).
-async fn stall(addr: String, start: String, give_up: Duration) -> Cut {
+/// Connects (holding a permit of `connecting` meanwhile), sends `start` and
+/// nothing more, and reads until the broker closes the connection (at most
+/// `give_up`).
+async fn stall(addr: String, connecting: Arc<Semaphore>, start: String, give_up: Duration) -> Cut {
     let began = Instant::now();
+    let permit = connecting.acquire().await.unwrap();
     let mut stream = TcpStream::connect(&addr).await.unwrap();
+    drop(permit);
     let connect = began.elapsed();
     let began = Instant::now();
     stream.write_all(start.as_bytes()).await.unwrap();
@@ -154,10 +157,14 @@ async fn five_hundred_slow_heads_and_five_hundred_slow_bodies_are_cut_off_while_
         "POST /v1/token HTTP/1.1\r\nHost: broker\r\nAuthorization: Bearer {authid}\r\n\
          Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"min_validity\": "
     );
+    // 64 connecting at a time, so the burst stays well inside the broker's
+    // listen queue (1024): past it the kernel drops connection attempts, and
+    // the normal client's would be retried only a second later.
+    let connecting = Arc::new(Semaphore::new(64));
     for _ in 0..EACH {
         let (slow_head, slow_body) = (
-            stall(addr(&h), head.clone(), HEADER_TIMEOUT + SLACK),
-            stall(addr(&h), body.clone(), BODY_TIMEOUT + SLACK),
+            stall(addr(&h), Arc::clone(&connecting), head.clone(), HEADER_TIMEOUT + SLACK),
+            stall(addr(&h), Arc::clone(&connecting), body.clone(), BODY_TIMEOUT + SLACK),
         );
         stalled.spawn(async move { ("head", slow_head.await) });
         stalled.spawn(async move { ("body", slow_body.await) });
