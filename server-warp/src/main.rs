@@ -319,9 +319,13 @@ async fn master_key_rotate(args: &Args) -> anyhow::Result<()> {
         && config.keys.master_passphrase_file.is_none()
         && config.store.kind == StoreKind::Sled;
     let key_file = setup::master_key_path(&config);
-    // The store first: a sled store a running broker holds is refused here,
-    // before its key file is touched.
+    // Everything that can refuse comes before the key file is touched: the
+    // store (a sled store a running broker holds is refused here) and the
+    // catalogue the engine is built with. From the first write on, the file
+    // always holds every key the data may need (new and old, then, once
+    // every record is re-sealed, the new one alone), each write atomic.
     let store = setup::open_store(&config).await?;
+    setup::catalogue(&config)?;
     if generated {
         // Creates the key file on a first run (or moves one an older version
         // left in the data directory), and checks an existing one parses.
@@ -364,15 +368,26 @@ async fn master_key_rotate(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Replaces the key file atomically: checks the keys parse, writes a
+/// temporary file beside it (mode 0600, synced), renames it over the file and
+/// syncs the directory. A crash leaves the old file or the new one.
 fn write_key_file(path: &std::path::Path, lines: &[String]) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    let _ = MasterKeyring::parse(lines).context("the new key file would not parse; nothing was written")?;
     let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
     file.write_all(format!("{}\n", lines.join("\n")).as_bytes())?;
     file.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    let _ = MasterKeyring::parse(lines).context("the rewritten key file does not parse")?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("cannot sync {}", dir.display()))?;
     Ok(())
 }
 

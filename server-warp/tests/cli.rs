@@ -263,6 +263,15 @@ async fn a_sled_store_in_use_is_refused_and_master_key_rotate_leaves_the_key_fil
     assert_eq!(leftovers.len(), 3, "{leftovers:?}"); // data, latchkey.toml, latchkey-master.key
     drop(held);
 
+    // A configuration the engine cannot be built from is refused before the key file is written too.
+    let broken = dir.path().join("broken.toml");
+    let text = std::fs::read_to_string(&config).unwrap() + "[services.orphan]\nprovider = \"nowhere\"\n";
+    std::fs::write(&broken, text).unwrap();
+    let run = latchkey(&broken, &["master-key", "rotate"]).await;
+    assert!(!run.ok && run.stderr.contains("nowhere"), "{}", run.stderr);
+    assert_eq!(std::fs::read(&key_file).unwrap(), before, "the key file changed");
+    std::fs::remove_file(&broken).unwrap();
+
     // Let go of, it rotates: a new key, the old one gone from the file.
     let rotate = ok(&config, &["master-key", "rotate"]).await;
     assert!(rotate.contains("old master keys removed"), "{rotate}");
