@@ -182,7 +182,7 @@ fn opening(e: sled::Error, path: &Path) -> StoreError {
     match &e {
         // sled words its lock failure this way (0.34, `Config::try_lock`).
         sled::Error::Io(io) if io.to_string().starts_with("could not acquire lock") => StoreError::Unavailable {
-            retryable: false,
+            retryable: true,
             source: Some(Box::new(Locked { path: path.to_path_buf(), reason: io.to_string() })),
         },
         _ => backend(e),

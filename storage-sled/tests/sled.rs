@@ -275,6 +275,9 @@ mod durability {
             matches!(second, Err(StoreError::Unavailable { retryable: true, source: Some(_) })),
             "second open answered {second:?}"
         );
+        // Its source says so, for the CLI to tell the operator to stop the broker.
+        let Err(e) = second else { unreachable!() };
+        assert!(std::error::Error::source(&e).is_some_and(|s| s.is::<latchkey_storage_sled::Locked>()), "{e:?}");
         // The first store is unaffected, and once it is closed the directory opens again.
         first.insert(RecordKind::Grant, b"a", None, b"x").await.expect("insert");
         drop(first);
