@@ -94,7 +94,10 @@ fn parse_args() -> anyhow::Result<Args> {
             "--json" => args.json = true,
             "-h" | "--help" => args.command = vec!["help".into()],
             "-V" | "--version" => args.command = vec!["version".into()],
-            flag if flag.starts_with('-') => bail!("unknown option {flag}; see latchkey --help"),
+            // Grant ids and key ids are base64url: one may begin with '-'.
+            flag if flag.starts_with('-') && !expects_id(&args.command) => {
+                bail!("unknown option {flag}; see latchkey --help")
+            }
             word => args.command.push(word.to_owned()),
         }
     }
@@ -102,6 +105,15 @@ fn parse_args() -> anyhow::Result<Args> {
         args.config = std::env::var_os("LATCHKEY_CONFIG").map(PathBuf::from);
     }
     Ok(args)
+}
+
+/// Whether the words so far are a command whose next word is a grant id or
+/// key id (base64url, which may begin with '-').
+fn expects_id(command: &[String]) -> bool {
+    matches!(
+        command.iter().map(String::as_str).collect::<Vec<_>>().as_slice(),
+        ["grants", "show" | "revoke"] | ["handles", "revoke"]
+    )
 }
 
 fn load_config(args: &Args) -> anyhow::Result<Config> {
@@ -262,7 +274,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let broker = operator_broker(&args).await?;
             let done =
                 broker.revoke_grant_as_operator(&grant_id).await?.with_context(|| format!("no grant {grant_id}"))?;
-            audit_revocation(&done, None);
+            audit_revocation(&broker, &done, None);
             println!("{}", operator::revocation(&done, args.json));
             Ok(())
         }
@@ -273,7 +285,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .revoke_handle_as_operator(&keyid)
                 .await?
                 .with_context(|| format!("no AuthID with key id {keyid}"))?;
-            audit_revocation(&done, Some(&keyid));
+            audit_revocation(&broker, &done, Some(&keyid));
             println!("{}", operator::revocation(&done, args.json));
             Ok(())
         }
@@ -293,8 +305,18 @@ fn parse_grant_id(text: &str) -> anyhow::Result<GrantId> {
     GrantId::parse(text).with_context(|| format!("'{text}' is not a grant id (see latchkey grants list)"))
 }
 
-/// One audit line per operator revocation, as the HTTP surface writes for a user's.
-fn audit_revocation(done: &OperatorRevocation, keyid: Option<&KeyId>) {
+/// One audit line per operator revocation, as the HTTP surface writes for a
+/// user's; and an error when its grant-changed notice could not be published
+/// (the revocation stands; running brokers may serve their cached token for
+/// up to ten minutes).
+fn audit_revocation(broker: &Broker, done: &OperatorRevocation, keyid: Option<&KeyId>) {
+    if broker.metrics().notice_publish_failures > 0 {
+        tracing::error!(
+            grant_id = %done.grant_id,
+            "the revocation stands, but the store did not take its notice to running brokers: \
+             they may serve the grant's cached access token for up to ten minutes"
+        );
+    }
     tracing::info!(
         target: "latchkey::audit",
         event = if keyid.is_some() { "authid_revoked_by_operator" } else { "grant_revoked_by_operator" },

@@ -152,6 +152,11 @@ async fn exercise(config: &Path, first: &str, second_of_first: &str, other: &str
     }
     let missing = latchkey(config, &["grants", "show", "AAAAAAAAAAAAAAAAAAAAAA"]).await;
     assert!(!missing.ok && missing.stderr.contains("no grant"), "{}", missing.stderr);
+    // Ids are base64url, so one may begin with '-': never taken for an option.
+    let dash = latchkey(config, &["grants", "show", "-AAAAAAAAAAAAAAAAAAAAA"]).await;
+    assert!(!dash.ok && dash.stderr.contains("no grant"), "{}", dash.stderr);
+    let unknown = latchkey(config, &["grants", "list", "--colour"]).await;
+    assert!(!unknown.ok && unknown.stderr.contains("unknown option --colour"), "{}", unknown.stderr);
     let malformed = latchkey(config, &["grants", "show", "not-an-id"]).await;
     assert!(!malformed.ok && malformed.stderr.contains("not a grant id"), "{}", malformed.stderr);
 
