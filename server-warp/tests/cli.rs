@@ -118,6 +118,10 @@ async fn grant_of(config: &Path, authid: &str) -> String {
 /// Every command on one store: the checks both stores share. The store
 /// holds the grants of [`two_grants`]; answers the revoked AuthIDs.
 async fn exercise(config: &Path, first: &str, second_of_first: &str, other: &str) {
+    let help = ok(config, &["--help"]).await;
+    for command in ["grants list", "grants show", "grants revoke", "handles revoke", "stop the broker"] {
+        assert!(help.contains(command), "the help does not mention {command}: {help}");
+    }
     assert!(ok(config, &["check"]).await.starts_with("configuration ok"));
     // No provider has credentials in this configuration: every service says why it is not offered.
     let services = ok(config, &["services"]).await;
