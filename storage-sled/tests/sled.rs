@@ -138,7 +138,10 @@ mod layout {
     use latchkey_storage_sled::SledStore;
 
     fn raw_tree(dir: &std::path::Path) -> (sled::Db, sled::Tree) {
-        let db = sled::open(dir).expect("open raw sled");
+        // No background flusher (as the adapter opens it): its thread would
+        // hold the directory's lock for a moment after the Db is dropped, and
+        // the adapter's open that follows would find it taken.
+        let db = sled::Config::new().path(dir).flush_every_ms(None).open().expect("open raw sled");
         let tree = db.open_tree("records").expect("records tree");
         (db, tree)
     }
