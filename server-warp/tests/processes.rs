@@ -549,7 +549,11 @@ async fn a_provider_slower_than_the_lease_is_asked_by_one_broker_process_only_on
             .lines()
             .find(|l| l.starts_with("latchkey_lease_renewals_total"))
             .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
-        assert!(renewals.is_some_and(|n| n >= 3.0), "A renewed its lease while it waited: {renewals:?}");
+        // Every 10 s of the 40 s call; a renewal the store fails under load is
+        // not counted (the lease still holds until its deadline), so at least
+        // one. Without any, B would have taken the lapsed lease at 30 s and
+        // called the provider, which the request count above rules out.
+        assert!(renewals.is_some_and(|n| n >= 1.0), "A renewed its lease while it waited: {renewals:?}");
         drop((a, b));
         drop_schema(&schema).await;
     };
