@@ -489,6 +489,7 @@ async fn sigterm_finishes_refreshes_in_flight_and_stores_every_rotation() {
 /// strict-rotation provider sees one refresh and no reuse. Bounded: about
 /// 45 s of real time, two minutes at most.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::print_stderr)] // the figures
 async fn a_provider_slower_than_the_lease_is_asked_by_one_broker_process_only_on_postgres() {
     let _postgres = crate::support::postgres_shared().await;
     let run = async {
@@ -553,6 +554,10 @@ async fn a_provider_slower_than_the_lease_is_asked_by_one_broker_process_only_on
         // not counted (the lease still holds until its deadline), so at least
         // one. Without any, B would have taken the lapsed lease at 30 s and
         // called the provider, which the request count above rules out.
+        eprintln!(
+            "B gave up after {waited:?}; A answered after {:?} with {renewals:?} lease renewals",
+            started.elapsed()
+        );
         assert!(renewals.is_some_and(|n| n >= 1.0), "A renewed its lease while it waited: {renewals:?}");
         drop((a, b));
         drop_schema(&schema).await;
