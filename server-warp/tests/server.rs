@@ -11,6 +11,7 @@ mod duplicati;
 mod duplicati_clients;
 mod edge;
 mod front_door;
+mod openapi;
 mod operator;
 mod support;
 mod upkeep;

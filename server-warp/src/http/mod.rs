@@ -199,6 +199,13 @@ pub fn fields(body: &[u8]) -> HashMap<String, String> {
     map
 }
 
+/// Every path the broker serves, with its label in the request metrics: the
+/// route table's, for documentation and its tests (`docs/openapi.json`).
+/// `{keyid}` stands for one path segment.
+pub fn served_paths() -> Vec<(&'static str, &'static str)> {
+    Route::ALL.iter().map(|route| (route.path(), route.label())).collect()
+}
+
 /// Every route.
 pub fn routes(state: State) -> impl Filter<Extract = (impl warp::Reply,), Error = Infallible> + Clone {
     let metrics_state = Arc::clone(&state);
