@@ -55,4 +55,4 @@ pub use records::{
 };
 pub use runtime::{BoxFuture, Runtime};
 pub use store::{LeaseOutcome, ListQuery, Notice, NoticeStream, Page, Store, StoreError, StoreExt, StoredRecord};
-pub use time::{Clock, SystemClock, Timestamp};
+pub use time::{Clock, SystemClock, Timestamp, UtcTime};
