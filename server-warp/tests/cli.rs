@@ -13,27 +13,11 @@ use latchkey_storage_postgres::PostgresStore;
 use latchkey_storage_sled::SledStore;
 use serde_json::Value;
 
+use crate::processes::{database_url, drop_schema, random_schema};
 use crate::support::{Harness, fake_config, harness_on, v1_token};
 
 /// The master key the in-process harness uses (`support::harness_tuned`).
 const HARNESS_KEY: &str = "k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
-
-fn database_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-fn random_schema() -> String {
-    let mut bytes = [0u8; 6];
-    latchkey_core::Random::fill(&latchkey_core::OsRandom, &mut bytes);
-    format!("latchkey_it_{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
-}
-
-async fn drop_schema(schema: &str) {
-    if let Ok((client, connection)) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls).await {
-        tokio::spawn(connection);
-        let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE")).await;
-    }
-}
 
 /// What one `latchkey` run answered.
 struct Run {

@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::support::{Harness, fake_config, harness};
+use crate::support::{Harness, fake_config, harness, read_until_closed};
 
 const HEADER_TIMEOUT: Duration = Duration::from_secs(1);
 const BODY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -59,19 +59,9 @@ async fn stall(addr: String, connecting: Arc<Semaphore>, start: String, give_up:
     let connect = began.elapsed();
     let began = Instant::now();
     stream.write_all(start.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 1024];
-    let closed = tokio::time::timeout(give_up, async {
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => answer.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    assert!(closed.is_ok(), "the broker never closed a stalled connection (sent {start:?})");
-    Cut { connect, after: began.elapsed(), answer: String::from_utf8_lossy(&answer).into_owned() }
+    let answer = read_until_closed(&mut stream, give_up).await;
+    let answer = answer.unwrap_or_else(|| panic!("the broker never closed a stalled connection (sent {start:?})"));
+    Cut { connect, after: began.elapsed(), answer }
 }
 
 /// Reads one whole answer (head and `Content-Length` body) off `stream`.

@@ -8,10 +8,10 @@ use std::time::Duration;
 use latchkey_server::config::Config;
 use reqwest::header::HeaderMap;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::support::{fake_config, harness, logs, open_page};
+use crate::support::{fake_config, harness, logs, open_page, read_until_closed};
 
 fn nosniff(headers: &HeaderMap) -> bool {
     let values: Vec<_> = headers.get_all("x-content-type-options").iter().collect();
@@ -23,19 +23,7 @@ fn nosniff(headers: &HeaderMap) -> bool {
 async fn raw_exchange(addr: &str, request: &[u8]) -> String {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream.write_all(request).await.unwrap();
-    let mut answer = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(10), async {
-        let mut buf = [0u8; 4096];
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => answer.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    assert!(read.is_ok(), "the broker closed the connection");
-    String::from_utf8_lossy(&answer).into_owned()
+    read_until_closed(&mut stream, Duration::from_secs(10)).await.expect("the broker closes the connection")
 }
 
 #[tokio::test]

@@ -20,7 +20,7 @@ use tokio::process::{Child, Command};
 use crate::interop::{MASTER_KEY, http, login, oidc_options, provider_toml};
 use crate::support::authid_from_page;
 
-fn database_url() -> String {
+pub(crate) fn database_url() -> String {
     std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
@@ -28,13 +28,13 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn random_schema() -> String {
+pub(crate) fn random_schema() -> String {
     let mut bytes = [0u8; 6];
     latchkey_core::Random::fill(&latchkey_core::OsRandom, &mut bytes);
     format!("latchkey_it_{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
 }
 
-async fn drop_schema(schema: &str) {
+pub(crate) async fn drop_schema(schema: &str) {
     if let Ok((client, connection)) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls).await {
         tokio::spawn(connection);
         let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE")).await;
@@ -108,6 +108,17 @@ fn write_config(dir: &Path, name: &str, port: u16, store: &str, rest: &str) -> P
     );
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// The configuration of the fake provider as service `fake` (Jottacloud
+/// off): `provider` and `service` add lines to their tables.
+fn fake_toml(fake: &FakeProvider, secret: &str, provider: &str, service: &str) -> String {
+    format!(
+        "[providers.fake]\nauthorize_url = \"{}\"\ntoken_url = \"{}\"\nclient_auth = \"basic\"\nclient_id = \"latchkey-test\"\n\
+         client_secrets = [\"{secret}\"]\n{provider}[services.fake]\nprovider = \"fake\"\n{service}[services.jottacloud]\nenabled = false",
+        fake.authorize_url(),
+        fake.token_url()
+    )
 }
 
 async fn refresh(client: &reqwest::Client, url: &str, authid: &str) -> (u16, Option<String>, Option<String>) {
@@ -230,13 +241,7 @@ async fn sigkill_storm(store_toml: String, open: impl AsyncFn() -> Arc<dyn Store
     .await
     .unwrap();
     let port = free_port();
-    let rest = format!(
-        "[providers.fake]\nauthorize_url = \"{}\"\ntoken_url = \"{}\"\nclient_auth = \"basic\"\nclient_id = \"latchkey-test\"\n\
-         client_secrets = [\"storm-secret\"]\nrotates_refresh_tokens = true\n[services.fake]\nprovider = \"fake\"\n\
-         scopes = [\"files\"]\n[services.jottacloud]\nenabled = false",
-        fake.authorize_url(),
-        fake.token_url()
-    );
+    let rest = fake_toml(&fake, "storm-secret", "rotates_refresh_tokens = true\n", "scopes = [\"files\"]\n");
     let mut broker = Broker::start(&write_config(dir.path(), "storm", port, &store_toml, &rest), port).await;
     let client = http();
     let mut authids = Vec::new();
@@ -377,12 +382,7 @@ async fn stopping_postgres_fails_fast_serves_the_cache_and_recovers_postgres() {
     let port = free_port();
     let schema = random_schema();
     let store = format!("[store]\nkind = \"postgres\"\nurl = \"{}\"\nschema = \"{schema}\"", database_url());
-    let rest = format!(
-        "[providers.fake]\nauthorize_url = \"{}\"\ntoken_url = \"{}\"\nclient_auth = \"basic\"\nclient_id = \"latchkey-test\"\n\
-         client_secrets = [\"pg-secret\"]\n[services.fake]\nprovider = \"fake\"\n[services.jottacloud]\nenabled = false",
-        fake.authorize_url(),
-        fake.token_url()
-    );
+    let rest = fake_toml(&fake, "pg-secret", "", "");
     let broker = Broker::start(&write_config(dir.path(), "pg", port, &store, &rest), port).await;
     let client = http();
     let cached = fake_login(&client, &broker.url).await;
@@ -434,13 +434,7 @@ async fn sigterm_finishes_refreshes_in_flight_and_stores_every_rotation() {
     let port = free_port();
     let path = dir.path().join("data");
     let store = format!("[store]\npath = {:?}", path.display().to_string());
-    let rest = format!(
-        "[providers.fake]\nauthorize_url = \"{}\"\ntoken_url = \"{}\"\nclient_auth = \"basic\"\nclient_id = \"latchkey-test\"\n\
-         client_secrets = [\"term-secret\"]\nrotates_refresh_tokens = true\n[services.fake]\nprovider = \"fake\"\n\
-         [services.jottacloud]\nenabled = false",
-        fake.authorize_url(),
-        fake.token_url()
-    );
+    let rest = fake_toml(&fake, "term-secret", "rotates_refresh_tokens = true\n", "");
     let mut broker = Broker::start(&write_config(dir.path(), "term", port, &store, &rest), port).await;
     let client = http();
     let mut authids = Vec::new();
@@ -506,13 +500,7 @@ async fn a_provider_slower_than_the_lease_is_asked_by_one_broker_process_only_on
         .unwrap();
         let schema = random_schema();
         let store = format!("[store]\nkind = \"postgres\"\nurl = \"{}\"\nschema = \"{schema}\"", database_url());
-        let rest = format!(
-            "[providers.fake]\nauthorize_url = \"{}\"\ntoken_url = \"{}\"\nclient_auth = \"basic\"\nclient_id = \"latchkey-test\"\n\
-             client_secrets = [\"slow-secret\"]\nrotates_refresh_tokens = true\ntimeout_secs = 60\n\
-             [services.fake]\nprovider = \"fake\"\n[services.jottacloud]\nenabled = false",
-            fake.authorize_url(),
-            fake.token_url()
-        );
+        let rest = fake_toml(&fake, "slow-secret", "rotates_refresh_tokens = true\ntimeout_secs = 60\n", "");
         let (port_a, port_b) = (free_port(), free_port());
         let a = Broker::start(&write_config(dir.path(), "a", port_a, &store, &rest), port_a).await;
         let b = Broker::start(&write_config(dir.path(), "b", port_b, &store, &rest), port_b).await;

@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use latchkey_core::{MemoryStore, Store};
 use latchkey_server::Running;
@@ -295,4 +296,22 @@ pub(crate) async fn bearer_post(
         request = request.json(&body);
     }
     request.send().await.unwrap().json().await.unwrap()
+}
+
+/// Reads `stream` until the broker closes it; `None` if it is still open
+/// after `give_up`.
+pub(crate) async fn read_until_closed(stream: &mut tokio::net::TcpStream, give_up: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = tokio::time::timeout(give_up, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    closed.ok().map(|()| String::from_utf8_lossy(&answer).into_owned())
 }

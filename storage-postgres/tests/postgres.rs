@@ -218,50 +218,19 @@ mod two_instances {
         use std::time::Duration;
 
         use latchkey_core::engine::{SweepCursor, sweep_pass};
-        use latchkey_core::keys::{MasterKey, MasterKeyId, MasterKeyring};
-        use latchkey_core::records::{DeviceGrant, Handoff, HandoffId, LoginId, LoginTransaction, UserCodeId};
-        use latchkey_core::{OsRandom, StoreExt, Tagged};
+        use latchkey_core::testing::conformance::short_lived_records;
 
         let schema = Schema::fresh().await;
         let (a, b) = (Arc::new(schema.open().await), Arc::new(schema.open().await));
-        let keys = MasterKeyring::single(MasterKey::generate(MasterKeyId::new("k").unwrap(), &OsRandom)).record_keys();
         let t = Timestamp::from_unix_secs(1_767_225_600);
         let (expired, live, now) =
             (t, t.saturating_add(Duration::from_secs(600)), t.saturating_add(Duration::from_secs(1)));
         const EXPIRED: usize = 60;
         for i in 0..EXPIRED + 4 {
             let expires = if i < EXPIRED { expired } else { live };
-            let handoff = HandoffId::for_token(&keys, &format!("handoff-{i}"));
-            let mut tx = LoginTransaction {
-                id: LoginId::for_state(&keys, &format!("state-{i}")),
-                version: 0,
-                service: "svc".into(),
-                pkce_verifier: None,
-                handoff: Some(handoff),
-                browser: None,
-                label: String::new(),
-                created_at: t,
-                expires_at: expires,
-                completed_at: None,
-                tag: [0; 32],
-            };
-            tx.sign(&keys);
-            a.create(&mut tx).await.expect("insert login");
-            let mut h = Handoff::new(&keys, &format!("handoff-{i}"), t, expires);
-            h.sign(&keys);
-            b.create(&mut h).await.expect("insert hand-off");
-            let mut device = DeviceGrant {
-                id: UserCodeId::for_user_code(&keys, &format!("CODE-{i}")),
-                version: 0,
-                service: "svc".into(),
-                handoff,
-                label: String::new(),
-                created_at: t,
-                expires_at: expires,
-                tag: [0; 32],
-            };
-            device.sign(&keys);
-            a.create(&mut device).await.expect("insert device code");
+            // Half written through each instance.
+            let store = if i % 2 == 0 { &a } else { &b };
+            short_lived_records(store.as_ref(), &format!("{i}"), expires).await;
         }
         let sweeper = |store: Arc<latchkey_storage_postgres::PostgresStore>| {
             tokio::spawn(async move {

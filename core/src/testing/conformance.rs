@@ -390,8 +390,8 @@ async fn notices_reach_every_subscriber(store: &dyn Store) {
 }
 
 /// Stores a login transaction, a hand-off and a device code named by `name`,
-/// each expiring at `expires`.
-async fn short_lived_records(store: &dyn Store, name: &str, expires: Timestamp) {
+/// each expiring at `expires` (what a sweep deletes once they expire).
+pub async fn short_lived_records(store: &dyn Store, name: &str, expires: Timestamp) {
     let keys = ring().record_keys();
     let handoff = HandoffId::for_token(&keys, &format!("handoff-{name}"));
     let mut tx = LoginTransaction {
