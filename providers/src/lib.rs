@@ -22,12 +22,14 @@
 pub mod classify;
 pub mod client;
 pub mod config;
+pub mod runtime;
 
 pub use client::{ClientAuth, OAuthProvider, ProviderSettings, Revocation};
 pub use config::{
     BuildOptions, BuiltCatalogue, CatalogueConfig, CatalogueError, Handout, KeyedError, RevocationStyle, Withheld,
     build, from_toml,
 };
+pub use runtime::TokioRuntime;
 
 /// The access token lifetime assumed when a provider omits `expires_in`
 /// (one hour, the common default; Dropbox's 4 hours is set in the catalogue).

@@ -7,12 +7,11 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use latchkey_core::keys::{MasterKey, MasterKeyId, MasterKeyring, PassphraseParams};
 use latchkey_core::{Broker, BrokerParts, EngineConfig, OsRandom, Store};
-use latchkey_providers::{BuildOptions, BuiltCatalogue, build};
+use latchkey_providers::{BuildOptions, BuiltCatalogue, TokioRuntime, build};
 use latchkey_storage_postgres::{PostgresStore, TlsOptions};
 use latchkey_storage_sled::SledStore;
 
 use crate::config::{Config, StoreKind};
-use crate::runtime::TokioRuntime;
 
 /// The name of the master key the embedded default (sled, no `[keys]`)
 /// generates. It sits beside the data directory, never inside it, so a copy

@@ -13,5 +13,6 @@ mod edge;
 mod front_door;
 mod openapi;
 mod operator;
+mod providers_doc;
 mod support;
 mod upkeep;

@@ -132,7 +132,10 @@ pub(crate) async fn harness_tuned(
         revoke = fake.revocation_url(),
     );
     // `extra` may name the fake's endpoints, for a second provider on it.
-    let text = text.replace("{fake_authorize}", &fake.authorize_url()).replace("{fake_token}", &fake.token_url());
+    let text = text
+        .replace("{fake_authorize}", &fake.authorize_url())
+        .replace("{fake_token}", &fake.token_url())
+        .replace("{fake_base}", &fake.base_url());
     let config = Config::parse(&text).unwrap();
     let server = latchkey_server::serve(&config, store, listener, tune).await.unwrap();
     let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
