@@ -6,6 +6,12 @@
 //! `LATCHKEY_PROVIDERS__MICROSOFT__CLIENT_ID`. Its value is read as a TOML
 //! value when it is one (`120`, `true`, `["a", "b"]`) and as a string
 //! otherwise. Unknown keys are errors, wherever they come from.
+//!
+//! In the settings that name a file (`keys.master_keys_file`,
+//! `keys.master_passphrase_file`, `providers.<id>.client_secrets_file`,
+//! `store.ca_file`), `${CREDENTIALS_DIRECTORY}` stands for the directory
+//! systemd hands a unit its `LoadCredential=` files in (the variable of that
+//! name); a file naming it while the variable is not set is refused.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -19,6 +25,11 @@ use serde::Deserialize;
 
 /// Environment variables that are not configuration keys.
 const NOT_KEYS: [&str; 2] = ["LATCHKEY_CONFIG", "LATCHKEY_LOG"];
+
+/// The variable systemd sets for a unit with `LoadCredential=`, and how file
+/// settings refer to it.
+const CREDENTIALS_VAR: &str = "CREDENTIALS_DIRECTORY";
+const CREDENTIALS_REF: &str = "${CREDENTIALS_DIRECTORY}";
 
 /// The whole configuration.
 #[derive(Clone, Deserialize)]
@@ -131,8 +142,13 @@ impl Default for StoreConfig {
 #[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeysConfig {
-    /// `<id>:<base64 32 bytes>`, the first current.
+    /// `<id>:<base64 32 bytes>`, the first current. Also what
+    /// `master_keys_file` holds once the configuration is loaded.
     pub master_keys: Option<Vec<String>>,
+    /// A file holding the master keys, one `<id>:<base64>` a line, the first
+    /// current (mode 0600 or stricter). Read when the configuration is
+    /// loaded, into `master_keys`.
+    pub master_keys_file: Option<PathBuf>,
     /// A file holding an operator passphrase (Argon2id derives the key).
     pub master_passphrase_file: Option<PathBuf>,
     /// The recorded Argon2id parameters for the passphrase (`argon2id$v=19$…`).
@@ -143,6 +159,7 @@ impl fmt::Debug for KeysConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeysConfig")
             .field("master_keys", &self.master_keys.as_ref().map(|k| format!("<{} redacted>", k.len())))
+            .field("master_keys_file", &self.master_keys_file)
             .field("master_passphrase_file", &self.master_passphrase_file)
             .finish_non_exhaustive()
     }
@@ -389,6 +406,7 @@ impl Config {
     /// Reads the file (if any), applies `LATCHKEY_*` variables from `env`,
     /// and validates.
     pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
+        let mut credentials = None;
         let mut table = match path {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -398,6 +416,10 @@ impl Config {
             None => toml::Table::new(),
         };
         for (name, raw) in env {
+            if name == CREDENTIALS_VAR {
+                credentials = Some(raw);
+                continue;
+            }
             let Some(key) = name.strip_prefix("LATCHKEY_") else { continue };
             if NOT_KEYS.contains(&name.as_str()) || key.is_empty() {
                 continue;
@@ -405,20 +427,67 @@ impl Config {
             let path: Vec<String> = key.split("__").map(str::to_lowercase).collect();
             set_path(&mut table, &path, env_value(&raw)).map_err(|reason| invalid(&name, reason))?;
         }
-        Self::from_table(table)
+        Self::from_table(table, credentials.as_deref())
     }
 
-    /// Parses configuration text (no environment).
+    /// Parses configuration text (no environment, so no
+    /// `${CREDENTIALS_DIRECTORY}` either).
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        Self::from_table(toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?)
+        Self::from_table(toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?, None)
     }
 
-    fn from_table(table: toml::Table) -> Result<Config, ConfigError> {
-        let config: Config = from_toml(toml::Value::Table(table)).map_err(|e| {
+    fn from_table(table: toml::Table, credentials: Option<&str>) -> Result<Config, ConfigError> {
+        let mut config: Config = from_toml(toml::Value::Table(table)).map_err(|e| {
             if e.key.is_empty() { ConfigError::Syntax(e.reason) } else { invalid(&e.dotted(), e.reason) }
         })?;
+        config.resolve_files(credentials)?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Puts the credentials directory into the file settings, and reads
+    /// `keys.master_keys_file` into `keys.master_keys`.
+    fn resolve_files(&mut self, credentials: Option<&str>) -> Result<(), ConfigError> {
+        let expand = |key: &str, path: &mut Option<PathBuf>| -> Result<(), ConfigError> {
+            let Some(text) = path.as_ref().and_then(|p| p.to_str()).filter(|t| t.contains(CREDENTIALS_REF)) else {
+                return Ok(());
+            };
+            let dir = credentials.filter(|d| !d.is_empty()).ok_or_else(|| {
+                invalid(
+                    key,
+                    format!(
+                        "names {CREDENTIALS_REF}, but {CREDENTIALS_VAR} is not set (systemd sets it for a unit \
+                         with LoadCredential=; elsewhere set it to the directory holding the files)"
+                    ),
+                )
+            })?;
+            *path = Some(PathBuf::from(text.replace(CREDENTIALS_REF, dir.trim_end_matches('/'))));
+            Ok(())
+        };
+        expand("keys.master_keys_file", &mut self.keys.master_keys_file)?;
+        expand("keys.master_passphrase_file", &mut self.keys.master_passphrase_file)?;
+        expand("store.ca_file", &mut self.store.ca_file)?;
+        for (id, provider) in &mut self.providers {
+            expand(&format!("providers.{id}.client_secrets_file"), &mut provider.client_secrets_file)?;
+        }
+        let Some(file) = &self.keys.master_keys_file else { return Ok(()) };
+        let key = "keys.master_keys_file";
+        if self.keys.master_keys.is_some() || self.keys.master_passphrase_file.is_some() {
+            return Err(invalid(key, "give one of master_keys, master_keys_file and master_passphrase_file"));
+        }
+        let unreadable = |e: std::io::Error| invalid(key, format!("cannot read {}: {e}", file.display()));
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(file).map_err(unreadable)?.permissions());
+        if mode & 0o077 != 0 {
+            return Err(invalid(key, format!("{} is readable by other users; run chmod 600 on it", file.display())));
+        }
+        let text = std::fs::read_to_string(file).map_err(unreadable)?;
+        let keys: Vec<String> =
+            text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_owned).collect();
+        if keys.is_empty() {
+            return Err(invalid(key, format!("{} holds no key", file.display())));
+        }
+        self.keys.master_keys = Some(keys);
+        Ok(())
     }
 
     fn validate(&self) -> Result<(), ConfigError> {

@@ -328,3 +328,116 @@ async fn the_postgres_ca_file_setting_reaches_the_store() {
     let message = format!("{error:#}"); // as `latchkey` prints it
     assert!(message.contains("CA file") && message.contains("db-ca.pem"), "{message}");
 }
+
+/// Writes `text` to `dir/name` with `mode`, as systemd's `LoadCredential=`
+/// leaves a credential (0400) or an operator a secret file (0600).
+fn write_mode(dir: &Path, name: &str, text: &str, mode: u32) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    path
+}
+
+fn with_credentials(dir: &str) -> [(String, String); 1] {
+    [("CREDENTIALS_DIRECTORY".to_owned(), dir.to_owned())]
+}
+
+#[test]
+fn file_settings_take_the_credentials_directory_and_master_keys_come_from_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let credentials = dir.path().join("credentials");
+    std::fs::create_dir(&credentials).unwrap();
+    write_mode(&credentials, "latchkey_master-keys", &format!("# newest first\n{OTHER_KEY}\n\n{OLD_KEY}\n"), 0o400);
+    write_mode(&credentials, "latchkey_ms-secret", "first-secret\nsecond-secret\n", 0o400);
+    let file = write_mode(
+        dir.path(),
+        "latchkey.toml",
+        &format!(
+            "[store]\npath = {:?}\n\
+             [keys]\nmaster_keys_file = \"${{CREDENTIALS_DIRECTORY}}/latchkey_master-keys\"\n\
+             [providers.microsoft]\nclient_id = \"app\"\n\
+             client_secrets_file = \"${{CREDENTIALS_DIRECTORY}}/latchkey_ms-secret\"\n",
+            dir.path().join("data").display().to_string()
+        ),
+        0o644,
+    );
+    // A trailing slash on the directory does not double the separator.
+    let config = Config::load(Some(&file), with_credentials(&format!("{}/", credentials.display()))).unwrap();
+    assert_eq!(config.keys.master_keys_file.as_deref(), Some(credentials.join("latchkey_master-keys").as_path()));
+    assert_eq!(
+        config.providers["microsoft"].client_secrets_file.as_deref(),
+        Some(credentials.join("latchkey_ms-secret").as_path())
+    );
+    let debug = format!("{config:?}");
+    assert!(!debug.contains(&OTHER_KEY[3..]) && !debug.contains(&OLD_KEY[3..]), "keys stay out of Debug: {debug}");
+    // The file's keys are configured keys: the first current, comments and
+    // blank lines skipped; nothing is generated beside the data.
+    let ring = setup::load_keyring(&config).unwrap();
+    assert_eq!(ring.current().id().as_str(), "k2");
+    assert_eq!(ring.ids().len(), 2);
+    assert!(!dir.path().join("latchkey-master.key").exists());
+    // The secrets file is found where the variable points, and 0400 passes.
+    let built = setup::catalogue(&config).unwrap();
+    assert!(!built.withheld.iter().any(|w| w.service == "onedrivev2"), "microsoft is offered");
+
+    // Without the variable, each setting naming it is refused, naming the key.
+    let unset = Config::load(Some(&file), []).unwrap_err().to_string();
+    assert!(unset.contains("keys.master_keys_file") && unset.contains("CREDENTIALS_DIRECTORY"), "{unset}");
+    let empty = Config::load(Some(&file), with_credentials("")).unwrap_err().to_string();
+    assert!(empty.contains("CREDENTIALS_DIRECTORY"), "{empty}");
+    for (text, key) in [
+        ("[keys]\nmaster_passphrase_file = \"${CREDENTIALS_DIRECTORY}/p\"", "keys.master_passphrase_file"),
+        ("[store]\nca_file = \"${CREDENTIALS_DIRECTORY}/ca.pem\"", "store.ca_file"),
+        ("[providers.box]\nclient_secrets_file = \"${CREDENTIALS_DIRECTORY}/s\"", "providers.box.client_secrets_file"),
+    ] {
+        let message = err(text);
+        assert!(message.contains(key) && message.contains("CREDENTIALS_DIRECTORY"), "{text}: {message}");
+    }
+    // Other `${…}` are not expanded, and a path without it is left alone.
+    let literal = Config::parse("[store]\nca_file = \"/etc/${HOME}/ca.pem\"").unwrap();
+    assert_eq!(literal.store.ca_file.as_deref(), Some(Path::new("/etc/${HOME}/ca.pem")));
+}
+
+#[test]
+fn a_master_keys_file_is_refused_when_others_may_read_it_empty_missing_or_doubled() {
+    let dir = tempfile::tempdir().unwrap();
+    let load = |setting: &str| Config::parse(&format!("[keys]\n{setting}")).map(|_| ()).unwrap_err().to_string();
+    let open = write_mode(dir.path(), "open", &format!("{OLD_KEY}\n"), 0o644);
+    let blank = write_mode(dir.path(), "blank", "# nothing yet\n\n", 0o600);
+    let good = write_mode(dir.path(), "good", &format!("{OLD_KEY}\n"), 0o600);
+    let file = |p: &Path| format!("master_keys_file = {:?}\n", p.display().to_string());
+    for (setting, says) in [
+        (file(&open), "readable by other users"),
+        (file(&blank), "holds no key"),
+        (file(&dir.path().join("missing")), "cannot read"),
+        (format!("{}master_keys = [\"{OTHER_KEY}\"]", file(&good)), "master_keys_file"),
+        (format!("{}master_passphrase_file = \"/p\"", file(&good)), "master_passphrase_file"),
+    ] {
+        let message = load(&setting);
+        assert!(message.contains("keys.master_keys_file") && message.contains(says), "{setting}: {message}");
+        assert!(!message.contains(&OLD_KEY[3..]), "no key in the message: {message}");
+    }
+}
+
+#[test]
+fn the_packaged_configuration_loads_with_the_credentials_the_unit_hands_it() {
+    // packaging/latchkey.toml as the Debian package installs it, with the
+    // files the unit's LoadCredential=latchkey:/etc/latchkey/credentials
+    // turns into $CREDENTIALS_DIRECTORY/latchkey_<name> (mode 0400).
+    let packaged = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/latchkey.toml");
+    let unit =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/latchkey.service")).unwrap();
+    assert!(unit.lines().any(|l| l == "LoadCredential=latchkey:/etc/latchkey/credentials"), "{unit}");
+    assert!(unit.lines().any(|l| l == "ExecStart=/usr/bin/latchkey serve --config /etc/latchkey/latchkey.toml"));
+    let dir = tempfile::tempdir().unwrap();
+    write_mode(dir.path(), "latchkey_master-keys", &format!("{OLD_KEY}\n"), 0o400);
+    write_mode(dir.path(), "latchkey_microsoft-client-secrets", "a-secret\n", 0o400);
+    let config = Config::load(Some(&packaged), with_credentials(dir.path().to_str().unwrap())).unwrap();
+    assert_eq!(config.store.kind, StoreKind::Sled);
+    assert_eq!(config.store.path, Path::new("/var/lib/latchkey/data"), "inside the unit's StateDirectory");
+    assert!(unit.contains("StateDirectory=latchkey\n"));
+    assert_eq!(setup::load_keyring(&config).unwrap().current().id().as_str(), "k1");
+    let built = setup::catalogue(&config).unwrap();
+    assert!(!built.withheld.iter().any(|w| w.service == "onedrivev2"), "microsoft is offered");
+}
