@@ -23,6 +23,38 @@
 //! * **Every ciphertext is bound to its place.** The associated data names
 //!   record kind, ids, field and format version, so a blob moved elsewhere
 //!   fails to open.
+//!
+//! # Embedding
+//!
+//! A [`Broker`] is built from [`BrokerParts`]: a [`Store`] (this crate's
+//! [`MemoryStore`], `latchkey-storage-sled`, `latchkey-storage-postgres`, or
+//! your own, checked by the conformance suite in `testing`), a [`Catalogue`]
+//! of services and [`Provider`]s (`latchkey-providers` builds one from
+//! catalogue TOML), a [`MasterKeyring`], a [`Runtime`]
+//! (`latchkey_providers::TokioRuntime`), a [`Random`] source ([`OsRandom`])
+//! and an [`EngineConfig`]. Its methods are the whole engine; an
+//! application's own handlers call them:
+//!
+//! ```ignore
+//! let broker = Broker::new(BrokerParts {
+//!     store: Arc::new(SledStore::open("./latchkey-data").await?),
+//!     catalogue: latchkey_providers::build(&catalogue_toml, &options)?.catalogue,
+//!     keyring: MasterKeyring::parse(&configured_keys)?,
+//!     runtime: Arc::new(TokioRuntime),
+//!     rng: Arc::new(OsRandom),
+//!     config: EngineConfig { public_url: "https://app.example.org".into(), ..EngineConfig::default() },
+//! });
+//! broker.start().await?; // follow the store's notices
+//!
+//! // A login: begin_login → the provider → complete_login gives the AuthID, once.
+//! // Then, for each request that presents it:
+//! let token = broker.token(&AuthId::parse(presented)?, None).await?;
+//! ```
+//!
+//! (Not compiled here: this crate depends on none of those adapters. The
+//! same construction compiles and runs in `latchkey_providers`' crate
+//! documentation.) `docs/embedding.md` is the guide, and the `examples/`
+//! crate has whole applications, a custom store and a custom provider.
 
 pub mod authid;
 pub mod catalogue;

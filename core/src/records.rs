@@ -1,7 +1,7 @@
 //! The records the broker stores, and their explicit, versioned stored form.
 //!
 //! Each record encodes as `[kind: u8][format version: u8][fields…]` with the
-//! [`codec`](crate::codec) primitives. Only what the store needs for lookups
+//! `codec` primitives. Only what the store needs for lookups
 //! and maintenance is clear (ids, service, state, timestamps); tokens, keys,
 //! labels, verifiers and AuthIDs are [`SealedBlob`]s bound to their record.
 //! The store-managed `version` is not part of the encoding.

@@ -104,6 +104,18 @@ pub async fn serve(listener: TcpListener, app: Arc<App>) -> std::io::Result<()> 
     }
 }
 
+/// Deletes expired logins and hand-offs every minute, a bounded number a
+/// pass (the broker server's background sweep does the same). Runs until
+/// the task is dropped.
+pub async fn sweep(broker: Broker) {
+    let mut every = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        every.tick().await;
+        // A pass the store fails is simply tried again at the next tick.
+        let _ = broker.sweep_expired(1000).await;
+    }
+}
+
 type Answer = Response<Full<Bytes>>;
 
 fn answer(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Answer {

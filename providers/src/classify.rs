@@ -173,7 +173,7 @@ pub fn classify_error(status: u16, retry_after_header: Option<&str>, body: &[u8]
 const SECRET_PIECE: usize = 12;
 
 /// One line of printable text, at most 200 characters, or nothing if it
-/// contains any of the secrets sent, or any [`SECRET_PIECE`] bytes of one.
+/// contains any of the secrets sent, or any `SECRET_PIECE` bytes of one.
 pub fn sanitize(text: &str, sent: &[&str]) -> Option<String> {
     // Control characters go first, and the check runs on what remains: a
     // secret split by a control character must not reappear whole.

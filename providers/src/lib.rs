@@ -18,6 +18,68 @@
 //! Errors are classified ([`classify`]) from status and OAuth error JSON into
 //! core's `ProviderError`; a provider's body never reaches a log or a user
 //! verbatim.
+//!
+//! [`TokioRuntime`] is the engine's clock, timers and spawning on tokio,
+//! here so that a program embedding the engine needs this crate, a store and
+//! `latchkey-core`, and no web framework.
+//!
+//! # Embedding the engine
+//!
+//! A catalogue from TOML (the broker's `[providers.<id>]` and
+//! `[services.<id>]` tables; see `docs/providers.md`), built into HTTP
+//! providers, and a [`latchkey_core::Broker`] on a store. The application's
+//! own handlers then trade AuthIDs for access tokens. `docs/embedding.md`
+//! walks through it; `examples/src/hyper_app.rs` is a whole application.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//!
+//! use latchkey_core::{AuthId, Broker, BrokerParts, EngineConfig, EngineError, MasterKeyring, MemoryStore, OsRandom};
+//! use latchkey_providers::{BuildOptions, CatalogueConfig, TokioRuntime};
+//! use secrecy::ExposeSecret;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let public_url = "https://app.example.org";
+//! let catalogue = CatalogueConfig::parse(
+//!     r#"
+//!     [providers.acme]
+//!     authorize_url = "https://id.acme.example/oauth2/authorize"
+//!     token_url = "https://id.acme.example/oauth2/token"
+//!     client_id = "my-app"
+//!     client_secrets = ["…"]
+//!     [services.acmedrive]
+//!     provider = "acme"
+//!     scopes = ["drive", "offline_access"]
+//!     "#,
+//! )?;
+//! let options = BuildOptions {
+//!     redirect_uri: latchkey_core::redirect_uri(public_url), // <public_url>/logged-in
+//!     default_timeout: Duration::from_secs(15),
+//! };
+//! let built = latchkey_providers::build(&catalogue, &options)?;
+//! let keyring = MasterKeyring::parse(&["k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="])?; // from your secrets
+//! let broker = Broker::new(BrokerParts {
+//!     store: Arc::new(MemoryStore::new()), // or latchkey_storage_sled::SledStore, PostgresStore, your own
+//!     catalogue: built.catalogue,
+//!     keyring,
+//!     runtime: Arc::new(TokioRuntime),
+//!     rng: Arc::new(OsRandom),
+//!     config: EngineConfig { public_url: public_url.into(), ..EngineConfig::default() },
+//! });
+//! tokio::runtime::Runtime::new()?.block_on(broker.start())?; // follow the store's notices
+//! assert!(broker.catalogue().service("acmedrive").is_some());
+//!
+//! /// What an application's handler does with the AuthID a client presents.
+//! async fn access_token(broker: &Broker, presented: &str) -> Result<String, EngineError> {
+//!     let authid = AuthId::parse(presented).map_err(EngineError::AuthIdMalformed)?;
+//!     let token = broker.token(&authid, None).await?; // cached, or refreshed once and stored first
+//!     Ok(token.access_token.expose_secret().to_owned())
+//! }
+//! # let _ = access_token;
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod classify;
 pub mod client;

@@ -47,6 +47,29 @@
 //!   rustls with a verified certificate where the URL (or a CA file) asks for
 //!   it; a build without the feature refuses `sslmode=require` at start
 //!   instead of silently connecting in the clear. The rules are in [`tls`].
+//!
+//! # Using it
+//!
+//! Connect (migrating the schema if needed) and give the store to the
+//! engine as an `Arc<dyn Store>` (`BrokerParts::store`; the whole
+//! construction is in `latchkey_providers`' crate documentation and
+//! `docs/embedding.md`). Every instance sharing the schema must be given the
+//! same master keys, and an instance id of its own
+//! (`EngineConfig::instance_id`): leases name their owner by it.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//!
+//! use latchkey_core::Store;
+//! use latchkey_storage_postgres::{DEFAULT_SCHEMA, PostgresStore};
+//!
+//! # async fn connect() -> Result<(), Box<dyn std::error::Error>> {
+//! let url = "postgres://latchkey@127.0.0.1/latchkey";
+//! let store: Arc<dyn Store> = Arc::new(PostgresStore::connect(url, DEFAULT_SCHEMA).await?);
+//! store.ping().await?;
+//! # Ok(())
+//! # }
+//! ```
 
 mod listener;
 mod schema;

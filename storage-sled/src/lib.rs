@@ -43,6 +43,29 @@
 //! (`spawn_blocking`); called outside a Tokio runtime, it runs inline.
 //! Notices are delivered in-process to every subscriber of this instance:
 //! sled admits one process per directory, so there is nobody else to tell.
+//!
+//! # Using it
+//!
+//! Open a directory and give the store to the engine as an `Arc<dyn Store>`
+//! (`BrokerParts::store`; the whole construction is in `latchkey_providers`'
+//! crate documentation and `docs/embedding.md`). Keep the master key out of
+//! the directory, so a copy of the data is not a copy of its key.
+//!
+//! ```
+//! use std::sync::Arc;
+//!
+//! use latchkey_core::Store;
+//! use latchkey_storage_sled::SledStore;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let dir = tempfile::tempdir()?;
+//! # let path = dir.path().join("latchkey-data");
+//! let store: Arc<dyn Store> = Arc::new(SledStore::open(&path).await?);
+//! store.ping().await?;
+//! # Ok(())
+//! # }
+//! ```
 
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -4,7 +4,7 @@
 //! mark for re-login, serve stale, give up) are pure: functions in
 //! [`decide`], and the refresh of one grant as a state machine in `refresh`
 //! (`Refresh::step(now, event) -> action`). The driver carries them out
-//! through [`Store`](crate::Store), [`Provider`](crate::Provider) and an
+//! through [`Store`], [`Provider`](crate::Provider) and an
 //! injected [`Runtime`].
 //!
 //! Two rules shape the refresh path:

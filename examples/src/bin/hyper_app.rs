@@ -17,6 +17,7 @@ async fn main() -> anyhow::Result<()> {
     let broker =
         hyper_app::engine(Arc::new(BTreeStore::default()), &standin::catalogue(&cloud), standin::keyring(), &url)
             .await?;
+    tokio::spawn(hyper_app::sweep(broker.clone()));
     let app = Arc::new(App { broker, service: standin::SERVICE.into() });
     println!("Open {url}/ and click Connect; the page after the fake cloud's login shows an AuthID.");
     println!("Then: curl -H \"Authorization: Bearer <AuthID>\" {url}/api/token");
