@@ -17,6 +17,7 @@ pub mod connections;
 pub mod demo;
 pub mod http;
 pub mod limits;
+pub mod logging;
 pub mod operator;
 pub mod runtime;
 pub mod setup;

@@ -120,17 +120,12 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
     Ok(Config::load(args.config.as_deref(), std::env::vars())?)
 }
 
-fn init_logging(config: Option<&Config>) {
+/// Installs the log subscriber (see `latchkey_server::logging`); keep the
+/// guard until the command ends, so queued lines are written out.
+fn init_logging(config: Option<&Config>) -> Option<latchkey_server::logging::LogGuard> {
     let level = std::env::var("LATCHKEY_LOG").ok().or_else(|| config.map(|c| c.log.level.clone()));
-    let filter = tracing_subscriber::EnvFilter::try_new(level.as_deref().unwrap_or("info"))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    if config.is_some_and(|c| c.log.format == LogFormat::Json) {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    let json = config.is_some_and(|c| c.log.format == LogFormat::Json);
+    latchkey_server::logging::init(level.as_deref().unwrap_or("info"), json)
 }
 
 #[allow(clippy::print_stdout)]
@@ -147,7 +142,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         ["serve"] => {
             let config = load_config(&args)?;
-            init_logging(Some(&config));
+            let _log = init_logging(Some(&config));
             let store = setup::open_store(&config).await?;
             let running = latchkey_server::start(&config, store, |_| {}).await?;
             for w in &running.withheld {
@@ -161,7 +156,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ["demo"] => bail!("this build has no demo; rebuild with the `demo` feature (on by default)"),
         #[cfg(feature = "demo")]
         ["demo"] => {
-            init_logging(None);
+            let _log = init_logging(None);
             let fake = latchkey_server::demo::fake_provider().await?;
             let listen = args.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
             // Bound before the configuration is made, so that port 0 (any
@@ -183,7 +178,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         ["check"] => {
             let config = load_config(&args)?;
-            init_logging(Some(&config));
+            let _log = init_logging(Some(&config));
             let store = setup::open_store(&config).await?;
             store.ping().await.context("store: not reachable")?;
             let built = setup::catalogue(&config)?;
@@ -208,7 +203,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         ["stats"] => {
             let config = load_config(&args)?;
-            init_logging(Some(&config));
+            let _log = init_logging(Some(&config));
             let store = setup::open_store(&config).await?;
             let setup = setup::engine(&config, store, |_| {}).await?;
             let stats = setup.broker.stats().await?;
@@ -224,7 +219,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let unused_for =
                 parse_duration(text).with_context(|| format!("--unused-for: '{text}' is not like 365d"))?;
             let config = load_config(&args)?;
-            init_logging(Some(&config));
+            let _log = init_logging(Some(&config));
             let store = setup::open_store(&config).await?;
             let setup = setup::engine(&config, store, |_| {}).await?;
             let report = setup.broker.gc(unused_for, args.dry_run).await?;
@@ -296,7 +291,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 /// The engine on the configured store, for the operator commands.
 async fn operator_broker(args: &Args) -> anyhow::Result<Broker> {
     let config = load_config(args)?;
-    init_logging(Some(&config));
+    let _log = init_logging(Some(&config));
     let store = setup::open_store(&config).await?;
     Ok(setup::engine(&config, store, |_| {}).await?.broker)
 }
@@ -336,7 +331,7 @@ fn audit_revocation(broker: &Broker, done: &OperatorRevocation, keyid: Option<&K
 #[allow(clippy::print_stdout)]
 async fn master_key_rotate(args: &Args) -> anyhow::Result<()> {
     let config = load_config(args)?;
-    init_logging(Some(&config));
+    let _log = init_logging(Some(&config));
     let generated = config.keys.master_keys.is_none()
         && config.keys.master_passphrase_file.is_none()
         && config.store.kind == StoreKind::Sled;

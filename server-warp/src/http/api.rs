@@ -13,6 +13,7 @@ use warp::Filter;
 use warp::http::StatusCode;
 use warp::reply::Response;
 
+use super::metrics::logged_keyid;
 use super::pages::provider_outcome;
 use super::reply::{Failure, Surface, error, json_reply, oauth_error};
 use super::routes::Route;
@@ -108,17 +109,20 @@ async fn v1_token(header: Option<String>, body: Vec<u8>, ip: IpAddr, state: Stat
         state.broker.token(authid, min_validity(&form)?).await
     });
     match served.await {
-        Ok((_, token)) => json_reply(
-            StatusCode::OK,
-            &json!({
-                "access_token": token.access_token.expose_secret(),
-                "token_type": "Bearer",
-                "expires_in": state.broker.expires_in(&token).map(|left| left.as_secs()),
-                "expires_at": token.expires_at.map(unix),
-                "service": token.service,
-                "scope": token.scopes.join(" "),
-                "refresh_deadline": token.refresh_deadline.map(unix),
-            }),
+        Ok((authid, token)) => logged_keyid(
+            json_reply(
+                StatusCode::OK,
+                &json!({
+                    "access_token": token.access_token.expose_secret(),
+                    "token_type": "Bearer",
+                    "expires_in": state.broker.expires_in(&token).map(|left| left.as_secs()),
+                    "expires_at": token.expires_at.map(unix),
+                    "service": token.service,
+                    "scope": token.scopes.join(" "),
+                    "refresh_deadline": token.refresh_deadline.map(unix),
+                }),
+            ),
+            &authid,
         ),
         Err(response) => response,
     }
@@ -295,7 +299,7 @@ async fn oauth2_token(body: Vec<u8>, ip: IpAddr, state: State) -> Response {
             if let Some(left) = state.broker.expires_in(&token) {
                 body["expires_in"] = json!(left.as_secs());
             }
-            json_reply(StatusCode::OK, &body)
+            logged_keyid(json_reply(StatusCode::OK, &body), &authid)
         }
         Err(refused) => error(Surface::OAuth2, &refused.failure()),
     }

@@ -15,14 +15,15 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 
 use super::front_door::{self, BrowserRequest};
+use super::metrics::logged_keyid;
 use super::pages;
 use super::reply::{
-    Failure, Refusal, Surface, error, error_body, is_callback_name, json_reply, jsonp, page_status, redirect,
-    slow_down_status, with_body,
+    Failure, Refusal, Surface, error, error_body, is_callback_name, json_bytes, json_reply, jsonp, page_status,
+    redirect, slow_down_status, with_body,
 };
 use super::routes::Route;
 use super::token_path::{Cost, Refused};
-use super::{State, body, client_ip, duplicati_authid, fields, query, with_state};
+use super::{State, body, client_ip, duplicati_authid, fields, query, query_map, with_state};
 use crate::audit;
 
 /// Seconds reported for access tokens that never expire.
@@ -31,12 +32,14 @@ const NEVER_EXPIRES_SECS: u64 = 365 * 86_400;
 const MAX_EXPIRES_SECS: u64 = i32::MAX as u64;
 
 /// `/refresh`, on its own: the busiest route, tried before every other.
+/// The query and the body are kept raw: a request whose header carries the
+/// AuthID (every Duplicati client's) never has them parsed.
 pub(super) fn refresh_route(state: State) -> warp::filters::BoxedFilter<(Response,)> {
     Route::Refresh
         .filter()
         .and(warp::get().map(|| true).or(warp::post().map(|| false)).unify())
         .and(warp::header::optional::<String>("x-authid"))
-        .and(query())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(body())
         .and(client_ip(state.clone()))
         .and(with_state(state))
@@ -286,31 +289,47 @@ fn duplicati_failure(state: &State, refused: &Refused) -> Failure {
     failure
 }
 
+/// `/refresh`'s answer, serialised straight into the response body.
+#[derive(serde::Serialize)]
+struct RefreshAnswer<'a> {
+    access_token: &'a str,
+    expires: u64,
+    #[serde(rename = "type")]
+    service: &'a str,
+}
+
 async fn refresh(
     get: bool,
     header: Option<String>,
-    q: HashMap<String, String>,
+    raw_query: String,
     body: Vec<u8>,
     ip: IpAddr,
     state: State,
 ) -> Response {
-    let raw = duplicati_authid(header, &fields(&body), &q);
-    // Duplicati's new web UI opens an `--oauth-url` ending in `/refresh` in
-    // its login popup, with the service as `type`: that is a login link.
-    if get && raw.trim().is_empty() {
-        if let Some(service) = q.get("type") {
-            return redirect(&format!("/?type={}", pages::q(service)));
+    let raw = match header {
+        Some(header) => header,
+        None => {
+            let q = query_map(raw_query.as_bytes());
+            let raw = duplicati_authid(None, &fields(&body), &q);
+            // Duplicati's new web UI opens an `--oauth-url` ending in
+            // `/refresh` in its login popup, with the service as `type`:
+            // that is a login link.
+            if get && raw.trim().is_empty() {
+                if let Some(service) = q.get("type") {
+                    return redirect(&format!("/?type={}", pages::q(service)));
+                }
+            }
+            raw
         }
-    }
+    };
     let served = state.with_authid(&raw, ip, Cost::TokenRequest, async |authid| state.broker.token(authid, None).await);
     match served.await {
-        Ok((_, token)) => {
+        Ok((authid, token)) => {
             let expires =
                 state.broker.expires_in(&token).map_or(NEVER_EXPIRES_SECS, |left| left.as_secs()).min(MAX_EXPIRES_SECS);
-            json_reply(
-                StatusCode::OK,
-                &json!({ "access_token": token.access_token.expose_secret(), "expires": expires, "type": token.service }),
-            )
+            let answer =
+                RefreshAnswer { access_token: token.access_token.expose_secret(), expires, service: &token.service };
+            logged_keyid(json_bytes(StatusCode::OK, &answer), &authid)
         }
         Err(refused) => error(Surface::Duplicati, &duplicati_failure(&state, &refused)),
     }

@@ -1,44 +1,104 @@
 //! Operations endpoints (`/healthz`, `/readyz`, `/metrics`) and the request
 //! counters and log line behind them.
 
-use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
+use latchkey_core::KeyId;
 use latchkey_core::engine::LATENCY_BUCKETS_MS;
 use serde_json::json;
 use warp::Filter;
-use warp::http::StatusCode;
+use warp::http::{Method, StatusCode};
 use warp::reply::Response;
 
 use super::reply::{self, json_reply, with_body};
-use super::routes::Route;
+use super::routes::{self, Route};
 use super::{State, with_state};
 
-/// Requests by route label (the route table's) and status.
-#[derive(Default)]
+/// Statuses 100–599 each have a counter; 600 and above share the last.
+const STATUSES: usize = 501;
+/// One row per route of the table, then `/static` (other paths under
+/// `/static/`) and `other`.
+const ROWS: usize = Route::ALL.len() + 2;
+
+/// The key id a token request named, left on its response for the request
+/// log line (a response extension; never sent to the client).
+#[derive(Debug, Clone)]
+pub(crate) struct LoggedKeyId(pub(crate) KeyId);
+
+/// `response` with the key id of the AuthID it answered, for the request log.
+pub(crate) fn logged_keyid(mut response: Response, authid: &latchkey_core::AuthId) -> Response {
+    response.extensions_mut().insert(LoggedKeyId(authid.keyid()));
+    response
+}
+
+/// Requests by route and status: one counter per (route, status), made up
+/// front, so counting a request is an index and an atomic add — no map, no
+/// lock, no formatting.
 pub struct HttpMetrics {
-    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    requests: Box<[AtomicU64]>,
+}
+
+impl Default for HttpMetrics {
+    fn default() -> Self {
+        HttpMetrics { requests: (0..ROWS * STATUSES).map(|_| AtomicU64::new(0)).collect() }
+    }
+}
+
+/// A request path's row.
+fn row(path: &str) -> usize {
+    match Route::of(path) {
+        Some(route) => Route::ALL.iter().position(|r| *r == route).unwrap_or(ROWS - 1),
+        None if path.starts_with("/static/") => ROWS - 2,
+        None => ROWS - 1,
+    }
+}
+
+fn column(status: StatusCode) -> usize {
+    usize::from(status.as_u16()).saturating_sub(100).min(STATUSES - 1)
 }
 
 impl HttpMetrics {
-    /// Counts and logs one finished request: route, status, latency — never
-    /// the query string, which may carry a hand-off token or a login state.
-    pub fn observe(&self, info: warp::log::Info<'_>) {
-        let route = super::routes::label(info.path());
-        let status = info.status().as_u16();
-        *self.requests.lock().unwrap_or_else(|p| p.into_inner()).entry((route, status)).or_default() += 1;
-        tracing::info!(
-            method = %info.method(),
-            route,
-            status,
-            latency_ms = info.elapsed().as_secs_f64() * 1000.0,
-            "request"
-        );
+    /// Counts and logs one finished request: route, status, latency and, for
+    /// requests that named an AuthID, its key id — never the query string,
+    /// which may carry a hand-off token or a login state.
+    pub(crate) fn observe(
+        &self,
+        method: &Method,
+        path: &str,
+        status: StatusCode,
+        elapsed: Duration,
+        keyid: Option<&KeyId>,
+    ) {
+        let row = row(path);
+        self.requests[row * STATUSES + column(status)].fetch_add(1, Ordering::Relaxed);
+        let route = routes::label(path);
+        let latency_ms = elapsed.as_secs_f64() * 1000.0;
+        let status = status.as_u16();
+        match keyid {
+            Some(keyid) => tracing::info!(%method, route, status, latency_ms, %keyid, "request"),
+            None => tracing::info!(%method, route, status, latency_ms, "request"),
+        }
     }
 
-    fn snapshot(&self) -> BTreeMap<(&'static str, u16), u64> {
-        self.requests.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    /// The non-zero counters by (route label, status), labels merged.
+    fn snapshot(&self) -> std::collections::BTreeMap<(&'static str, u16), u64> {
+        let mut counts = std::collections::BTreeMap::new();
+        for (i, n) in self.requests.iter().enumerate() {
+            let n = n.load(Ordering::Relaxed);
+            if n == 0 {
+                continue;
+            }
+            let (row, column) = (i / STATUSES, i % STATUSES);
+            let label = match Route::ALL.get(row) {
+                Some(route) => route.label(),
+                None if row == ROWS - 2 => routes::label("/static/"),
+                None => "other",
+            };
+            *counts.entry((label, 100 + column as u16)).or_default() += n;
+        }
+        counts
     }
 }
 
@@ -138,6 +198,13 @@ fn render(state: State) -> Response {
         "latchkey_notice_publish_failures_total",
         "Grant-changed notices (revocations) the store would not publish to other instances.",
         engine.notice_publish_failures,
+    );
+    counter(
+        &mut out,
+        "latchkey_log_lines_dropped_total",
+        "Log lines dropped because the log output could not keep up (warnings, errors and audit lines are never \
+         dropped).",
+        crate::logging::dropped_lines(),
     );
     gauge(&mut out, "latchkey_pending_writes", "Refreshed grants waiting for the store.", engine.pending_writes);
     gauge(&mut out, "latchkey_cached_tokens", "Access tokens in the cache.", engine.cached_tokens);

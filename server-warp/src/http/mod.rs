@@ -19,10 +19,11 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Instant;
 
 use latchkey_core::{Broker, LoginMethod, Store};
 use warp::Filter;
-use warp::http::{HeaderMap, StatusCode};
+use warp::http::{HeaderMap, Method, StatusCode};
 use warp::reply::Response;
 
 pub use self::metrics::HttpMetrics;
@@ -99,13 +100,18 @@ fn with_state(state: State) -> impl Filter<Extract = (State,), Error = Infallibl
 
 pub use crate::limits::client_address;
 
-fn client_ip(state: State) -> impl Filter<Extract = (IpAddr,), Error = Infallible> + Clone {
-    crate::connections::remote().and(warp::header::headers_cloned()).map(
-        move |peer: Option<SocketAddr>, headers: HeaderMap| {
+fn client_ip(state: State) -> warp::filters::BoxedFilter<(IpAddr,)> {
+    let peer = crate::connections::remote();
+    if state.proxies.is_empty() {
+        // No proxy is trusted: the peer is the client, and no header is read.
+        return peer.map(|peer: Option<SocketAddr>| client_address(peer, std::iter::empty(), &[])).boxed();
+    }
+    peer.and(warp::header::headers_cloned())
+        .map(move |peer: Option<SocketAddr>, headers: HeaderMap| {
             let lines = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok());
             client_address(peer, lines, &state.proxies)
-        },
-    )
+        })
+        .boxed()
 }
 
 /// Query parameters as a map (the first value of each name).
@@ -222,7 +228,7 @@ pub fn routes(state: State) -> impl Filter<Extract = (impl warp::Reply,), Error 
         // Browsers ask for it on every first visit; an empty answer keeps their consoles clean.
         .or(warp::get().and(Route::Favicon.filter()).map(|| asset("image/x-icon", "")))
         .unify();
-    refresh
+    let served = refresh
         .or(api)
         .unify()
         .or(duplicati)
@@ -234,8 +240,14 @@ pub fn routes(state: State) -> impl Filter<Extract = (impl warp::Reply,), Error 
         .recover(recover)
         .unify()
         .or(warp::path::full().map(|path: warp::path::FullPath| unmatched(path.as_str())))
-        .unify()
-        .with(warp::log::custom(move |info| metrics_state.metrics.observe(info)))
+        .unify();
+    warp::method().and(warp::path::full()).and(warp::any().map(Instant::now)).and(served).map(
+        move |method: Method, path: warp::path::FullPath, started: Instant, response: Response| {
+            let keyid = response.extensions().get::<metrics::LoggedKeyId>().map(|logged| &logged.0);
+            metrics_state.metrics.observe(&method, path.as_str(), response.status(), started.elapsed(), keyid);
+            response
+        },
+    )
 }
 
 /// No route took the request: a known path with another method, or none.

@@ -127,6 +127,24 @@ pub fn with_body(status: StatusCode, content_type: &'static str, body: impl Into
     response
 }
 
+/// A JSON response serialised straight into one buffer, sized for a token
+/// answer, without building a `serde_json::Value` first.
+pub fn json_bytes(status: StatusCode, value: &impl serde::Serialize) -> Response {
+    let mut body = Vec::with_capacity(512);
+    if let Err(e) = serde_json::to_writer(&mut body, value) {
+        // Only a `Serialize` that fails (a map with non-string keys) gets
+        // here; the answers written with this are structs of strings and numbers.
+        tracing::error!(error = %e, "cannot write a JSON answer");
+        return with_body(StatusCode::INTERNAL_SERVER_ERROR, "application/json", r#"{"error":"internal_error"}"#);
+    }
+    let mut response = Response::new(body.into());
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
 /// A JSON response.
 pub fn json_reply(status: StatusCode, value: &Value) -> Response {
     with_body(status, "application/json", value.to_string())
