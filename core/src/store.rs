@@ -174,6 +174,24 @@ pub trait Store: Send + Sync {
     /// Subscribes to notices. Notices published after this returns are delivered.
     async fn subscribe(&self) -> Result<NoticeStream, StoreError>;
 
+    /// Reads one record and, when it has a group, the record of `group_kind`
+    /// whose id is that group (a handle and its grant). Where the backend
+    /// can, in one round trip: the engine's warm path reads nothing else.
+    /// The default reads one, then the other.
+    async fn get_with_group(
+        &self,
+        kind: RecordKind,
+        id: &[u8],
+        group_kind: RecordKind,
+    ) -> Result<Option<(StoredRecord, Option<StoredRecord>)>, StoreError> {
+        let Some(record) = self.get(kind, id).await? else { return Ok(None) };
+        let grouped = match &record.group {
+            Some(group) => self.get(group_kind, group).await?,
+            None => None,
+        };
+        Ok(Some((record, grouped)))
+    }
+
     /// Checks that the backend answers.
     async fn ping(&self) -> Result<(), StoreError> {
         self.get(RecordKind::Lease, b"").await.map(|_| ())
@@ -247,6 +265,18 @@ pub trait StoreExt: Store {
             None => Ok(None),
             Some(stored) => decode_stored::<R>(key, &stored).map(Some),
         }
+    }
+
+    /// Reads and decodes a record and the record its group names (a
+    /// handle and its grant), in one step where the store can.
+    async fn load_with_group<R: Record, G: Record>(&self, key: &[u8]) -> Result<Option<(R, Option<G>)>, StoreError> {
+        let Some((stored, grouped)) = self.get_with_group(R::KIND, key, G::KIND).await? else { return Ok(None) };
+        let record = decode_stored::<R>(key, &stored)?;
+        let grouped = match (&stored.group, grouped) {
+            (Some(group), Some(grouped)) => Some(decode_stored::<G>(group, &grouped)?),
+            _ => None,
+        };
+        Ok(Some((record, grouped)))
     }
 
     /// Inserts a new record; sets its version to 1.

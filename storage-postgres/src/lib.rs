@@ -120,6 +120,7 @@ pub struct PostgresStore {
 struct Sql {
     table: String,
     get: String,
+    get_with_group: String,
     insert: String,
     cas: String,
     exists: String,
@@ -136,6 +137,10 @@ impl Sql {
         let lease = RecordKind::Lease as i16;
         Sql {
             get: format!("SELECT grp, version, body FROM {t} WHERE kind = $1 AND id = $2"),
+            get_with_group: format!(
+                "SELECT r.grp, r.version, r.body, g.grp, g.version, g.body FROM {t} r \
+                 LEFT JOIN {t} g ON g.kind = $3 AND g.id = r.grp WHERE r.kind = $1 AND r.id = $2"
+            ),
             insert: format!(
                 "INSERT INTO {t} (kind, id, grp, version, body, lease_owner, lease_deadline) \
                  VALUES ($1, $2, $3, 1, $4, $5, $6) ON CONFLICT DO NOTHING"
@@ -270,6 +275,25 @@ impl Store for PostgresStore {
             None => Ok(None),
             Some(row) => Ok(Some(stored(&row, 0)?)),
         }
+    }
+
+    /// One statement (prepared once per pooled connection): the record,
+    /// and its group's record joined to it.
+    async fn get_with_group(
+        &self,
+        kind: RecordKind,
+        id: &[u8],
+        group_kind: RecordKind,
+    ) -> Result<Option<(StoredRecord, Option<StoredRecord>)>, StoreError> {
+        let Some(row) = self.query_opt(&self.sql.get_with_group, &[&code(kind), &id, &code(group_kind)]).await? else {
+            return Ok(None);
+        };
+        let record = stored(&row, 0)?;
+        let grouped = match row.try_get::<_, Option<i64>>(4).map_err(corrupt)? {
+            Some(_) => Some(stored(&row, 3)?),
+            None => None,
+        };
+        Ok(Some((record, grouped)))
     }
 
     async fn insert(&self, kind: RecordKind, id: &[u8], group: Option<&[u8]>, body: &[u8]) -> Result<(), StoreError> {

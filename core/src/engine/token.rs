@@ -89,10 +89,10 @@ impl Broker {
             Err(epoch) => epoch,
         };
         Metrics::bump(&inner.metrics.cache_misses);
-        let (handle, data_key) = inner.authenticate(authid).await?;
+        let (handle, data_key, grant) = inner.authenticate_with_grant(authid).await?;
         let grant_id = handle.grant_id;
         inner.touch(handle);
-        let (token, lifetime) = inner.token_for_grant(grant_id, &data_key, min_validity).await?;
+        let (token, lifetime) = inner.token_for_grant(grant_id, &data_key, min_validity, grant).await?;
         inner.cache.insert(key, grant_id, &token, lifetime, inner.now(), epoch);
         Ok(token)
     }
@@ -102,11 +102,29 @@ impl Inner {
     /// Loads the handle and unwraps the grant's data key with the AuthID's secret.
     pub(super) async fn authenticate(&self, authid: &AuthId) -> Result<(Handle, DataKey), EngineError> {
         let handle: Handle = self.store.load(authid.keyid().as_bytes()).await?.ok_or(EngineError::AuthIdInvalid)?;
+        let data_key = self.unwrap(&handle, authid)?;
+        Ok((handle, data_key))
+    }
+
+    /// [`Inner::authenticate`], reading the handle's grant in the same store
+    /// call (one round trip on PostgreSQL): the warm path's only read.
+    async fn authenticate_with_grant(&self, authid: &AuthId) -> Result<(Handle, DataKey, Option<Grant>), EngineError> {
+        let (handle, grant) = self
+            .store
+            .load_with_group::<Handle, Grant>(authid.keyid().as_bytes())
+            .await?
+            .ok_or(EngineError::AuthIdInvalid)?;
+        let data_key = self.unwrap(&handle, authid)?;
+        Ok((handle, data_key, grant))
+    }
+
+    /// The grant's data key, unwrapped from `handle` with the AuthID's secret.
+    fn unwrap(&self, handle: &Handle, authid: &AuthId) -> Result<DataKey, EngineError> {
         if handle.revoked_at.is_some() {
             return Err(EngineError::AuthIdRevoked);
         }
         match handle.unwrap_data_key(authid.secret(), &self.keyring) {
-            Ok(data_key) => Ok((handle, data_key)),
+            Ok(data_key) => Ok(data_key),
             Err(OpenError::Authentication) => {
                 Metrics::bump(&self.metrics.failed_secrets);
                 Err(EngineError::AuthIdInvalid)
@@ -178,9 +196,14 @@ impl Inner {
         grant_id: GrantId,
         data_key: &DataKey,
         min_validity: Duration,
+        preloaded: Option<Grant>,
     ) -> FlightResult {
+        // A grant read with its handle is as good as one read now, unless a
+        // refresh of it is waiting to be stored: then it is stored first and
+        // the grant read again.
+        let preloaded = preloaded.filter(|_| !lock(&self.pending).contains_key(&grant_id));
         self.flush_pending(&grant_id).await?;
-        let (grant, payload, stored) = self.read_grant(&grant_id, data_key, min_validity).await?;
+        let (grant, payload, stored) = self.read_grant(&grant_id, data_key, min_validity, preloaded).await?;
         match stored {
             Stored::Usable => self.answer(&grant, &payload),
             Stored::Stale => self.join_flight(grant_id, data_key, min_validity).await,
@@ -229,8 +252,12 @@ impl Inner {
         grant_id: &GrantId,
         data_key: &DataKey,
         min_validity: Duration,
+        preloaded: Option<Grant>,
     ) -> Result<(Grant, GrantPayload, Stored), EngineError> {
-        let grant = self.load_grant(grant_id).await?;
+        let grant = match preloaded {
+            Some(grant) => grant,
+            None => self.load_grant(grant_id).await?,
+        };
         let payload = self.open(&grant, data_key)?;
         let stored = match decide::decide(self.now(), grant.state, &payload, min_validity) {
             TokenDecision::Serve => Stored::Usable,
@@ -268,7 +295,7 @@ impl Inner {
                     if watch {
                         woken = Some(self.waiter(&grant_id));
                     }
-                    Event::Read(self.read_grant(&grant_id, data_key, min_validity).await.map(
+                    Event::Read(self.read_grant(&grant_id, data_key, min_validity, None).await.map(
                         |(grant, payload, stored)| {
                             read = Some((grant, payload));
                             stored

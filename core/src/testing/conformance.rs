@@ -63,6 +63,45 @@ fn payload() -> GrantPayload {
     }
 }
 
+/// `get_with_group` answers a handle with its grant, at their current
+/// versions; a handle whose grant is gone without it; nothing for a missing
+/// id; and a record without a group alone.
+async fn a_record_reads_with_its_group(store: &dyn Store) {
+    let rng = OsRandom;
+    let ring = ring();
+    let dek = SymmetricKey::generate(&rng);
+    let mut grant = Grant::new(GrantId::generate(&rng), "onedrivev2", &payload(), &dek, now(), &rng);
+    store.create(&mut grant).await.expect("insert grant");
+    let mut handle = Handle::new(&AuthId::generate(&rng), grant.id, &dek, "laptop", &ring, now(), &rng);
+    store.create(&mut handle).await.expect("insert handle");
+    grant.state = crate::records::GrantState::ReauthRequired;
+    store.update(&mut grant).await.expect("update grant");
+
+    let (h, g) = store.load_with_group::<Handle, Grant>(&handle.key()).await.expect("read").expect("handle present");
+    assert_eq!(h, handle);
+    assert_eq!(g.as_ref(), Some(&grant), "the grant at its current version");
+    let raw = store.get_with_group(Handle::KIND, &handle.key(), Grant::KIND).await.expect("read").expect("present");
+    assert_eq!(raw.1.map(|g| g.version), Some(2));
+
+    // Only the group's record of the named kind: a lease shares the grant's id.
+    let lease = Lease { grant_id: grant.id, version: 0, owner: "a".into(), deadline: now() };
+    store.insert(Lease::KIND, &lease.key(), None, &lease.encode()).await.expect("insert lease");
+    let (_, g) = store.load_with_group::<Handle, Grant>(&handle.key()).await.expect("read").expect("present");
+    assert_eq!(g.map(|g| g.version), Some(2));
+
+    store.remove(&grant).await.expect("delete grant");
+    let (h, g) = store.load_with_group::<Handle, Grant>(&handle.key()).await.expect("read").expect("handle present");
+    assert_eq!(h, handle);
+    assert!(g.is_none(), "the grant is gone");
+
+    assert!(store.load_with_group::<Handle, Grant>(b"missing-id").await.expect("read").is_none());
+    let mut other = Grant::new(GrantId::generate(&rng), "onedrivev2", &payload(), &dek, now(), &rng);
+    store.create(&mut other).await.expect("insert grant");
+    let (alone, grouped) =
+        store.get_with_group(Grant::KIND, &other.key(), Handle::KIND).await.expect("read").expect("present");
+    assert_eq!((alone.group, alone.version, grouped), (None, 1, None), "a grant has no group");
+}
+
 fn expect_conflict<T: std::fmt::Debug>(result: Result<T, StoreError>, what: &str) {
     assert!(matches!(result, Err(StoreError::Conflict)), "{what}: expected Conflict, got {result:?}");
 }
@@ -510,6 +549,7 @@ macro_rules! store_conformance_tests {
             listing_pages_in_id_order,
             notices_reach_every_subscriber,
             sweeps_delete_expired_records_a_page_at_a_time,
+            a_record_reads_with_its_group,
         );
     };
     (@tests $make:expr ; $($case:ident),* $(,)?) => {
