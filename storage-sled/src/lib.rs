@@ -6,16 +6,31 @@
 //!
 //! # Key decision: durable before acknowledged
 //!
-//! Every operation ends with a sled `flush` (write the log buffer and fsync)
-//! before it answers. Writes flush because the broker answers an access
-//! token only after the rotated refresh token behind it is stored: a write
-//! sled merely buffered would be lost on a crash while the provider has
-//! already invalidated the old token. Reads and refused writes flush too,
-//! because they may have observed another task's write that is not yet on
-//! disk; acting on it (handing out its access token) and then crashing would
-//! break the same rule. A flush with nothing dirty returns at once, so this
-//! costs reads nothing unless writes are in flight. Sled's own periodic
-//! flusher is switched off: it would add nothing.
+//! Every write ends with a sled `flush` (write the log buffer and fsync)
+//! before it answers: the broker answers an access token only after the
+//! rotated refresh token behind it is stored, and a write sled merely
+//! buffered would be lost on a crash while the provider has already
+//! invalidated the old token. Refused writes flush too (they are rare).
+//! Sled's own periodic flusher is switched off: it would add nothing.
+//!
+//! Reads (`get`, `list`) do not flush. A read may observe a write another
+//! task has applied but not yet flushed, and that is safe:
+//!
+//! * the writer's own caller answers only after that flush, so nothing the
+//!   writer promised depends on the read;
+//! * whatever the reader then *writes* is flushed before it answers, and
+//!   sled's log is sequential: that flush makes the observed write durable
+//!   first, so no durable record ever depends on a lost one;
+//! * whatever the reader *hands out* without writing (an access token, a
+//!   refusal) is what the writer's caller is about to be handed too; a crash
+//!   before the flush loses the write for every caller alike, read or not —
+//!   flushing on the read would not have made it durable any sooner than
+//!   the writer's own flush, which is already running.
+//!
+//! So a read's fsync bought nothing, and it cost the warm path a system
+//! call whenever a write was in flight. The SIGKILL test of the broker's
+//! process tests (`server-warp/tests/processes.rs`) kills the broker under
+//! refresh load and checks that every grant still refreshes.
 //!
 //! # Layout
 //!
@@ -131,8 +146,19 @@ impl SledStore {
         self.run(|_| Ok(())).await
     }
 
+    /// Runs a read on the blocking pool, without a flush (see "durable
+    /// before acknowledged" in the crate docs).
+    async fn read<T, F>(&self, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&sled::Tree) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        blocking(move || op(&inner.records)).await
+    }
+
     /// Runs `op` on the blocking pool, then flushes unless sled failed, so
-    /// whatever the operation wrote or observed is durable when it answers.
+    /// whatever the operation wrote is durable when it answers.
     async fn run<T, F>(&self, op: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -281,7 +307,7 @@ fn decode(value: &[u8]) -> Result<StoredRecord, StoreError> {
 impl Store for SledStore {
     async fn get(&self, kind: RecordKind, id: &[u8]) -> Result<Option<StoredRecord>, StoreError> {
         let key = key(kind, id);
-        self.run(move |tree| tree.get(key).map_err(backend)?.map(|value| decode(&value)).transpose()).await
+        self.read(move |tree| tree.get(key).map_err(backend)?.map(|value| decode(&value)).transpose()).await
     }
 
     async fn insert(&self, kind: RecordKind, id: &[u8], group: Option<&[u8]>, body: &[u8]) -> Result<(), StoreError> {
@@ -342,7 +368,7 @@ impl Store for SledStore {
     async fn list(&self, query: &ListQuery) -> Result<Page, StoreError> {
         use std::ops::Bound;
         let query = query.clone();
-        self.run(move |tree| {
+        self.read(move |tree| {
             let limit = query.limit.max(1);
             let code = query.kind as u8;
             let start = match &query.after {
