@@ -21,6 +21,11 @@ use crate::classify::{ResponseRules, classify_error, parse_token_response};
 /// Responses larger than this are refused.
 pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Idle connections kept per provider host: enough for every refresh a busy
+/// broker has in flight at once to find one kept alive.
+const IDLE_CONNECTIONS_PER_HOST: usize = 256;
+/// How long an idle provider connection is kept.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The grant extra under which a provider-named API host is kept (pCloud).
 pub const API_HOST_EXTRA: &str = "api_host";
 
@@ -152,10 +157,14 @@ struct LoginToken {
 }
 
 impl OAuthProvider {
-    /// A client with redirects off, connect and total timeouts, and rustls.
+    /// A client with redirects off, connect and total timeouts, rustls, and
+    /// a pool of kept-alive connections (no Nagle delay) that refreshes reuse.
     pub fn new(settings: ProviderSettings) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
+            .pool_max_idle_per_host(IDLE_CONNECTIONS_PER_HOST)
+            .pool_idle_timeout(IDLE_TIMEOUT)
+            .tcp_nodelay(true)
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(settings.timeout)
             .user_agent(concat!("latchkey/", env!("CARGO_PKG_VERSION")))

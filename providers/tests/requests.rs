@@ -77,6 +77,34 @@ async fn login(
     (tokens.refresh_token.unwrap().expose_secret().to_owned(), tokens.extra)
 }
 
+/// Refreshes reuse the provider's connections: one for refreshes one after
+/// another, and no more than were ever in flight at once for concurrent ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refreshes_reuse_provider_connections() {
+    let fake = FakeProvider::start(FakeConfig::default()).await.unwrap();
+    let client = client_for(&fake, "google", "");
+    let (refresh, _) = login(client.as_ref(), &["files".into()], &[]).await;
+    let after_login = fake.connections();
+    let refresh = secret(&refresh);
+    let request = RefreshRequest { refresh_token: &refresh, scopes: &[], extra: &[] };
+    for _ in 0..20 {
+        client.refresh(&request).await.unwrap();
+    }
+    assert_eq!(fake.connections(), after_login, "20 refreshes in a row on the login's kept-alive connection");
+    for _ in 0..3 {
+        let mut burst = tokio::task::JoinSet::new();
+        for _ in 0..16 {
+            let (client, refresh) = (Arc::clone(&client), refresh.clone());
+            burst.spawn(async move {
+                client.refresh(&RefreshRequest { refresh_token: &refresh, scopes: &[], extra: &[] }).await.unwrap();
+            });
+        }
+        burst.join_all().await;
+    }
+    let opened = fake.connections() - after_login;
+    assert!(opened <= 16, "three bursts of 16 refreshes opened {opened} connections: the pool keeps them");
+}
+
 #[tokio::test]
 async fn google_asks_for_offline_access_with_pkce_and_posts_credentials() {
     let fake =

@@ -155,6 +155,8 @@ impl Recorded {
 }
 
 pub(crate) struct Shared {
+    /// TCP connections accepted.
+    pub(crate) connections: std::sync::atomic::AtomicU64,
     pub(crate) config: Mutex<FakeConfig>,
     pub(crate) state: Mutex<State>,
     pub(crate) shutdown: Notify,
@@ -184,6 +186,7 @@ impl FakeProvider {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
+            connections: Default::default(),
             config: Mutex::new(config),
             state: Mutex::new(State::default()),
             shutdown: Notify::new(),
@@ -260,6 +263,12 @@ impl FakeProvider {
     /// Requests to the token endpoint, in order.
     pub fn token_requests(&self) -> Vec<Recorded> {
         self.requests().into_iter().filter(|r| r.path == "/token").collect()
+    }
+
+    /// TCP connections accepted so far (a client that keeps its
+    /// connections alive opens few).
+    pub fn connections(&self) -> u64 {
+        self.shared.connections.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Successful refresh-token grants.
