@@ -19,11 +19,21 @@
 //! on it (start-up time, RSS) and measures (d) in-process on that store and on
 //! a store with 1,000 grants.
 //!
+//! `loadtest product --store sled|postgres --ids N --latchkey PATH` measures
+//! the release binary as an operator runs it against a bare warp server
+//! answering the same bytes (see `product.rs`).
+//!
+//! `loadtest warm --store postgres --ids 1000` measures (d) on that store and
+//! on a `MemoryStore` with as many grants, alternately, and prints the ratio.
+//!
 //! `loadtest serve --config FILE` does what `latchkey serve --config FILE`
 //! does (open the configured store, `latchkey_server::start`, run until
 //! SIGTERM); `scale` spawns it unless `--latchkey PATH` names the real binary.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
+
+#[path = "loadtest/product.rs"]
+mod product;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -46,6 +56,10 @@ const USAGE: &str = "usage:
   loadtest scale --store sled|postgres --count N [--concurrency 64] [--sample 10000] [--budget-secs S]
                  [--duration 10s] [--connections 64] [--threads 2] [--json FILE] [--latchkey PATH]
                  [--database-url URL]
+  loadtest product --latchkey target/release/latchkey [--store sled|postgres] [--ids 1] [--repeats 3]
+                   [--duration 8s] [--connections 64] [--threads 2] [--json FILE] [--database-url URL]
+                   [--perf FILE]   (records the first broker run with `perf record`)
+  loadtest warm [--store sled|postgres] [--ids 1000] [--repeats 3] [--duration 8s] [--connections 64] [--json FILE]
   loadtest serve --config FILE   (what `latchkey serve --config FILE` does)";
 
 #[derive(Debug, Clone)]
@@ -65,6 +79,8 @@ struct Args {
     latchkey: Option<PathBuf>,
     database_url: String,
     config: Option<PathBuf>,
+    repeats: u32,
+    perf: Option<PathBuf>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -85,6 +101,8 @@ fn parse_args() -> anyhow::Result<Args> {
         database_url: std::env::var("DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into()),
         config: None,
+        repeats: 3,
+        perf: None,
     };
     let mut it = std::env::args().skip(1).peekable();
     if let Some(first) = it.peek() {
@@ -109,6 +127,8 @@ fn parse_args() -> anyhow::Result<Args> {
             "--latchkey" => args.latchkey = Some(value()?.into()),
             "--database-url" => args.database_url = value()?,
             "--config" => args.config = Some(value()?.into()),
+            "--repeats" => args.repeats = value()?.parse()?,
+            "--perf" => args.perf = Some(value()?.into()),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -126,6 +146,8 @@ fn main() -> anyhow::Result<()> {
         "http" => runtime.block_on(http(&args)),
         "scale" => runtime.block_on(scale(&args)),
         "serve" => runtime.block_on(serve(&args)),
+        "product" => runtime.block_on(product::product(&args)),
+        "warm" => runtime.block_on(warm(&args)),
         other => bail!("unknown mode {other}\n{USAGE}"),
     }
 }
@@ -954,6 +976,70 @@ async fn scale(args: &Args) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(&report)?);
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// warm mode
+
+/// (d), the warm path (cache off, stored token valid), on `--store` and on a
+/// `MemoryStore` holding the same number of grants, alternately, in one run.
+async fn warm(args: &Args) -> anyhow::Result<()> {
+    let spot = StoreSpot::new(args)?;
+    let store = spot.open().await?;
+    let count = args.ids as u64;
+    let filled = latchkey_benches::populate(Arc::clone(&store), count, 32, args.ids, None, |_, _| {}).await?;
+    let memory: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let in_memory = latchkey_benches::populate(Arc::clone(&memory), count, 32, args.ids, None, |_, _| {}).await?;
+    spot.settle().await;
+    let mut runs = Vec::new();
+    for repeat in 1..=args.repeats {
+        let m = warm_in_process(args, Arc::clone(&memory), &in_memory.sample, &format!("d-memory-{repeat}")).await?;
+        let s = warm_in_process(args, Arc::clone(&store), &filled.sample, &format!("d-{}-{repeat}", spot.kind)).await?;
+        runs.push((m, s));
+    }
+    drop(store);
+    spot.drop_schema().await;
+    println!(
+        "\nwarm path (d): cache off, stored token valid; {} grants in each store, every AuthID in turn; wrk -t{} -c{} -d{}",
+        count, args.threads, args.connections, args.duration
+    );
+    println!("| repeat | MemoryStore req/s | {} req/s | ratio | MemoryStore p99 ms | {} p99 ms |", spot.kind, spot.kind);
+    println!("|---:|---:|---:|---:|---:|---:|");
+    let mut ratios = Vec::new();
+    for (i, (m, s)) in runs.iter().enumerate() {
+        ratios.push(s.rps / m.rps);
+        println!(
+            "| {} | {:.0} | {:.0} | {:.1} % | {:.3} | {:.3} |",
+            i + 1,
+            m.rps,
+            s.rps,
+            100.0 * s.rps / m.rps,
+            ms(m.p99_us),
+            ms(s.p99_us)
+        );
+    }
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "ratio: median {:.1} % (min {:.1}, max {:.1}; target >= 50 %)",
+        100.0 * ratios[ratios.len() / 2],
+        100.0 * ratios[0],
+        100.0 * ratios[ratios.len() - 1]
+    );
+    if let Some(path) = &args.json {
+        let rows: Vec<Value> = runs
+            .iter()
+            .map(|(m, s)| {
+                json!({"memory_rps": m.rps, "store_rps": s.rps, "ratio": s.rps / m.rps,
+                       "memory_p50_ms": ms(m.p50_us), "store_p50_ms": ms(s.p50_us),
+                       "memory_p99_ms": ms(m.p99_us), "store_p99_ms": ms(s.p99_us),
+                       "store_non_2xx": s.non_2xx, "load_before_store": s.load})
+            })
+            .collect();
+        let doc = json!({"store": spot.kind, "grants": count, "threads": args.threads,
+                         "connections": args.connections, "duration": args.duration, "runs": rows});
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)?;
     }
     Ok(())
 }

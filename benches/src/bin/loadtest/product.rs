@@ -1,0 +1,327 @@
+//! `loadtest product`: the broker as an operator runs it.
+//!
+//! Starts the release `latchkey serve` binary (given by `--latchkey`) on a
+//! sled or PostgreSQL store with the default configuration — request logging
+//! on at `info`, written to a file — and `[limits]` raised out of the way;
+//! logs in `--ids` times through the testkit's fake provider with the
+//! browser's steps (confirmation page, `POST /login`, provider, callback);
+//! then, `--repeats` times, runs the same wrk settings against a bare warp
+//! server answering the broker's exact `/refresh` bytes (body, content type,
+//! cache control) and against the broker's cached `/refresh`, and prints the
+//! ratios with their spread.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use futures_util::{StreamExt, TryStreamExt};
+use latchkey_benches::{CLIENT_ID, CLIENT_SECRET, MASTER_KEY};
+use latchkey_testkit::{FakeConfig, FakeProvider};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+use super::{Args, Measured, Shape, StoreSpot, free_port, ms, wrk};
+
+/// Logins in flight at once while the AuthIDs are made.
+const LOGIN_CONCURRENCY: usize = 16;
+
+/// The operator's configuration: defaults everywhere (logging at `info`, in
+/// text) except the limits, which a benchmark from one address would hit.
+fn config(listen: SocketAddr, fake: &FakeProvider, store: &str) -> String {
+    let high = 4_000_000_000u32;
+    format!(
+        r#"
+listen = "{listen}"
+public_url = "http://{listen}"
+[keys]
+master_keys = ["{MASTER_KEY}"]
+[limits]
+token_requests_per_minute_per_keyid = {high}
+token_requests_per_minute_per_address = {high}
+fetch_requests_per_minute_per_address = {high}
+record_creations_per_minute_per_address = {high}
+user_code_attempts_per_minute_per_address = {high}
+{store}
+[providers.fake]
+authorize_url = "{authorize}"
+token_url = "{token}"
+client_auth = "post"
+client_id = "{CLIENT_ID}"
+client_secrets = ["{CLIENT_SECRET}"]
+rotates_refresh_tokens = false
+[services.fake]
+provider = "fake"
+display_name = "Benchmark storage"
+scopes = ["files"]
+[services.jottacloud]
+enabled = false
+"#,
+        authorize = fake.authorize_url(),
+        token = fake.token_url(),
+    )
+}
+
+fn no_redirects() -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()?)
+}
+
+/// The hidden fields of the form on `html` that posts to `action`.
+fn form_fields(html: &str, action: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let start = html.find(&format!("action=\"{action}\"")).ok_or_else(|| anyhow!("no form to {action}"))?;
+    let end = html[start..].find("</form>").ok_or_else(|| anyhow!("unterminated form"))?;
+    Ok(html[start..start + end]
+        .split("<input type=hidden name=")
+        .skip(1)
+        .filter_map(|field| {
+            let (name, rest) = field.split_once(" value=\"")?;
+            let value = rest.split('"').next()?;
+            Some((name.to_owned(), value.replace("&amp;", "&").replace("&quot;", "\"").replace("&#39;", "'")))
+        })
+        .collect())
+}
+
+/// One whole login as a browser does it; answers the AuthID.
+async fn login(http: &reqwest::Client, base: &str) -> anyhow::Result<String> {
+    let page = http.get(format!("{base}/login?id=fake")).send().await?;
+    let cookie = page
+        .headers()
+        .get_all(reqwest::header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.contains("latchkey-login="))
+        .and_then(|v| v.split(';').next())
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow!("the login page set no cookie"))?;
+    let fields = form_fields(&page.text().await?, "/login")?;
+    let go = http
+        .post(format!("{base}/login"))
+        .header(reqwest::header::COOKIE, &cookie)
+        .header("Origin", base)
+        .header("Sec-Fetch-Site", "same-origin")
+        .form(&fields)
+        .send()
+        .await?;
+    let mut response = go;
+    for _ in 0..5 {
+        let Some(next) = response.headers().get(reqwest::header::LOCATION) else { break };
+        let next = next.to_str()?.to_owned();
+        response = http.get(&next).header(reqwest::header::COOKIE, &cookie).send().await?;
+    }
+    let status = response.status();
+    let html = response.text().await?;
+    html.split("data-authid=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow!("the login ended with {status}, no AuthID"))
+}
+
+/// A bare warp server answering every request with `body` and the broker's
+/// content type and cache control.
+async fn bare_server(body: bytes::Bytes, content_type: String, cache_control: String) -> anyhow::Result<SocketAddr> {
+    use warp::Filter;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let route = warp::any().map(move || {
+        let mut response = warp::reply::Response::new(body.clone().into());
+        let headers = response.headers_mut();
+        if let Ok(v) = warp::http::HeaderValue::from_str(&content_type) {
+            headers.insert(warp::http::header::CONTENT_TYPE, v);
+        }
+        if let Ok(v) = warp::http::HeaderValue::from_str(&cache_control) {
+            headers.insert(warp::http::header::CACHE_CONTROL, v);
+        }
+        response
+    });
+    tokio::spawn(warp::serve(route).incoming(listener).run());
+    Ok(addr)
+}
+
+/// A counter's value in a Prometheus text page (0 when absent).
+fn metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn spread(values: &[f64]) -> (f64, f64, f64) {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    (v[0], v[v.len() / 2], v[v.len() - 1])
+}
+
+pub(super) async fn product(args: &Args) -> anyhow::Result<()> {
+    let binary = args.latchkey.clone().ok_or_else(|| anyhow!("product needs --latchkey target/release/latchkey"))?;
+    let work = tempfile::Builder::new().prefix("latchkey-product-").tempdir()?;
+    let fake = FakeProvider::start(FakeConfig::default()).await?;
+    let spot = StoreSpot::new(args)?;
+    let result = run(args, &binary, &fake, &spot, work.path()).await;
+    spot.drop_schema().await;
+    result
+}
+
+async fn run(args: &Args, binary: &Path, fake: &FakeProvider, spot: &StoreSpot, work: &Path) -> anyhow::Result<()> {
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let config_path = work.join("latchkey.toml");
+    std::fs::write(&config_path, config(listen, fake, &spot.toml()))?;
+    let log_path = work.join("latchkey.log");
+    let mut child = tokio::process::Command::new(binary)
+        .args(["serve", "--config"])
+        .arg(&config_path)
+        .env_remove("LATCHKEY_LOG")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path)?)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {}", binary.display()))?;
+    let base = format!("http://{listen}");
+    let http = no_redirects()?;
+    let started = Instant::now();
+    loop {
+        if let Ok(r) = http.get(format!("{base}/healthz")).send().await {
+            if r.status() == 200 {
+                break;
+            }
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!("latchkey exited: {status}; see {}", log_path.display());
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("latchkey did not answer /healthz in 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    let logins = Instant::now();
+    let ids: Vec<String> = futures_util::stream::iter(0..args.ids)
+        .map(|_| login(&http, &base))
+        .buffer_unordered(LOGIN_CONCURRENCY)
+        .try_collect()
+        .await?;
+    eprintln!("[product] {} logins in {:.1} s", ids.len(), logins.elapsed().as_secs_f64());
+    // One request per AuthID fills the cache (and writes each handle's hourly last-use).
+    let first: Vec<reqwest::Response> = futures_util::stream::iter(&ids)
+        .map(|id| http.get(format!("{base}/refresh")).header("X-AuthID", id).send())
+        .buffer_unordered(32)
+        .try_collect()
+        .await?;
+    if let Some(bad) = first.iter().find(|r| r.status() != 200) {
+        bail!("/refresh answered {} before the runs", bad.status());
+    }
+    let sample = http.get(format!("{base}/refresh")).header("X-AuthID", &ids[0]).send().await?;
+    let header = |name: reqwest::header::HeaderName| {
+        sample.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned()
+    };
+    let (content_type, cache_control) = (header(reqwest::header::CONTENT_TYPE), header(reqwest::header::CACHE_CONTROL));
+    let body = sample.bytes().await?;
+    if !body.starts_with(b"{\"access_token\"") {
+        bail!("unexpected /refresh answer: {}", String::from_utf8_lossy(&body));
+    }
+    let bare = bare_server(body.clone(), content_type.clone(), cache_control.clone()).await?;
+    let bare_url = format!("http://{bare}");
+
+    let mut runs: Vec<(Measured, Measured)> = Vec::new();
+    for repeat in 1..=args.repeats {
+        let a = wrk(args, &bare_url, Shape::Refresh, &ids, &format!("bare-{repeat}")).await?;
+        // The first run of the broker under `perf record`, when asked.
+        let profiler = match (&args.perf, repeat, child.id()) {
+            (Some(out), 1, Some(pid)) => Some(
+                tokio::process::Command::new("perf")
+                    .args(["record", "-F", "499", "--call-graph", "dwarf,16384", "-o"])
+                    .arg(out)
+                    .args(["-p", &pid.to_string()])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("cannot run perf")?,
+            ),
+            _ => None,
+        };
+        let b = wrk(args, &base, Shape::Refresh, &ids, &format!("latchkey-{}-{repeat}", spot.kind)).await?;
+        if let Some(mut perf) = profiler {
+            if let Some(id) = perf.id() {
+                let _ = std::process::Command::new("kill").args(["-INT", &id.to_string()]).status();
+            }
+            let _ = perf.wait().await;
+        }
+        if b.non_2xx > 0 {
+            bail!("the broker answered {} requests with a non-2xx status; see {}", b.non_2xx, log_path.display());
+        }
+        runs.push((a, b));
+    }
+    let metrics = http.get(format!("{base}/metrics")).send().await?.text().await?;
+    let dropped = metric(&metrics, "latchkey_log_lines_dropped_total");
+    let hits = metric(&metrics, "latchkey_cache_hits_total");
+    let misses = metric(&metrics, "latchkey_cache_misses_total");
+    child.start_kill()?;
+    let _ = child.wait().await;
+    let log_lines = std::fs::read_to_string(&log_path).map(|t| t.lines().count()).unwrap_or(0);
+
+    let throughput: Vec<f64> = runs.iter().map(|(a, b)| b.rps / a.rps).collect();
+    let p99: Vec<f64> = runs.iter().map(|(a, b)| b.p99_us / a.p99_us).collect();
+    let (t_min, t_med, t_max) = spread(&throughput);
+    let (p_min, p_med, p_max) = spread(&p99);
+    println!(
+        "\nlatchkey serve ({}) on {}, {} AuthID(s), default logging to a file; wrk -t{} -c{} -d{}",
+        binary.display(),
+        spot.kind,
+        ids.len(),
+        args.threads,
+        args.connections,
+        args.duration
+    );
+    println!("| repeat | bare warp req/s | latchkey req/s | ratio | bare p99 ms | latchkey p99 ms | p99 ratio |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for (i, (a, b)) in runs.iter().enumerate() {
+        println!(
+            "| {} | {:.0} | {:.0} | {:.1} % | {:.3} | {:.3} | {:.2} |",
+            i + 1,
+            a.rps,
+            b.rps,
+            100.0 * b.rps / a.rps,
+            ms(a.p99_us),
+            ms(b.p99_us),
+            b.p99_us / a.p99_us
+        );
+    }
+    println!(
+        "throughput ratio: median {:.1} % (min {:.1}, max {:.1}; target >= 80 %); p99 ratio: median {:.2} (min {:.2}, \
+         max {:.2}; target <= 1.25)",
+        100.0 * t_med,
+        100.0 * t_min,
+        100.0 * t_max,
+        p_med,
+        p_min,
+        p_max
+    );
+    println!(
+        "cache hits {hits}, misses {misses}; log lines written {log_lines}, dropped {dropped} \
+         (latchkey_log_lines_dropped_total)"
+    );
+    if let Some(path) = &args.json {
+        let rows: Vec<Value> = runs
+            .iter()
+            .map(|(a, b)| {
+                json!({"bare_rps": a.rps, "latchkey_rps": b.rps, "ratio": b.rps / a.rps,
+                       "bare_p50_ms": ms(a.p50_us), "latchkey_p50_ms": ms(b.p50_us),
+                       "bare_p99_ms": ms(a.p99_us), "latchkey_p99_ms": ms(b.p99_us), "p99_ratio": b.p99_us / a.p99_us,
+                       "latchkey_requests": b.requests, "latchkey_errors": b.errors,
+                       "load_before_bare": a.load, "load_before_latchkey": b.load})
+            })
+            .collect();
+        let doc = json!({"store": spot.kind, "authids": ids.len(), "binary": binary.display().to_string(),
+                         "threads": args.threads, "connections": args.connections, "duration": args.duration,
+                         "runs": rows, "throughput_ratio": {"min": t_min, "median": t_med, "max": t_max},
+                         "p99_ratio": {"min": p_min, "median": p_med, "max": p_max},
+                         "cache_hits": hits, "cache_misses": misses,
+                         "log_lines": log_lines, "log_lines_dropped": dropped});
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)?;
+    }
+    Ok(())
+}
