@@ -73,12 +73,25 @@ impl HttpMetrics {
     ) {
         let row = row(path);
         self.requests[row * STATUSES + column(status)].fetch_add(1, Ordering::Relaxed);
+        if !tracing::enabled!(tracing::Level::INFO) {
+            return;
+        }
         let route = routes::label(path);
         let latency_ms = elapsed.as_secs_f64() * 1000.0;
         let status = status.as_u16();
-        match keyid {
-            Some(keyid) => tracing::info!(%method, route, status, latency_ms, %keyid, "request"),
-            None => tracing::info!(%method, route, status, latency_ms, "request"),
+        let line = crate::logging::RequestLine {
+            target: module_path!(),
+            method: method.as_str(),
+            route,
+            status,
+            latency_ms,
+            keyid: keyid.map(|k| k as &dyn std::fmt::Display),
+        };
+        if !crate::logging::request_line(&line) {
+            match keyid {
+                Some(keyid) => tracing::info!(%method, route, status, latency_ms, %keyid, "request"),
+                None => tracing::info!(%method, route, status, latency_ms, "request"),
+            }
         }
     }
 
