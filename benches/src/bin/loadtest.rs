@@ -59,6 +59,8 @@ const USAGE: &str = "usage:
   loadtest product --latchkey target/release/latchkey [--store sled|postgres] [--ids 1] [--repeats 3]
                    [--duration 8s] [--connections 64] [--threads 2] [--json FILE] [--database-url URL]
                    [--perf FILE]   (records the first broker run with `perf record`)
+                   [--broker-log LEVEL]   (LATCHKEY_LOG for the broker, to compare; default: unset)
+                   [--perf-stat]   (CPU time per request of both servers, `perf stat -e task-clock`)
   loadtest warm [--store sled|postgres] [--ids 1000] [--repeats 3] [--duration 8s] [--connections 64] [--json FILE]
   loadtest serve --config FILE   (what `latchkey serve --config FILE` does)";
 
@@ -81,6 +83,8 @@ struct Args {
     config: Option<PathBuf>,
     repeats: u32,
     perf: Option<PathBuf>,
+    perf_stat: bool,
+    broker_log: Option<String>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -103,6 +107,8 @@ fn parse_args() -> anyhow::Result<Args> {
         config: None,
         repeats: 3,
         perf: None,
+        perf_stat: false,
+        broker_log: None,
     };
     let mut it = std::env::args().skip(1).peekable();
     if let Some(first) = it.peek() {
@@ -129,6 +135,8 @@ fn parse_args() -> anyhow::Result<Args> {
             "--config" => args.config = Some(value()?.into()),
             "--repeats" => args.repeats = value()?.parse()?,
             "--perf" => args.perf = Some(value()?.into()),
+            "--perf-stat" => args.perf_stat = true,
+            "--broker-log" => args.broker_log = Some(value()?),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -1005,7 +1013,10 @@ async fn warm(args: &Args) -> anyhow::Result<()> {
         "\nwarm path (d): cache off, stored token valid; {} grants in each store, every AuthID in turn; wrk -t{} -c{} -d{}",
         count, args.threads, args.connections, args.duration
     );
-    println!("| repeat | MemoryStore req/s | {} req/s | ratio | MemoryStore p99 ms | {} p99 ms |", spot.kind, spot.kind);
+    println!(
+        "| repeat | MemoryStore req/s | {} req/s | ratio | MemoryStore p99 ms | {} p99 ms |",
+        spot.kind, spot.kind
+    );
     println!("|---:|---:|---:|---:|---:|---:|");
     let mut ratios = Vec::new();
     for (i, (m, s)) in runs.iter().enumerate() {

@@ -142,6 +142,46 @@ async fn bare_server(body: bytes::Bytes, content_type: String, cache_control: St
     Ok(addr)
 }
 
+fn interrupt(child: &tokio::process::Child) {
+    if let Some(id) = child.id() {
+        let _ = std::process::Command::new("kill").args(["-INT", &id.to_string()]).status();
+    }
+}
+
+/// `perf stat -e task-clock` on a process for the length of one wrk run:
+/// the CPU time it spent, user and kernel (hardware counters such as
+/// instructions are not available on the project's VMs).
+struct Counter {
+    perf: Option<(tokio::process::Child, std::path::PathBuf)>,
+}
+
+impl Counter {
+    fn start(on: bool, pid: u32, work: &Path, name: &str) -> anyhow::Result<Counter> {
+        if !on {
+            return Ok(Counter { perf: None });
+        }
+        let out = work.join(format!("{name}.stat"));
+        let child = tokio::process::Command::new("perf")
+            .args(["stat", "-x", ",", "-e", "task-clock", "-o"])
+            .arg(&out)
+            .args(["-p", &pid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot run perf stat")?;
+        Ok(Counter { perf: Some((child, out)) })
+    }
+
+    async fn stop(self) -> Option<f64> {
+        let (mut child, out) = self.perf?;
+        interrupt(&child);
+        let _ = child.wait().await;
+        let text = std::fs::read_to_string(out).ok()?;
+        // CSV: the value in milliseconds comes first.
+        text.lines().find(|l| l.contains("task-clock"))?.split(',').next()?.trim().parse().ok()
+    }
+}
+
 /// A counter's value in a Prometheus text page (0 when absent).
 fn metric(page: &str, name: &str) -> f64 {
     page.lines()
@@ -171,10 +211,15 @@ async fn run(args: &Args, binary: &Path, fake: &FakeProvider, spot: &StoreSpot, 
     let config_path = work.join("latchkey.toml");
     std::fs::write(&config_path, config(listen, fake, &spot.toml()))?;
     let log_path = work.join("latchkey.log");
-    let mut child = tokio::process::Command::new(binary)
+    let mut command = tokio::process::Command::new(binary);
+    match &args.broker_log {
+        // For comparisons only: the product's default is `info`.
+        Some(level) => command.env("LATCHKEY_LOG", level),
+        None => command.env_remove("LATCHKEY_LOG"),
+    };
+    let mut child = command
         .args(["serve", "--config"])
         .arg(&config_path)
-        .env_remove("LATCHKEY_LOG")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log_path)?)
         .kill_on_drop(true)
@@ -227,15 +272,19 @@ async fn run(args: &Args, binary: &Path, fake: &FakeProvider, spot: &StoreSpot, 
     let bare_url = format!("http://{bare}");
 
     let mut runs: Vec<(Measured, Measured)> = Vec::new();
+    let mut counted: Vec<(f64, f64)> = Vec::new();
+    let broker_pid = child.id().ok_or_else(|| anyhow!("latchkey has no pid"))?;
     for repeat in 1..=args.repeats {
+        let counter = Counter::start(args.perf_stat, std::process::id(), work, "bare")?;
         let a = wrk(args, &bare_url, Shape::Refresh, &ids, &format!("bare-{repeat}")).await?;
+        let a_cpu_ms = counter.stop().await;
         // The first run of the broker under `perf record`, when asked.
-        let profiler = match (&args.perf, repeat, child.id()) {
-            (Some(out), 1, Some(pid)) => Some(
+        let profiler = match (&args.perf, repeat) {
+            (Some(out), 1) => Some(
                 tokio::process::Command::new("perf")
                     .args(["record", "-F", "499", "--call-graph", "dwarf,16384", "-o"])
                     .arg(out)
-                    .args(["-p", &pid.to_string()])
+                    .args(["-p", &broker_pid.to_string()])
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
                     .spawn()
@@ -243,15 +292,20 @@ async fn run(args: &Args, binary: &Path, fake: &FakeProvider, spot: &StoreSpot, 
             ),
             _ => None,
         };
+        let counter = Counter::start(args.perf_stat, broker_pid, work, "latchkey")?;
         let b = wrk(args, &base, Shape::Refresh, &ids, &format!("latchkey-{}-{repeat}", spot.kind)).await?;
+        let b_cpu_ms = counter.stop().await;
         if let Some(mut perf) = profiler {
-            if let Some(id) = perf.id() {
-                let _ = std::process::Command::new("kill").args(["-INT", &id.to_string()]).status();
-            }
+            interrupt(&perf);
             let _ = perf.wait().await;
         }
         if b.non_2xx > 0 {
             bail!("the broker answered {} requests with a non-2xx status; see {}", b.non_2xx, log_path.display());
+        }
+        if let (Some(x), Some(y)) = (a_cpu_ms, b_cpu_ms) {
+            let (per_a, per_b) = (1000.0 * x / a.requests.max(1) as f64, 1000.0 * y / b.requests.max(1) as f64);
+            eprintln!("[CPU µs per request] bare {per_a:.2}, latchkey {per_b:.2} ({:.2}x)", per_b / per_a);
+            counted.push((per_a, per_b));
         }
         runs.push((a, b));
     }
@@ -300,6 +354,16 @@ async fn run(args: &Args, binary: &Path, fake: &FakeProvider, spot: &StoreSpot, 
         p_min,
         p_max
     );
+    if !counted.is_empty() {
+        let ratios: Vec<f64> = counted.iter().map(|(a, b)| b / a).collect();
+        let (lo, mid, hi) = spread(&ratios);
+        println!(
+            "server CPU per request (perf stat task-clock, user + kernel): bare {:.2} µs, latchkey {:.2} µs; ratio \
+             median {mid:.2} (min {lo:.2}, max {hi:.2})",
+            counted.iter().map(|c| c.0).sum::<f64>() / counted.len() as f64,
+            counted.iter().map(|c| c.1).sum::<f64>() / counted.len() as f64
+        );
+    }
     println!(
         "cache hits {hits}, misses {misses}; log lines written {log_lines}, dropped {dropped} \
          (latchkey_log_lines_dropped_total)"
