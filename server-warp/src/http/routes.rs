@@ -152,10 +152,18 @@ impl Route {
         self.path().contains('{')
     }
 
-    /// A filter matching exactly this route's path (one without a `{…}` segment).
-    pub(crate) fn filter(self) -> BoxedFilter<()> {
+    /// A filter matching exactly this route's path (one without a `{…}`
+    /// segment), under whatever a mounting application's filters consumed
+    /// before it: one comparison of the rest of the path, nothing allocated
+    /// (a chain of segment filters would be boxed per segment).
+    pub(crate) fn filter(self) -> impl Filter<Extract = (), Error = warp::Rejection> + Clone + Send + Sync + 'static {
         debug_assert!(!self.has_param(), "{} takes a parameter: use filter_with_param", self.path());
-        self.segments().fold(warp::any().boxed(), |f, s| f.and(warp::path(s)).boxed()).and(warp::path::end()).boxed()
+        let rest = self.path().trim_start_matches('/');
+        warp::path::tail()
+            .and_then(move |tail: warp::path::Tail| {
+                std::future::ready(if tail.as_str() == rest { Ok(()) } else { Err(warp::reject::not_found()) })
+            })
+            .untuple_one()
     }
 
     /// A filter matching this route's path, extracting its `{…}` segment.
