@@ -121,7 +121,7 @@ fn every_path_the_docs_name_exists() {
     let root = repo_root();
     let entries = repository_entries(&root);
     let docs = markdown_files(&entries);
-    for must in ["README.md", "ARCHITECTURE.md", "docs/protocol.md"] {
+    for must in ["README.md", "ARCHITECTURE.md", "docs/protocol.md", "docs/embedding.md", "docs/providers.md"] {
         assert!(docs.contains(&must), "{must} is missing; found {docs:?}");
     }
     let mut checked = Vec::new();

@@ -6,3 +6,4 @@
 mod custom_provider;
 mod custom_store;
 mod hyper_app;
+mod warp_app;

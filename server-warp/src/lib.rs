@@ -9,6 +9,53 @@
 //! network, signals and logs. The API surfaces' errors cross into HTTP in
 //! [`http::reply`], the pages' in their handlers; `docs/protocol.md` lists
 //! every route, error status and configuration key.
+//!
+//! # Embedding
+//!
+//! The whole broker can live inside another warp application, under a path
+//! of its own: [`Mounted`] builds the engine from the same [`Config`] as
+//! `latchkey serve` (store, master keys, providers, services, limits) and
+//! runs its background sweep; [`Mounted::routes`] is every route under the
+//! path of `public_url` and nothing else ([`http::mount`]); [`serve_filter`]
+//! serves the application's combined filter on the broker's own accept loop
+//! (client addresses for the rate limits, deadlines, the connection cap).
+//! `docs/embedding.md` has the details, `examples/src/warp_app.rs` a whole
+//! application; embedding only the engine needs no warp at all (see
+//! `latchkey_providers`).
+//!
+//! ```
+//! use std::sync::Arc;
+//!
+//! use latchkey_core::MemoryStore;
+//! use latchkey_server::config::Config;
+//! use latchkey_server::{Mounted, serve_filter};
+//! use warp::Filter;
+//! use warp::reply::Reply;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> anyhow::Result<()> {
+//! let config = Config::parse(
+//!     r#"
+//!     public_url = "https://app.example.org/oauth"
+//!     [keys]
+//!     master_keys = ["k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="]
+//!     "#,
+//! )?;
+//! let broker = Mounted::new(&config, Arc::new(MemoryStore::new())).await?;
+//! let app = warp::path!("hello")
+//!     .map(|| "hello from the app".into_response())
+//!     .or(broker.routes()) // the broker, under /oauth/
+//!     .unify();
+//!
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let (stop, stopped) = tokio::sync::watch::channel(false);
+//! let served = tokio::spawn(serve_filter(listener, app, &config, stopped));
+//! stop.send(true)?; // on shutdown
+//! served.await?;
+//! latchkey_server::drain(&broker.broker).await;
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod audit;
 pub mod config;
@@ -209,6 +256,69 @@ where
             }
         })
     })
+}
+
+/// The broker to mount in a warp application of its own: the engine built
+/// from a [`Config`] on a store, with the background sweep of expired
+/// records, which stops when this value is dropped. Put [`Mounted::routes`]
+/// beside the application's own routes and serve them with
+/// [`serve_filter`]; on shutdown, [`drain`] the broker.
+pub struct Mounted {
+    /// The engine; the application's own handlers may call it too.
+    pub broker: Broker,
+    /// Services configured but not offered, and why.
+    pub withheld: Vec<latchkey_providers::Withheld>,
+    state: http::State,
+    _upkeep: upkeep::Upkeep,
+}
+
+impl Mounted {
+    /// Builds the engine on `store` as `latchkey serve` does: master keys,
+    /// catalogue, limits and sweep from `config`, `public_url` for every
+    /// link, redirect and redirect URI.
+    pub async fn new(config: &Config, store: Arc<dyn Store>) -> anyhow::Result<Mounted> {
+        let setup = setup::engine(config, Arc::clone(&store), |_| {}).await?;
+        let upkeep = upkeep::spawn(&setup.broker, &config.sweep);
+        let state = Arc::new(AppState::new(setup.broker.clone(), store, config, Limiter::new(&config.limits)));
+        Ok(Mounted { broker: setup.broker, withheld: setup.withheld, state, _upkeep: upkeep })
+    }
+
+    /// Every route of the broker under the path of `public_url`, and
+    /// nothing outside it: see [`http::mount`].
+    pub fn routes(&self) -> warp::filters::BoxedFilter<(warp::reply::Response,)> {
+        http::mount(Arc::clone(&self.state))
+    }
+}
+
+/// Serves `filter` — an application's own warp routes with
+/// [`Mounted::routes`] among them — the way `latchkey serve` serves the
+/// broker: each client's address reaches the broker's rate limits (under
+/// `warp::serve` the broker sees none, and every client shares one budget),
+/// the `[connections]` deadlines and cap hold, and every answer carries
+/// `nosniff` (and HSTS with an https `public_url`). A request `filter`
+/// rejects gets warp's answer for the rejection. Stops accepting when
+/// `shutdown` turns true; the future resolves when every connection has
+/// ended, and borrows nothing (spawn it).
+pub fn serve_filter<F, R>(
+    listener: tokio::net::TcpListener,
+    filter: F,
+    config: &Config,
+    shutdown: watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> + Send + use<F, R>
+where
+    F: warp::Filter<Extract = (R,)> + Clone + Send + Sync + 'static,
+    F::Error: Into<warp::Rejection>,
+    R: warp::Reply + Send + 'static,
+{
+    use warp::Filter as _;
+    let filter = filter.map(warp::Reply::into_response).boxed();
+    let service = hyper_util::service::TowerToHyperService::new(warp::service(filter));
+    let mut headers = vec![NOSNIFF];
+    if config.served_over_https() {
+        headers.push(HSTS);
+    }
+    let limits = Limits::new(&config.connections);
+    connections::serve(listener, handler(service, |_| true), limits, headers.into(), shutdown)
 }
 
 /// Resolves when the process gets SIGTERM or SIGINT.

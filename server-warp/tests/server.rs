@@ -12,6 +12,7 @@ mod duplicati_clients;
 mod edge;
 mod front_door;
 mod openapi;
+mod mount;
 mod operator;
 mod providers_doc;
 mod support;

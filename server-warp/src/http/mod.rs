@@ -3,13 +3,14 @@
 //!
 //! Every handler answers a response: errors are explicit, in the vocabulary
 //! of the surface they happen on. Warp's own rejections (no route, wrong
-//! method, body too large) are turned into JSON errors by [`recover`], so no
+//! method, body too large) are turned into JSON errors by `recover`, so no
 //! request ever gets an HTML error page or a stack trace.
 
 mod api;
 mod duplicati;
 pub mod front_door;
 mod metrics;
+mod mount;
 pub mod pages;
 pub mod reply;
 mod routes;
@@ -27,6 +28,7 @@ use warp::http::{HeaderMap, Method, StatusCode};
 use warp::reply::Response;
 
 pub use self::metrics::HttpMetrics;
+pub use self::mount::{base_path, mount};
 use self::reply::{Failure, Refusal, Surface};
 use self::routes::Route;
 use crate::config::Cidr;
