@@ -9,7 +9,7 @@
 //! cannot put a revoked grant's token back.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::authid::AuthId;
@@ -26,7 +26,8 @@ pub(crate) struct CacheKey([u8; 32]);
 
 struct Entry {
     grant: GrantId,
-    token: TokenGrant,
+    /// Shared, so a hit copies it after the lock is released.
+    token: Arc<TokenGrant>,
     /// The token's lifetime when obtained, for the half-lifetime cap.
     lifetime: Option<Duration>,
     inserted_at: Timestamp,
@@ -77,8 +78,12 @@ impl TokenCache {
     /// [`TokenCache::get`] and, on a miss, the purge epoch to pass back to
     /// [`TokenCache::insert`]: one lock for the hit path.
     pub(crate) fn lookup(&self, key: &CacheKey, now: Timestamp, min_validity: Duration) -> Result<TokenGrant, u64> {
-        let inner = self.lock();
-        Self::fresh(&inner, key, now, self.ttl, min_validity).ok_or(inner.epoch)
+        let hit = {
+            let inner = self.lock();
+            Self::fresh(&inner, key, now, self.ttl, min_validity).ok_or(inner.epoch)
+        };
+        // The copy (its strings) is made outside the lock every request takes.
+        hit.map(|token| TokenGrant::clone(&token))
     }
 
     fn fresh(
@@ -87,7 +92,7 @@ impl TokenCache {
         now: Timestamp,
         ttl: Duration,
         min_validity: Duration,
-    ) -> Option<TokenGrant> {
+    ) -> Option<Arc<TokenGrant>> {
         let entry = inner.entries.get(key)?;
         if now.duration_since(entry.inserted_at) >= ttl {
             return None;
@@ -99,7 +104,7 @@ impl TokenCache {
                 !left.is_zero() && left >= required_validity(min_validity, entry.lifetime)
             }
         };
-        fresh_enough.then(|| entry.token.clone())
+        fresh_enough.then(|| Arc::clone(&entry.token))
     }
 
     /// Caches a token unless a purge happened since `epoch` was read.
@@ -112,6 +117,7 @@ impl TokenCache {
         now: Timestamp,
         epoch: u64,
     ) {
+        let token = Arc::new(token.clone());
         let mut inner = self.lock();
         if inner.epoch != epoch {
             return;
@@ -125,7 +131,7 @@ impl TokenCache {
         let seq = inner.seq;
         inner.by_age.insert((now, seq), key);
         inner.by_grant.entry(grant).or_default().push(key);
-        inner.entries.insert(key, Entry { grant, token: token.clone(), lifetime, inserted_at: now, seq });
+        inner.entries.insert(key, Entry { grant, token, lifetime, inserted_at: now, seq });
     }
 
     /// Drops every entry of a grant, and fences off inserts already under way.
