@@ -85,6 +85,10 @@ async fn every_route_answers_under_the_prefix_and_the_application_keeps_the_rest
     let (status, body) = answer(&http, Method::GET, &format!("{url}/oauth/no-such-page")).await;
     assert_eq!(status, 404);
     assert_ne!(body, APP_404, "under the prefix the broker answers for itself");
+    // Counted by their path under the prefix, as at the root: one GET, one POST and one DELETE of /healthz.
+    let (_, metrics) = answer(&http, Method::GET, &format!("{url}/oauth/metrics")).await;
+    assert!(metrics.contains("latchkey_http_requests_total{route=\"/healthz\",status=\"200\"} 1"), "{metrics}");
+    assert!(!metrics.contains("route=\"/oauth/"), "{metrics}");
     let _ = stop.send(true);
 }
 
@@ -93,6 +97,8 @@ async fn mounted_at_the_root_the_broker_has_no_catch_all() {
     let (url, _fake, stop) = app("").await;
     let http = reqwest::Client::new();
     assert_eq!(answer(&http, Method::GET, &format!("{url}/healthz")).await.0, 200);
+    let (_, metrics) = answer(&http, Method::GET, &format!("{url}/metrics")).await;
+    assert!(metrics.contains("latchkey_http_requests_total{route=\"/healthz\",status=\"200\"} 1"), "{metrics}");
     assert_eq!(answer(&http, Method::GET, &format!("{url}/mine")).await, (200, "mine".into()));
     assert_eq!(answer(&http, Method::GET, &format!("{url}/no-such-page")).await, (404, APP_404.into()));
     let _ = stop.send(true);

@@ -24,13 +24,17 @@
 //!   origin with the application anyway, so a narrower path would hide the
 //!   cookie from nothing; the application should not use a cookie named
 //!   `latchkey-login` (or `__Host-latchkey-login`) of its own.
+//! * Requests the broker answers are counted by route and status and logged
+//!   one line each, as at the root, labelled by their path under the prefix
+//!   (`/refresh`, not `/oauth/refresh`).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use warp::Filter;
 use warp::filters::BoxedFilter;
 use warp::http::header::{CONTENT_TYPE, LOCATION};
-use warp::http::{HeaderValue, StatusCode};
+use warp::http::{HeaderValue, Method, StatusCode};
 use warp::hyper::body::Body as _;
 use warp::reply::Response;
 
@@ -52,6 +56,7 @@ pub fn mount(state: State) -> BoxedFilter<(Response,)> {
         .split('/')
         .filter(|segment| !segment.is_empty())
         .fold(warp::any().boxed(), |filter, segment| filter.and(warp::path(segment.to_owned())).boxed());
+    let metrics_state = Arc::clone(&state);
     let broker = served(state);
     let inside = if base.is_empty() {
         broker
@@ -62,7 +67,21 @@ pub fn mount(state: State) -> BoxedFilter<(Response,)> {
             .unify()
             .boxed()
     };
-    prefix.and(inside).then(move |response| under(Arc::clone(&base), response)).boxed()
+    let at = Arc::clone(&base);
+    let answered = prefix.and(inside).then(move |response| under(Arc::clone(&at), response));
+    warp::method()
+        .and(warp::path::full())
+        .and(warp::any().map(Instant::now))
+        .and(answered)
+        .map(move |method: Method, full: warp::path::FullPath, started: Instant, response: Response| {
+            // Labelled as at the root: the path under the prefix.
+            let path = full.as_str().strip_prefix(&*base).unwrap_or(full.as_str());
+            let path = if path.is_empty() { "/" } else { path };
+            let keyid = response.extensions().get::<metrics::LoggedKeyId>().map(|logged| &logged.0);
+            metrics_state.metrics.observe(&method, path, response.status(), started.elapsed(), keyid);
+            response
+        })
+        .boxed()
 }
 
 /// The route groups of [`routes`](super::routes) without its catch-all.
