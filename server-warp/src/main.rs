@@ -408,9 +408,6 @@ fn write_key_file(path: &std::path::Path, lines: &[String]) -> anyhow::Result<()
     Ok(())
 }
 
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let result = match parse_args() {
