@@ -56,11 +56,12 @@ const USAGE: &str = "usage:
   loadtest scale --store sled|postgres --count N [--concurrency 64] [--sample 10000] [--budget-secs S]
                  [--duration 10s] [--connections 64] [--threads 2] [--json FILE] [--latchkey PATH]
                  [--database-url URL]
-  loadtest product --latchkey target/release/latchkey [--store sled|postgres] [--ids 1] [--repeats 3]
-                   [--duration 8s] [--connections 64] [--threads 2] [--json FILE] [--database-url URL]
+  loadtest product --latchkey target/release/latchkey [--store sled,postgres] [--ids 1,10000] [--repeats 3]
+                   [--duration 8s] [--connections 64] [--threads 2] [--json FILE] [--svg FILE] [--database-url URL]
                    [--perf FILE]   (records the first broker run with `perf record`)
                    [--broker-log LEVEL]   (LATCHKEY_LOG for the broker, to compare; default: unset)
                    [--perf-stat]   (CPU time per request of both servers, `perf stat -e task-clock`)
+  loadtest product-chart --json FILE --svg FILE   (redraws a product run's chart)
   loadtest warm [--store sled|postgres] [--ids 1000] [--repeats 3] [--duration 8s] [--connections 64] [--json FILE]
   loadtest serve --config FILE   (what `latchkey serve --config FILE` does)";
 
@@ -85,6 +86,7 @@ struct Args {
     perf: Option<PathBuf>,
     perf_stat: bool,
     broker_log: Option<String>,
+    product_ids: String,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -109,6 +111,7 @@ fn parse_args() -> anyhow::Result<Args> {
         perf: None,
         perf_stat: false,
         broker_log: None,
+        product_ids: "1".into(),
     };
     let mut it = std::env::args().skip(1).peekable();
     if let Some(first) = it.peek() {
@@ -122,7 +125,11 @@ fn parse_args() -> anyhow::Result<Args> {
             "--duration" => args.duration = value()?,
             "--connections" => args.connections = value()?.parse()?,
             "--threads" => args.threads = value()?.parse()?,
-            "--ids" => args.ids = value()?.parse()?,
+            "--ids" => {
+                let ids = value()?;
+                args.ids = ids.split(',').next().unwrap_or_default().trim().parse()?;
+                args.product_ids = ids;
+            }
             "--svg" => args.svg = Some(value()?.into()),
             "--json" => args.json = Some(value()?.into()),
             "--store" => args.store = value()?,
@@ -156,6 +163,7 @@ fn main() -> anyhow::Result<()> {
         "serve" => runtime.block_on(serve(&args)),
         "product" => runtime.block_on(product::product(&args)),
         "warm" => runtime.block_on(warm(&args)),
+        "product-chart" => product::redraw(&args),
         other => bail!("unknown mode {other}\n{USAGE}"),
     }
 }

@@ -196,17 +196,81 @@ fn spread(values: &[f64]) -> (f64, f64, f64) {
     (v[0], v[v.len() / 2], v[v.len() - 1])
 }
 
+/// Every combination of `--store` and `--ids` (each a comma-separated
+/// list), one after the other; one JSON document and one chart for all.
 pub(super) async fn product(args: &Args) -> anyhow::Result<()> {
     let binary = args.latchkey.clone().ok_or_else(|| anyhow!("product needs --latchkey target/release/latchkey"))?;
-    let work = tempfile::Builder::new().prefix("latchkey-product-").tempdir()?;
     let fake = FakeProvider::start(FakeConfig::default()).await?;
-    let spot = StoreSpot::new(args)?;
-    let result = run(args, &binary, &fake, &spot, work.path()).await;
-    spot.drop_schema().await;
-    result
+    let mut docs = Vec::new();
+    for store in args.store.split(',') {
+        for ids in args.product_ids.split(',') {
+            let mut one = args.clone();
+            one.store = store.trim().to_owned();
+            one.ids = ids.trim().parse().with_context(|| format!("--ids {ids}"))?;
+            let work = tempfile::Builder::new().prefix("latchkey-product-").tempdir()?;
+            let spot = StoreSpot::new(&one)?;
+            let result = run(&one, &binary, &fake, &spot, work.path()).await;
+            spot.drop_schema().await;
+            docs.push(result?);
+        }
+    }
+    let docs = Value::Array(docs);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&docs)?)?;
+    }
+    if let Some(svg) = &args.svg {
+        std::fs::write(svg, chart(&docs)?)?;
+        println!("chart written to {}", svg.display());
+    }
+    Ok(())
 }
 
-async fn run(args: &Args, binary: &Path, fake: &FakeProvider, spot: &StoreSpot, work: &Path) -> anyhow::Result<()> {
+/// `loadtest product-chart --json FILE --svg FILE`: the chart of a
+/// product run's JSON, redrawn.
+pub(super) fn redraw(args: &Args) -> anyhow::Result<()> {
+    let (Some(json), Some(svg)) = (&args.json, &args.svg) else { bail!("product-chart needs --json and --svg") };
+    let docs: Value = serde_json::from_str(&std::fs::read_to_string(json)?)?;
+    std::fs::write(svg, chart(&docs)?)?;
+    Ok(())
+}
+
+/// Bars for each configuration's median repeat (by throughput ratio): bare
+/// warp (`a`) and the broker (`b`), numbered in run order.
+fn chart(docs: &Value) -> anyhow::Result<String> {
+    let measured = |rps: &Value, p50: &Value, p99: &Value| Measured {
+        requests: 0,
+        seconds: 0.0,
+        rps: rps.as_f64().unwrap_or(0.0),
+        p50_us: p50.as_f64().unwrap_or(0.0) * 1000.0,
+        p99_us: p99.as_f64().unwrap_or(0.0) * 1000.0,
+        mean_us: 0.0,
+        errors: String::new(),
+        non_2xx: 0,
+        load: String::new(),
+    };
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    let mut bars = Vec::new();
+    for (i, doc) in docs.as_array().ok_or_else(|| anyhow!("not a product run's JSON"))?.iter().enumerate() {
+        let mut runs: Vec<&Value> = doc["runs"].as_array().map(|r| r.iter().collect()).unwrap_or_default();
+        runs.sort_by(|x, y| x["ratio"].as_f64().unwrap_or(0.0).total_cmp(&y["ratio"].as_f64().unwrap_or(0.0)));
+        let Some(median) = runs.get(runs.len() / 2) else { continue };
+        let what = format!("{}, {} AuthID(s)", doc["store"].as_str().unwrap_or("?"), doc["authids"]);
+        bars.push(super::PathResult {
+            key: leak(format!("{}a", i + 1)),
+            label: leak(format!("bare warp, same bytes ({what})")),
+            m: measured(&median["bare_rps"], &median["bare_p50_ms"], &median["bare_p99_ms"]),
+        });
+        bars.push(super::PathResult {
+            key: leak(format!("{}b", i + 1)),
+            label: leak(format!("latchkey serve, {what}")),
+            m: measured(&median["latchkey_rps"], &median["latchkey_p50_ms"], &median["latchkey_p99_ms"]),
+        });
+    }
+    Ok(super::chart(&bars))
+}
+
+/// One store and number of AuthIDs: the JSON document of its runs.
+async fn run(args: &Args, binary: &Path, fake: &FakeProvider, spot: &StoreSpot, work: &Path) -> anyhow::Result<Value> {
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
     let config_path = work.join("latchkey.toml");
     std::fs::write(&config_path, config(listen, fake, &spot.toml()))?;
@@ -368,7 +432,7 @@ async fn run(args: &Args, binary: &Path, fake: &FakeProvider, spot: &StoreSpot, 
         "cache hits {hits}, misses {misses}; log lines written {log_lines}, dropped {dropped} \
          (latchkey_log_lines_dropped_total)"
     );
-    if let Some(path) = &args.json {
+    {
         let rows: Vec<Value> = runs
             .iter()
             .map(|(a, b)| {
@@ -385,7 +449,6 @@ async fn run(args: &Args, binary: &Path, fake: &FakeProvider, spot: &StoreSpot, 
                          "p99_ratio": {"min": p_min, "median": p_med, "max": p_max},
                          "cache_hits": hits, "cache_misses": misses,
                          "log_lines": log_lines, "log_lines_dropped": dropped});
-        std::fs::write(path, serde_json::to_string_pretty(&doc)?)?;
+        Ok(doc)
     }
-    Ok(())
 }
