@@ -95,6 +95,20 @@ impl HttpMetrics {
         }
     }
 
+    /// [`HttpMetrics::observe`] for a finished `response`, with the key id a
+    /// token request left on it; answers the response.
+    pub(crate) fn answered(
+        &self,
+        method: &Method,
+        path: &str,
+        started: std::time::Instant,
+        response: Response,
+    ) -> Response {
+        let keyid = response.extensions().get::<LoggedKeyId>().map(|logged| &logged.0);
+        self.observe(method, path, response.status(), started.elapsed(), keyid);
+        response
+    }
+
     /// The non-zero counters by (route label, status), labels merged.
     fn snapshot(&self) -> std::collections::BTreeMap<(&'static str, u16), u64> {
         let mut counts = std::collections::BTreeMap::new();

@@ -217,37 +217,11 @@ pub fn served_paths() -> Vec<(&'static str, &'static str)> {
 /// Every route.
 pub fn routes(state: State) -> impl Filter<Extract = (impl warp::Reply,), Error = Infallible> + Clone {
     let metrics_state = Arc::clone(&state);
-    // The token routes first: they carry nearly all the traffic.
-    let refresh = duplicati::refresh_route(Arc::clone(&state));
-    let api = api::routes(Arc::clone(&state));
-    let duplicati = duplicati::routes(Arc::clone(&state));
-    let ops = metrics::routes(Arc::clone(&state));
-    let statics = warp::get()
-        .and(Route::StyleCss.filter())
-        .map(|| asset("text/css; charset=utf-8", pages::STYLE_CSS))
-        .or(warp::get().and(Route::AuthidJs.filter()).map(|| asset("text/javascript; charset=utf-8", pages::AUTHID_JS)))
-        .unify()
-        // Browsers ask for it on every first visit; an empty answer keeps their consoles clean.
-        .or(warp::get().and(Route::Favicon.filter()).map(|| asset("image/x-icon", "")))
-        .unify();
-    let served = refresh
-        .or(api)
-        .unify()
-        .or(duplicati)
-        .unify()
-        .or(ops)
-        .unify()
-        .or(statics)
-        .unify()
-        .recover(recover)
-        .unify()
-        .or(warp::path::full().map(|path: warp::path::FullPath| unmatched(path.as_str())))
-        .unify();
+    let served =
+        mount::served(state).or(warp::path::full().map(|path: warp::path::FullPath| unmatched(path.as_str()))).unify();
     warp::method().and(warp::path::full()).and(warp::any().map(Instant::now)).and(served).map(
         move |method: Method, path: warp::path::FullPath, started: Instant, response: Response| {
-            let keyid = response.extensions().get::<metrics::LoggedKeyId>().map(|logged| &logged.0);
-            metrics_state.metrics.observe(&method, path.as_str(), response.status(), started.elapsed(), keyid);
-            response
+            metrics_state.metrics.answered(&method, path.as_str(), started, response)
         },
     )
 }

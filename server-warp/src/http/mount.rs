@@ -77,21 +77,22 @@ pub fn mount(state: State) -> BoxedFilter<(Response,)> {
             // Labelled as at the root: the path under the prefix.
             let path = full.as_str().strip_prefix(&*base).unwrap_or(full.as_str());
             let path = if path.is_empty() { "/" } else { path };
-            let keyid = response.extensions().get::<metrics::LoggedKeyId>().map(|logged| &logged.0);
-            metrics_state.metrics.observe(&method, path, response.status(), started.elapsed(), keyid);
-            response
+            metrics_state.metrics.answered(&method, path, started, response)
         })
         .boxed()
 }
 
-/// The route groups of [`routes`](super::routes) without its catch-all.
-/// `tests/mount.rs` checks that every path of the route table answers here.
-fn served(state: State) -> BoxedFilter<(Response,)> {
+/// Every route group, the token routes first (they carry nearly all the
+/// traffic), without a catch-all: [`routes`](super::routes) adds its 404,
+/// [`mount`] its prefix. `tests/mount.rs` checks that every path of the
+/// route table answers here.
+pub(super) fn served(state: State) -> BoxedFilter<(Response,)> {
     let statics = warp::get()
         .and(Route::StyleCss.filter())
         .map(|| asset("text/css; charset=utf-8", pages::STYLE_CSS))
         .or(warp::get().and(Route::AuthidJs.filter()).map(|| asset("text/javascript; charset=utf-8", pages::AUTHID_JS)))
         .unify()
+        // Browsers ask for it on every first visit; an empty answer keeps their consoles clean.
         .or(warp::get().and(Route::Favicon.filter()).map(|| asset("image/x-icon", "")))
         .unify();
     duplicati::refresh_route(Arc::clone(&state))
