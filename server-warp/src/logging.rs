@@ -42,6 +42,9 @@ const POLL_IDLE: Duration = Duration::from_millis(50);
 struct Installed {
     writer: NonBlocking,
     json: bool,
+    /// Whether request lines may bypass the subscriber (not on a terminal,
+    /// where the subscriber writes colours).
+    plain: bool,
 }
 
 static INSTALLED: OnceLock<Installed> = OnceLock::new();
@@ -71,7 +74,7 @@ pub(crate) struct RequestLine<'a> {
 /// terminal, which gets colours): the caller then logs through `tracing`.
 /// The caller checks the filter first (`tracing::enabled!`).
 pub(crate) fn request_line(line: &RequestLine<'_>) -> bool {
-    let Some(installed) = INSTALLED.get() else { return false };
+    let Some(installed) = INSTALLED.get().filter(|installed| installed.plain) else { return false };
     let text = format_request(std::time::SystemTime::now(), installed.json, line);
     installed.writer.send(text, true);
     true
@@ -147,10 +150,24 @@ pub struct LogGuard {
 
 impl Drop for LogGuard {
     fn drop(&mut self) {
-        let (done, wait) = sync_channel(1);
-        if self.queue.send(Message::Flush(done)).is_ok() {
-            let _ = wait.recv();
-        }
+        flush_queue(&self.queue);
+    }
+}
+
+/// Waits until every line queued so far is written out.
+fn flush_queue(queue: &SyncSender<Message>) {
+    let (done, wait) = sync_channel(1);
+    if queue.send(Message::Flush(done)).is_ok() {
+        let _ = wait.recv();
+    }
+}
+
+/// Writes out every line the installed writer has queued so far (nothing
+/// to do when [`init`] installed none): what a process calls before it
+/// ends, whichever command's guard is still alive.
+pub fn flush() {
+    if let Some(installed) = INSTALLED.get() {
+        flush_queue(&installed.writer.queue);
     }
 }
 
@@ -272,10 +289,8 @@ pub fn init(filter: &str, json: bool) -> Option<LogGuard> {
             return None;
         }
     };
-    if !ansi {
-        // A terminal gets the subscriber's colours on every line.
-        let _ = INSTALLED.set(Installed { writer: writer.clone(), json });
-    }
+    // A terminal gets the subscriber's colours on every line, request lines included.
+    let _ = INSTALLED.set(Installed { writer: writer.clone(), json, plain: !ansi });
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi);
     if json {
         builder.json().init();

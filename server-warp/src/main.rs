@@ -253,20 +253,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
             };
             let filter = GrantFilter { service: args.service.clone(), state, unused_for };
-            let broker = operator_broker(&args).await?;
+            let (broker, _log) = operator_broker(&args).await?;
             println!("{}", operator::grant_list(&broker.list_grants(&filter).await?, args.json));
             Ok(())
         }
         ["grants", "show", id] => {
             let grant_id = parse_grant_id(id)?;
-            let broker = operator_broker(&args).await?;
+            let (broker, _log) = operator_broker(&args).await?;
             let details = broker.show_grant(&grant_id).await?.with_context(|| format!("no grant {grant_id}"))?;
             println!("{}", operator::grant_details(&details, args.json));
             Ok(())
         }
         ["grants", "revoke", id] => {
             let grant_id = parse_grant_id(id)?;
-            let broker = operator_broker(&args).await?;
+            let (broker, _log) = operator_broker(&args).await?;
             let done =
                 broker.revoke_grant_as_operator(&grant_id).await?.with_context(|| format!("no grant {grant_id}"))?;
             audit_revocation(&broker, &done, None);
@@ -275,7 +275,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         ["handles", "revoke", keyid] => {
             let keyid = KeyId::parse(keyid).map_err(|_| anyhow::anyhow!("'{keyid}' is not a key id"))?;
-            let broker = operator_broker(&args).await?;
+            let (broker, _log) = operator_broker(&args).await?;
             let done = broker
                 .revoke_handle_as_operator(&keyid)
                 .await?
@@ -288,12 +288,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 }
 
-/// The engine on the configured store, for the operator commands.
-async fn operator_broker(args: &Args) -> anyhow::Result<Broker> {
+/// The engine on the configured store, for the operator commands, and the
+/// log guard to keep until the command ends (its audit lines come later).
+async fn operator_broker(args: &Args) -> anyhow::Result<(Broker, Option<latchkey_server::logging::LogGuard>)> {
     let config = load_config(args)?;
-    let _log = init_logging(Some(&config));
+    let log = init_logging(Some(&config));
     let store = setup::open_store(&config).await?;
-    Ok(setup::engine(&config, store, |_| {}).await?.broker)
+    Ok((setup::engine(&config, store, |_| {}).await?.broker, log))
 }
 
 fn parse_grant_id(text: &str) -> anyhow::Result<GrantId> {
@@ -414,6 +415,8 @@ async fn main() -> ExitCode {
         Ok(args) => run(args).await,
         Err(e) => Err(e),
     };
+    // Whatever a command logged is written out before the process ends.
+    latchkey_server::logging::flush();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
