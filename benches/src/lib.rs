@@ -62,17 +62,36 @@ impl ProviderUrls {
 /// and service `fake`, rate limits out of the way, and `store` (a `[store]`
 /// table, or empty for an in-process store passed to `latchkey_server::serve`).
 pub fn config_text(listen: SocketAddr, provider: &ProviderUrls, store: &str) -> String {
+    let tables = "[limits]\ntoken_requests_per_minute_per_keyid = 4000000000\n\
+                  token_requests_per_minute_per_address = 4000000000\n[log]\nlevel = \"warn\"";
+    broker_toml(listen, provider, tables, store)
+}
+
+/// [`config_text`] as an operator would run it: defaults everywhere
+/// (logging at `info`, in text) except every limit, which a benchmark from
+/// one address would hit (logins included).
+pub fn operator_config_text(listen: SocketAddr, provider: &ProviderUrls, store: &str) -> String {
+    let limits: String = [
+        "token_requests_per_minute_per_keyid",
+        "token_requests_per_minute_per_address",
+        "fetch_requests_per_minute_per_address",
+        "record_creations_per_minute_per_address",
+        "user_code_attempts_per_minute_per_address",
+    ]
+    .iter()
+    .map(|key| format!("{key} = 4000000000\n"))
+    .collect();
+    broker_toml(listen, provider, &format!("[limits]\n{limits}"), store)
+}
+
+fn broker_toml(listen: SocketAddr, provider: &ProviderUrls, tables: &str, store: &str) -> String {
     format!(
         r#"
 listen = "{listen}"
 public_url = "http://{listen}"
 [keys]
 master_keys = ["{MASTER_KEY}"]
-[limits]
-token_requests_per_minute_per_keyid = 4000000000
-token_requests_per_minute_per_address = 4000000000
-[log]
-level = "warn"
+{tables}
 {store}
 [providers.fake]
 authorize_url = "{authorize}"

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use futures_util::{StreamExt, TryStreamExt};
-use latchkey_benches::{CLIENT_ID, CLIENT_SECRET, MASTER_KEY};
+use latchkey_benches::{ProviderUrls, operator_config_text};
 use latchkey_testkit::{FakeConfig, FakeProvider};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -26,42 +26,6 @@ use super::{Args, Measured, Shape, StoreSpot, free_port, ms, wrk};
 
 /// Logins in flight at once while the AuthIDs are made.
 const LOGIN_CONCURRENCY: usize = 16;
-
-/// The operator's configuration: defaults everywhere (logging at `info`, in
-/// text) except the limits, which a benchmark from one address would hit.
-fn config(listen: SocketAddr, fake: &FakeProvider, store: &str) -> String {
-    let high = 4_000_000_000u32;
-    format!(
-        r#"
-listen = "{listen}"
-public_url = "http://{listen}"
-[keys]
-master_keys = ["{MASTER_KEY}"]
-[limits]
-token_requests_per_minute_per_keyid = {high}
-token_requests_per_minute_per_address = {high}
-fetch_requests_per_minute_per_address = {high}
-record_creations_per_minute_per_address = {high}
-user_code_attempts_per_minute_per_address = {high}
-{store}
-[providers.fake]
-authorize_url = "{authorize}"
-token_url = "{token}"
-client_auth = "post"
-client_id = "{CLIENT_ID}"
-client_secrets = ["{CLIENT_SECRET}"]
-rotates_refresh_tokens = false
-[services.fake]
-provider = "fake"
-display_name = "Benchmark storage"
-scopes = ["files"]
-[services.jottacloud]
-enabled = false
-"#,
-        authorize = fake.authorize_url(),
-        token = fake.token_url(),
-    )
-}
 
 fn no_redirects() -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
@@ -273,7 +237,8 @@ fn chart(docs: &Value) -> anyhow::Result<String> {
 async fn run(args: &Args, binary: &Path, fake: &FakeProvider, spot: &StoreSpot, work: &Path) -> anyhow::Result<Value> {
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
     let config_path = work.join("latchkey.toml");
-    std::fs::write(&config_path, config(listen, fake, &spot.toml()))?;
+    let provider = ProviderUrls { authorize: fake.authorize_url(), token: fake.token_url() };
+    std::fs::write(&config_path, operator_config_text(listen, &provider, &spot.toml()))?;
     let log_path = work.join("latchkey.log");
     let mut command = tokio::process::Command::new(binary);
     match &args.broker_log {
