@@ -190,7 +190,7 @@ pub async fn serve(
         );
     }
     let state = Arc::new(AppState::new(setup.broker.clone(), store, config, Limiter::new(&config.limits)));
-    let routes = hyper_util::service::TowerToHyperService::new(warp::service(http::routes(state)));
+    let routes = hyper_util::service::TowerToHyperService::new(warp::service(http::routes(Arc::clone(&state))));
     let mut headers = vec![NOSNIFF];
     if config.served_over_https() {
         headers.push(HSTS);
@@ -200,7 +200,7 @@ pub async fn serve(
     let (stop, stopped) = watch::channel(false);
     let main = connections::serve(
         listener,
-        handler(routes.clone(), move |path| metrics_addr.is_none() || path != METRICS_PATH),
+        http::with_shortcut(state, handler(routes.clone(), move |path| metrics_addr.is_none() || path != METRICS_PATH)),
         limits,
         Arc::clone(&headers),
         stopped.clone(),

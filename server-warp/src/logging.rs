@@ -1,42 +1,45 @@
 //! Log output that never makes a request wait on a write.
 //!
 //! Every event is formatted on the thread that logs it (that is the tracing
-//! subscriber's work) and handed, as one line, to a bounded queue; one
-//! thread of its own drains the queue into a buffered stderr every
-//! millisecond while lines come (every 50 ms at most when idle) and flushes
-//! after each batch, so a burst of requests costs one `write` per batch
-//! instead of one per line, and no worker thread ever parks on the stderr
-//! lock or makes a system call to wake the writer.
+//! subscriber's work) and appended, as one line, to a bounded buffer shared
+//! by every thread; one thread of its own takes the whole buffer every
+//! millisecond while lines come (every 50 ms at most when idle), writes it
+//! to stderr and flushes, so a burst of requests costs one `write` per
+//! batch instead of one per line, no worker thread ever parks on the stderr
+//! lock or makes a system call to wake the writer, and no line is a heap
+//! allocation handed to another thread (freeing it there contended for the
+//! allocator's locks). Lines keep the order they were logged in.
 //!
-//! When the queue is full (stderr cannot keep up: a slow pipe, a stalled
+//! When the buffer is full (stderr cannot keep up: a slow pipe, a stalled
 //! journal), request lines and other `info`/`debug` lines are dropped and
 //! counted (`latchkey_log_lines_dropped_total` in `/metrics`); warnings,
 //! errors and every audit line (`latchkey::audit`) wait for room instead,
 //! so what an operator must see is never lost. [`LogGuard`] writes out what
 //! is queued when it is dropped (at the end of a command).
 
-use std::io::{BufWriter, Write};
+use std::cell::RefCell;
+use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
+use latchkey_core::KeyId;
 use tracing::{Level, Metadata};
 use tracing_subscriber::fmt::MakeWriter;
 
-/// Lines the queue holds before lossy lines are dropped.
-pub const QUEUE_LINES: usize = 65_536;
+/// Bytes of lines the buffer holds before lossy lines are dropped: about
+/// 50,000 request lines, a second of a busy broker's.
+pub const QUEUE_BYTES: usize = 8 * 1024 * 1024;
 
-/// The capacity of the buffer between the queue and stderr.
-const OUT_BUFFER: usize = 64 * 1024;
-
-/// How long the writer pauses after writing a batch. It polls the queue
-/// instead of sleeping on it: a writer asleep on the queue must be woken by
-/// a system call on nearly every line, on the thread that logs it.
+/// How long the writer pauses after writing a batch. It polls the buffer
+/// instead of sleeping on it: a writer asleep on the buffer must be woken
+/// by a system call on nearly every line, on the thread that logs it.
 const POLL_BUSY: Duration = Duration::from_millis(1);
 /// The longest pause, reached by doubling while nothing is logged: how
 /// late a line may appear on an idle broker.
 const POLL_IDLE: Duration = Duration::from_millis(50);
+/// How often a line that must not be lost looks for room again.
+const ROOM_POLL: Duration = Duration::from_millis(1);
 
 /// The writer [`init`] installed, and how its subscriber writes lines.
 struct Installed {
@@ -63,7 +66,13 @@ pub(crate) struct RequestLine<'a> {
     pub(crate) route: &'static str,
     pub(crate) status: u16,
     pub(crate) latency_ms: f64,
-    pub(crate) keyid: Option<&'a dyn std::fmt::Display>,
+    pub(crate) keyid: Option<&'a KeyId>,
+}
+
+thread_local! {
+    /// Where this thread formats its request lines (reused, never freed
+    /// elsewhere), and the second its timestamps were last formatted for.
+    static SCRATCH: RefCell<(Vec<u8>, Second)> = RefCell::new((Vec::with_capacity(256), Second::default()));
 }
 
 /// Queues the request line straight to the installed writer, written as
@@ -75,90 +84,161 @@ pub(crate) struct RequestLine<'a> {
 /// The caller checks the filter first (`tracing::enabled!`).
 pub(crate) fn request_line(line: &RequestLine<'_>) -> bool {
     let Some(installed) = INSTALLED.get().filter(|installed| installed.plain) else { return false };
-    let text = format_request(std::time::SystemTime::now(), installed.json, line);
-    installed.writer.send(text, true);
+    SCRATCH.with_borrow_mut(|(out, second)| {
+        out.clear();
+        format_request(out, second, std::time::SystemTime::now(), installed.json, line);
+        installed.writer.send(out, true);
+    });
     true
 }
 
-/// `now` as the subscriber writes it: RFC 3339, microseconds, `Z`.
-fn timestamp(out: &mut Vec<u8>, now: std::time::SystemTime) {
-    let since = now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let t = latchkey_core::Timestamp::from_unix_secs(since.as_secs()).utc();
-    let _ = write!(
-        out,
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-        t.year,
-        t.month,
-        t.day,
-        t.hour,
-        t.minute,
-        t.second,
-        since.subsec_micros()
-    );
+/// A second's `YYYY-MM-DDTHH:MM:SS`, formatted once.
+#[derive(Default)]
+struct Second {
+    unix: Option<u64>,
+    text: [u8; 19],
 }
 
-fn format_request(now: std::time::SystemTime, json: bool, line: &RequestLine<'_>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(192);
+/// `now` as the subscriber writes it: RFC 3339, microseconds, `Z`.
+fn timestamp(out: &mut Vec<u8>, second: &mut Second, now: std::time::SystemTime) {
+    let since = now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    if second.unix != Some(since.as_secs()) {
+        let t = latchkey_core::Timestamp::from_unix_secs(since.as_secs()).utc();
+        let mut text = Vec::with_capacity(19);
+        let _ = write!(text, "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}", t.year, t.month, t.day, t.hour, t.minute, t.second);
+        if let Ok(text) = text.try_into() {
+            *second = Second { unix: Some(since.as_secs()), text };
+        }
+    }
+    out.extend_from_slice(&second.text);
+    out.push(b'.');
+    digits(out, since.subsec_micros(), 6);
+    out.push(b'Z');
+}
+
+/// `n` in decimal, zero-padded to `width` digits.
+fn digits(out: &mut Vec<u8>, n: u32, width: usize) {
+    let mut buf = [b'0'; 10];
+    let (mut n, mut at) = (n, buf.len());
+    while n > 0 || at == buf.len() {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    at = at.min(buf.len().saturating_sub(width));
+    out.extend_from_slice(&buf[at..]);
+}
+
+/// A key id as its `Display` writes it, without a `String`.
+fn keyid_text(out: &mut Vec<u8>, keyid: &KeyId) {
+    use base64::Engine as _;
+    let mut buf = [0u8; 24];
+    match base64::engine::general_purpose::URL_SAFE_NO_PAD.encode_slice(keyid.as_bytes(), &mut buf) {
+        Ok(n) => out.extend_from_slice(&buf[..n]),
+        Err(_) => {
+            let _ = write!(out, "{keyid}");
+        }
+    }
+}
+
+fn format_request(
+    out: &mut Vec<u8>,
+    second: &mut Second,
+    now: std::time::SystemTime,
+    json: bool,
+    line: &RequestLine<'_>,
+) {
     if json {
         out.extend_from_slice(b"{\"timestamp\":\"");
-        timestamp(&mut out, now);
+        timestamp(out, second, now);
         out.extend_from_slice(b"\",\"level\":\"INFO\",\"fields\":{\"message\":\"request\",\"method\":");
-        let _ = serde_json::to_writer(&mut out, line.method);
+        let _ = serde_json::to_writer(&mut *out, line.method);
         out.extend_from_slice(b",\"route\":");
-        let _ = serde_json::to_writer(&mut out, line.route);
-        let _ = write!(out, ",\"status\":{},\"latency_ms\":", line.status);
-        let _ = serde_json::to_writer(&mut out, &line.latency_ms);
+        let _ = serde_json::to_writer(&mut *out, line.route);
+        out.extend_from_slice(b",\"status\":");
+        digits(out, u32::from(line.status), 1);
+        out.extend_from_slice(b",\"latency_ms\":");
+        let _ = serde_json::to_writer(&mut *out, &line.latency_ms);
         if let Some(keyid) = line.keyid {
-            out.extend_from_slice(b",\"keyid\":");
-            let _ = serde_json::to_writer(&mut out, &keyid.to_string());
+            out.extend_from_slice(b",\"keyid\":\"");
+            keyid_text(out, keyid);
+            out.push(b'"');
         }
         out.extend_from_slice(b"},\"target\":");
-        let _ = serde_json::to_writer(&mut out, line.target);
+        let _ = serde_json::to_writer(&mut *out, line.target);
         out.extend_from_slice(b"}\n");
     } else {
-        timestamp(&mut out, now);
-        let _ = write!(
-            out,
-            "  INFO {}: request method={} route={:?} status={} latency_ms={:?}",
-            line.target, line.method, line.route, line.status, line.latency_ms
-        );
+        timestamp(out, second, now);
+        out.extend_from_slice(b"  INFO ");
+        out.extend_from_slice(line.target.as_bytes());
+        out.extend_from_slice(b": request method=");
+        out.extend_from_slice(line.method.as_bytes());
+        let _ = write!(out, " route={:?} status=", line.route);
+        digits(out, u32::from(line.status), 1);
+        let _ = write!(out, " latency_ms={:?}", line.latency_ms);
         if let Some(keyid) = line.keyid {
-            let _ = write!(out, " keyid={keyid}");
+            out.extend_from_slice(b" keyid=");
+            keyid_text(out, keyid);
         }
         out.push(b'\n');
     }
-    out
 }
 
-enum Message {
-    Line(Vec<u8>),
-    Flush(SyncSender<()>),
+/// What the writer's handles and its thread share.
+struct Shared {
+    /// Lines logged and not yet taken by the writer, in the order logged.
+    pending: Mutex<Vec<u8>>,
+    /// Held while a batch is taken and written, so batches keep their order.
+    out: Mutex<Box<dyn Write + Send>>,
+    /// The most `pending` holds before lossy lines are dropped.
+    capacity: usize,
+    dropped: AtomicU64,
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Shared {
+    /// Writes out what is pending, swapping it with `spare` (an empty
+    /// buffer, kept for the next batch); answers whether there was any.
+    fn write_out(&self, spare: &mut Vec<u8>) -> bool {
+        let mut out = lock(&self.out);
+        std::mem::swap(&mut *lock(&self.pending), spare);
+        if spare.is_empty() {
+            return false;
+        }
+        let _ = out.write_all(spare);
+        let _ = out.flush();
+        spare.clear();
+        true
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let pending = self.pending.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let out = self.out.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _ = out.write_all(pending);
+        let _ = out.flush();
+    }
 }
 
 /// The subscriber's writer: each event becomes one queued line.
 #[derive(Clone)]
 pub struct NonBlocking {
-    queue: SyncSender<Message>,
-    dropped: Arc<AtomicU64>,
+    shared: Arc<Shared>,
 }
 
 /// Writes out everything queued before it is dropped.
 #[must_use = "dropping the guard is what writes out the queued lines"]
 pub struct LogGuard {
-    queue: SyncSender<Message>,
+    shared: Arc<Shared>,
 }
 
 impl Drop for LogGuard {
     fn drop(&mut self) {
-        flush_queue(&self.queue);
-    }
-}
-
-/// Waits until every line queued so far is written out.
-fn flush_queue(queue: &SyncSender<Message>) {
-    let (done, wait) = sync_channel(1);
-    if queue.send(Message::Flush(done)).is_ok() {
-        let _ = wait.recv();
+        self.shared.write_out(&mut Vec::new());
     }
 }
 
@@ -167,64 +247,63 @@ fn flush_queue(queue: &SyncSender<Message>) {
 /// ends, whichever command's guard is still alive.
 pub fn flush() {
     if let Some(installed) = INSTALLED.get() {
-        flush_queue(&installed.writer.queue);
+        installed.writer.shared.write_out(&mut Vec::new());
     }
 }
 
 impl NonBlocking {
-    /// A writer whose lines go to `out` through a queue of `capacity` lines,
-    /// drained by a thread of its own.
+    /// A writer whose lines go to `out` through a buffer of `capacity`
+    /// bytes, written out by a thread of its own.
     pub fn new<W: Write + Send + 'static>(out: W, capacity: usize) -> std::io::Result<(NonBlocking, LogGuard)> {
-        let (queue, lines) = sync_channel(capacity);
-        std::thread::Builder::new().name("latchkey-log".into()).spawn(move || drain(lines, out))?;
-        Ok((NonBlocking { queue: queue.clone(), dropped: Arc::default() }, LogGuard { queue }))
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Vec::new()),
+            out: Mutex::new(Box::new(out)),
+            capacity,
+            dropped: AtomicU64::new(0),
+        });
+        let weak = Arc::downgrade(&shared);
+        std::thread::Builder::new().name("latchkey-log".into()).spawn(move || drain(weak))?;
+        Ok((NonBlocking { shared: Arc::clone(&shared) }, LogGuard { shared }))
     }
 
-    /// Lines dropped so far because the queue was full.
+    /// Lines dropped so far because the buffer was full.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.shared.dropped.load(Ordering::Relaxed)
     }
 
     /// Queues one line: a `lossy` one is dropped (and counted) when the
-    /// queue is full, any other waits for room.
-    fn send(&self, line: Vec<u8>, lossy: bool) {
-        let line = Message::Line(line);
-        if !lossy {
-            let _ = self.queue.send(line);
-        } else if let Err(TrySendError::Full(_)) = self.queue.try_send(line) {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+    /// buffer is full, any other waits for room.
+    fn send(&self, line: &[u8], lossy: bool) {
+        loop {
+            {
+                let mut pending = lock(&self.shared.pending);
+                // A line longer than the whole buffer still goes, alone.
+                if pending.len() + line.len() <= self.shared.capacity || pending.is_empty() {
+                    pending.extend_from_slice(line);
+                    return;
+                }
+            }
+            if lossy {
+                self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            std::thread::sleep(ROOM_POLL);
         }
     }
 }
 
-fn drain<W: Write>(lines: Receiver<Message>, out: W) {
-    let mut out = BufWriter::with_capacity(OUT_BUFFER, out);
+/// The writer's thread: until every handle is gone (the last one writes out
+/// what is left as it drops).
+fn drain(shared: Weak<Shared>) {
+    let mut spare = Vec::new();
     let mut pause = POLL_BUSY;
-    loop {
-        let mut wrote = false;
-        loop {
-            match lines.try_recv() {
-                Ok(Message::Line(line)) => {
-                    let _ = out.write_all(&line);
-                    wrote = true;
-                }
-                Ok(Message::Flush(done)) => {
-                    let _ = out.flush();
-                    let _ = done.send(());
-                }
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    let _ = out.flush();
-                    return;
-                }
-            }
-        }
-        if wrote {
-            let _ = out.flush();
+    while let Some(shared) = shared.upgrade() {
+        if shared.write_out(&mut spare) {
             pause = POLL_BUSY;
         } else {
             pause = (pause * 2).min(POLL_IDLE);
         }
+        drop(shared);
         std::thread::sleep(pause);
     }
 }
@@ -250,7 +329,7 @@ impl Write for Line<'_> {
 impl Drop for Line<'_> {
     fn drop(&mut self) {
         if !self.buf.is_empty() {
-            self.writer.send(std::mem::take(&mut self.buf), self.lossy);
+            self.writer.send(&self.buf, self.lossy);
         }
     }
 }
@@ -281,7 +360,7 @@ pub fn init(filter: &str, json: bool) -> Option<LogGuard> {
     let filter =
         tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let (writer, guard) = match NonBlocking::new(std::io::stderr(), QUEUE_LINES) {
+    let (writer, guard) = match NonBlocking::new(std::io::stderr(), QUEUE_BYTES) {
         Ok(pair) => pair,
         Err(_) => {
             // No thread for the writer: log straight to stderr.
@@ -347,7 +426,7 @@ mod tests {
     #[test]
     fn a_full_queue_drops_and_counts_lossy_lines_and_keeps_the_rest() {
         let gate = Gate::default();
-        let (writer, guard) = NonBlocking::new(gate.clone(), 2).unwrap();
+        let (writer, guard) = NonBlocking::new(gate.clone(), 16).unwrap();
         // The drain thread takes what is queued and blocks writing it out
         // behind the closed gate; the queue then fills and a line is dropped.
         line(&writer, "first\n", true);
@@ -376,7 +455,7 @@ mod tests {
     fn the_guard_writes_out_what_is_queued() {
         let out = Gate::default();
         out.open();
-        let (writer, guard) = NonBlocking::new(out.clone(), 16).unwrap();
+        let (writer, guard) = NonBlocking::new(out.clone(), 1024).unwrap();
         for i in 0..10 {
             line(&writer, &format!("line {i}\n"), true);
         }
@@ -389,7 +468,7 @@ mod tests {
     fn through_tracing(json: bool, event: impl FnOnce()) -> String {
         let out = Gate::default();
         out.open();
-        let (writer, guard) = NonBlocking::new(out.clone(), 16).unwrap();
+        let (writer, guard) = NonBlocking::new(out.clone(), 4096).unwrap();
         let builder = tracing_subscriber::fmt().with_writer(writer).with_ansi(false);
         if json {
             tracing::subscriber::with_default(builder.json().finish(), event);
@@ -402,18 +481,20 @@ mod tests {
 
     #[test]
     fn the_request_line_is_the_line_the_subscriber_would_write() {
-        let keyid = "AbCdEfGhIjKlMnOpQrStUv";
+        let keyid = KeyId::from_bytes(*b"0123456789abcdef");
         for json in [false, true] {
-            for key in [Some(keyid), None] {
+            for key in [Some(&keyid), None] {
                 let ours = RequestLine {
                     target: "latchkey_server::http::metrics",
                     method: "GET",
                     route: "/refresh",
                     status: 200,
                     latency_ms: 0.123_456,
-                    keyid: key.as_ref().map(|k| k as &dyn std::fmt::Display),
+                    keyid: key,
                 };
-                let ours = String::from_utf8(format_request(std::time::SystemTime::now(), json, &ours)).unwrap();
+                let mut out = Vec::new();
+                format_request(&mut out, &mut Second::default(), std::time::SystemTime::now(), json, &ours);
+                let ours = String::from_utf8(out).unwrap();
                 let theirs = through_tracing(json, || {
                     let (method, route, status, latency_ms) = ("GET", "/refresh", 200u16, 0.123_456f64);
                     match key {
@@ -447,9 +528,20 @@ mod tests {
     #[test]
     fn timestamps_are_utc_with_microseconds() {
         let at = std::time::UNIX_EPOCH + std::time::Duration::new(1_764_486_366, 123_456_789);
-        let mut out = Vec::new();
-        timestamp(&mut out, at);
+        let (mut out, mut second) = (Vec::new(), Second::default());
+        timestamp(&mut out, &mut second, at);
         assert_eq!(String::from_utf8(out).unwrap(), "2025-11-30T07:06:06.123456Z");
+        // The second is formatted once and reused; the next one is its own.
+        for (later, text) in [
+            (at + Duration::from_micros(1), "2025-11-30T07:06:06.123457Z"),
+            (at + Duration::from_secs(1) - Duration::from_micros(123_456), "2025-11-30T07:06:07.000000Z"),
+            (at + Duration::from_secs(86_400 + 3_600), "2025-12-01T08:06:06.123456Z"),
+            (at + Duration::from_micros(7), "2025-11-30T07:06:06.123463Z"),
+        ] {
+            let mut out = Vec::new();
+            timestamp(&mut out, &mut second, later);
+            assert_eq!(String::from_utf8(out).unwrap(), text);
+        }
     }
 
     #[test]

@@ -90,6 +90,52 @@ async fn the_whole_duplicati_flow_with_hand_off_refresh_and_revoke() {
     h.server.stop().await;
 }
 
+/// The count of `/refresh` answers with `status` in `/metrics`.
+async fn refresh_count(h: &crate::support::Harness, status: u16) -> u64 {
+    let metrics = h.get("/metrics").await.text().await.unwrap();
+    let line = format!("latchkey_http_requests_total{{route=\"/refresh\",status=\"{status}\"}} ");
+    metrics.lines().find_map(|l| l.strip_prefix(line.as_str())).map_or(0, |n| n.parse().unwrap())
+}
+
+/// Duplicati's usual request (`GET /refresh`, `X-AuthID`, no body) is
+/// answered before the route table; a request that differs only by a body
+/// goes through it. Both must answer, count and log alike, refusals too.
+#[tokio::test]
+async fn the_usual_refresh_answers_as_the_route_table_does() {
+    let h = harness(fake_config(), "").await;
+    let authid = h.login().await;
+    let keyid = authid.split(':').next().unwrap().to_owned();
+    let wrong_secret = format!("{keyid}:{}", "A".repeat(authid.split(':').nth(1).unwrap().len()));
+    for (raw, status) in [(authid.as_str(), 200), ("not an authid", 401), (wrong_secret.as_str(), 401)] {
+        let before = refresh_count(&h, status).await;
+        let usual = refresh(&h.http, &h.url, raw).await;
+        let routed = h.http.get(format!("{}/refresh", h.url)).header("X-AuthID", raw).body("x").send().await.unwrap();
+        assert_eq!(refresh_count(&h, status).await, before + 2, "{raw}: both counted as /refresh {status}");
+        let (a, b) = (usual.headers().clone(), routed.headers().clone());
+        assert_eq!((usual.status().as_u16(), routed.status().as_u16()), (status, status), "{raw}");
+        for (name, value) in a.iter().filter(|(name, _)| *name != "date") {
+            assert_eq!(b.get(name), Some(value), "{raw}: header {name}");
+        }
+        assert_eq!(a.len(), b.len(), "{raw}: the same headers\n{a:?}\n{b:?}");
+        let (mut a, mut b): (Value, Value) = (usual.json().await.unwrap(), routed.json().await.unwrap());
+        // Seconds left may tick between the two.
+        let (x, y) = (a["expires"].take(), b["expires"].take());
+        assert!(x.as_u64().unwrap_or(0).abs_diff(y.as_u64().unwrap_or(0)) <= 1, "{x} {y}");
+        assert_eq!(a, b, "{raw}: the same body");
+    }
+    // A header that is not visible ASCII is refused by the route table's
+    // own parsing, not taken as an AuthID.
+    let odd = h.http.get(format!("{}/refresh", h.url)).header("X-AuthID", &b"\xff\xfe"[..]).send().await.unwrap();
+    assert_eq!(odd.status(), 400);
+    assert!(odd.text().await.unwrap().contains("a request header is malformed"));
+    let served = logs()
+        .lines()
+        .filter(|l| l.contains("route=\"/refresh\" status=200") && l.contains(&format!("keyid={keyid}")))
+        .count();
+    assert_eq!(served, 2, "one request line each, with the key id");
+    h.server.stop().await;
+}
+
 #[tokio::test]
 async fn every_page_carries_the_security_headers() {
     let h = harness(fake_config(), "").await;

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::time::Instant;
 
 use latchkey_core::engine::{Callback, Completed, HandoffFetch, HandoffState, LoginComplete};
-use latchkey_core::{AuthIdError, EngineError};
+use latchkey_core::{AuthIdError, EngineError, KeyId};
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use warp::Filter;
@@ -15,7 +15,7 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 
 use super::front_door::{self, BrowserRequest};
-use super::metrics::logged_keyid;
+use super::metrics::with_keyid;
 use super::pages;
 use super::reply::{
     Failure, Refusal, Surface, error, error_body, is_callback_name, json_bytes, json_reply, jsonp, page_status,
@@ -322,16 +322,27 @@ async fn refresh(
             raw
         }
     };
-    let served = state.with_authid(&raw, ip, Cost::TokenRequest, async |authid| state.broker.token(authid, None).await);
+    match refresh_answer(&state, &raw, ip).await {
+        (response, Some(keyid)) => with_keyid(response, keyid),
+        (response, None) => response,
+    }
+}
+
+/// The answer to a `/refresh` for the AuthID `raw` from `ip`, however it
+/// came: through the route above, or Duplicati's usual shape straight from
+/// the accept loop ([`super::with_shortcut`]); with the key id it named,
+/// for the request log, when it was served.
+pub(super) async fn refresh_answer(state: &State, raw: &str, ip: IpAddr) -> (Response, Option<KeyId>) {
+    let served = state.with_authid(raw, ip, Cost::TokenRequest, async |authid| state.broker.token(authid, None).await);
     match served.await {
         Ok((authid, token)) => {
             let expires =
                 state.broker.expires_in(&token).map_or(NEVER_EXPIRES_SECS, |left| left.as_secs()).min(MAX_EXPIRES_SECS);
             let answer =
                 RefreshAnswer { access_token: token.access_token.expose_secret(), expires, service: &token.service };
-            logged_keyid(json_bytes(StatusCode::OK, &answer), &authid)
+            (json_bytes(StatusCode::OK, &answer), Some(authid.keyid()))
         }
-        Err(refused) => error(Surface::Duplicati, &duplicati_failure(&state, &refused)),
+        Err(refused) => (error(Surface::Duplicati, &duplicati_failure(state, &refused)), None),
     }
 }
 

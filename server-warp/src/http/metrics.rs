@@ -28,8 +28,13 @@ const ROWS: usize = Route::ALL.len() + 2;
 pub(crate) struct LoggedKeyId(pub(crate) KeyId);
 
 /// `response` with the key id of the AuthID it answered, for the request log.
-pub(crate) fn logged_keyid(mut response: Response, authid: &latchkey_core::AuthId) -> Response {
-    response.extensions_mut().insert(LoggedKeyId(authid.keyid()));
+pub(crate) fn logged_keyid(response: Response, authid: &latchkey_core::AuthId) -> Response {
+    with_keyid(response, authid.keyid())
+}
+
+/// `response` with `keyid` for the request log.
+pub(crate) fn with_keyid(mut response: Response, keyid: KeyId) -> Response {
+    response.extensions_mut().insert(LoggedKeyId(keyid));
     response
 }
 
@@ -85,7 +90,7 @@ impl HttpMetrics {
             route,
             status,
             latency_ms,
-            keyid: keyid.map(|k| k as &dyn std::fmt::Display),
+            keyid,
         };
         if !crate::logging::request_line(&line) {
             match keyid {
