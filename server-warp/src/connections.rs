@@ -76,11 +76,13 @@ impl Limits {
     }
 }
 
-/// What answers a request: the routes, as a future.
-pub type Handler =
-    Arc<dyn Fn(Request<RequestBody>) -> Pin<Box<dyn Future<Output = Response> + Send>> + Send + Sync + 'static>;
+/// What answers a request from a peer: the routes, as a future.
+pub type Handler = Arc<
+    dyn Fn(Request<RequestBody>, SocketAddr) -> Pin<Box<dyn Future<Output = Response> + Send>> + Send + Sync + 'static,
+>;
 
-/// The peer's address, as a request extension (warp's own is private to warp).
+/// The peer's address, as a request extension (warp's own is private to
+/// warp): what a [`Handler`] that hands the request to warp puts on it.
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub SocketAddr);
 
@@ -133,6 +135,7 @@ pub async fn serve(
             if site.registry.open() < site.limits.max_open {
                 break;
             }
+            let _waiting = Waiting::start(&site.registry);
             if let Some(idle) = site.registry.longest_idle() {
                 tracing::debug!(peer = %peer, "connection cap reached: closing an idle keep-alive connection");
                 idle.shed.store(true, Ordering::Relaxed);
@@ -183,8 +186,12 @@ struct Site {
 #[derive(Default)]
 struct Registry {
     conns: Mutex<HashMap<u64, Arc<Conn>>>,
-    /// A connection ended or went idle.
+    /// A connection ended, or went idle while someone waits for that.
     changed: Notify,
+    /// Waiters for a connection to go idle (the accept loop at the cap):
+    /// answering a request notifies `changed` only when there are some, so
+    /// the busy path takes no lock.
+    waiting: AtomicUsize,
     epoch: EpochInstant,
 }
 
@@ -257,6 +264,26 @@ impl Registry {
     }
 }
 
+/// The accept loop waiting for a connection to go idle (see
+/// [`Registry::waiting`]). Between its count and the connections' state
+/// the two sides fence, so either an answered request sees the count and
+/// notifies, or the loop, counted first, sees the connection idle.
+struct Waiting<'a>(&'a Registry);
+
+impl<'a> Waiting<'a> {
+    fn start(registry: &'a Registry) -> Self {
+        registry.waiting.fetch_add(1, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        Waiting(registry)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// One connection, as the accept loop sees it.
 struct Conn {
     id: u64,
@@ -326,12 +353,12 @@ async fn answer(
     request: Request<Incoming>,
 ) -> Result<Response, Infallible> {
     let in_flight = InFlight::start(&site, &conn);
-    let expired = Arc::new(AtomicBool::new(false));
     let deadline = site.limits.body_timeout;
-    let mut request = request.map(|body| RequestBody::new(body, deadline, Arc::clone(&expired)));
-    request.extensions_mut().insert(Peer(peer));
-    let mut response = (site.handler)(request).await;
-    if expired.load(Ordering::Acquire) {
+    // Only a body can miss its deadline.
+    let expired = (!request.body().is_end_stream()).then(|| Arc::new(AtomicBool::new(false)));
+    let request = request.map(|body| RequestBody::new(body, deadline, expired.clone()));
+    let mut response = (site.handler)(request, peer).await;
+    if expired.is_some_and(|expired| expired.load(Ordering::Acquire)) {
         tracing::info!(peer = %peer, "closed a connection whose request body did not arrive in time");
         response = body_timeout(deadline);
     }
@@ -363,7 +390,10 @@ impl Drop for InFlight<'_> {
         conn.answered_at.store(self.site.registry.millis(), Ordering::Relaxed);
         conn.answered.store(true, Ordering::Release);
         conn.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.site.registry.changed.notify_waiters();
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.site.registry.waiting.load(Ordering::SeqCst) > 0 {
+            self.site.registry.changed.notify_waiters();
+        }
     }
 }
 
@@ -390,11 +420,12 @@ pub struct RequestBody {
     inner: Incoming,
     /// `None` once the body has ended (or when there is none).
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
-    expired: Arc<AtomicBool>,
+    /// Set when the deadline passed (`None` when there is no body).
+    expired: Option<Arc<AtomicBool>>,
 }
 
 impl RequestBody {
-    fn new(inner: Incoming, within: Duration, expired: Arc<AtomicBool>) -> Self {
+    fn new(inner: Incoming, within: Duration, expired: Option<Arc<AtomicBool>>) -> Self {
         let deadline = (!inner.is_end_stream()).then(|| Box::pin(tokio::time::sleep(within)));
         RequestBody { inner, deadline, expired }
     }
@@ -408,7 +439,9 @@ impl Body for RequestBody {
         if let Some(deadline) = self.deadline.as_mut() {
             if deadline.as_mut().poll(cx).is_ready() {
                 self.deadline = None;
-                self.expired.store(true, Ordering::Release);
+                if let Some(expired) = &self.expired {
+                    expired.store(true, Ordering::Release);
+                }
                 return Poll::Ready(Some(Err(Box::new(BodyTimeout))));
             }
         }

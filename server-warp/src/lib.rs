@@ -243,7 +243,8 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    Arc::new(move |request| {
+    Arc::new(move |mut request: warp::http::Request<connections::RequestBody>, peer| {
+        request.extensions_mut().insert(connections::Peer(peer));
         if !serves(request.uri().path()) {
             let failure = Failure::refused(Refusal::NoRoute, "no such endpoint");
             return Box::pin(std::future::ready(http::reply::error(Surface::V1, &failure)));

@@ -65,7 +65,8 @@ pub(crate) struct RequestLine<'a> {
     pub(crate) method: &'a str,
     pub(crate) route: &'static str,
     pub(crate) status: u16,
-    pub(crate) latency_ms: f64,
+    /// Written as milliseconds (`latency_ms`, three decimals at most).
+    pub(crate) latency_us: u64,
     pub(crate) keyid: Option<&'a KeyId>,
 }
 
@@ -112,13 +113,13 @@ fn timestamp(out: &mut Vec<u8>, second: &mut Second, now: std::time::SystemTime)
     }
     out.extend_from_slice(&second.text);
     out.push(b'.');
-    digits(out, since.subsec_micros(), 6);
+    digits(out, u64::from(since.subsec_micros()), 6);
     out.push(b'Z');
 }
 
 /// `n` in decimal, zero-padded to `width` digits.
-fn digits(out: &mut Vec<u8>, n: u32, width: usize) {
-    let mut buf = [b'0'; 10];
+fn digits(out: &mut Vec<u8>, n: u64, width: usize) {
+    let mut buf = [b'0'; 20];
     let (mut n, mut at) = (n, buf.len());
     while n > 0 || at == buf.len() {
         at -= 1;
@@ -127,6 +128,41 @@ fn digits(out: &mut Vec<u8>, n: u32, width: usize) {
     }
     at = at.min(buf.len().saturating_sub(width));
     out.extend_from_slice(&buf[at..]);
+}
+
+/// Microseconds as the milliseconds the request line reports.
+pub(crate) fn micros_as_ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
+/// `{:?}` of [`micros_as_ms`]`(us)`, without float formatting: the
+/// shortest decimal that reads back as that float is the quotient itself,
+/// three decimals at most, trailing zeros dropped but one.
+fn ms_debug(out: &mut Vec<u8>, us: u64) {
+    // Below 2^40 µs (12 days) floats are far closer together than 0.001.
+    if us >= 1 << 40 {
+        let _ = write!(out, "{:?}", micros_as_ms(us));
+        return;
+    }
+    let (whole, mut frac, mut width) = (us / 1000, us % 1000, 3);
+    digits(out, whole, 1);
+    out.push(b'.');
+    while width > 1 && frac % 10 == 0 {
+        frac /= 10;
+        width -= 1;
+    }
+    digits(out, frac, width);
+}
+
+/// `{:?}` of a string, without the formatter for the plain ones (route labels).
+fn debug_str(out: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\' || b == b' ') {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        let _ = write!(out, "{s:?}");
+    }
 }
 
 /// A key id as its `Display` writes it, without a `String`.
@@ -156,9 +192,9 @@ fn format_request(
         out.extend_from_slice(b",\"route\":");
         let _ = serde_json::to_writer(&mut *out, line.route);
         out.extend_from_slice(b",\"status\":");
-        digits(out, u32::from(line.status), 1);
+        digits(out, u64::from(line.status), 1);
         out.extend_from_slice(b",\"latency_ms\":");
-        let _ = serde_json::to_writer(&mut *out, &line.latency_ms);
+        let _ = serde_json::to_writer(&mut *out, &micros_as_ms(line.latency_us));
         if let Some(keyid) = line.keyid {
             out.extend_from_slice(b",\"keyid\":\"");
             keyid_text(out, keyid);
@@ -173,9 +209,12 @@ fn format_request(
         out.extend_from_slice(line.target.as_bytes());
         out.extend_from_slice(b": request method=");
         out.extend_from_slice(line.method.as_bytes());
-        let _ = write!(out, " route={:?} status=", line.route);
-        digits(out, u32::from(line.status), 1);
-        let _ = write!(out, " latency_ms={:?}", line.latency_ms);
+        out.extend_from_slice(b" route=");
+        debug_str(out, line.route);
+        out.extend_from_slice(b" status=");
+        digits(out, u64::from(line.status), 1);
+        out.extend_from_slice(b" latency_ms=");
+        ms_debug(out, line.latency_us);
         if let Some(keyid) = line.keyid {
             out.extend_from_slice(b" keyid=");
             keyid_text(out, keyid);
@@ -489,14 +528,14 @@ mod tests {
                     method: "GET",
                     route: "/refresh",
                     status: 200,
-                    latency_ms: 0.123_456,
+                    latency_us: 1_234_560,
                     keyid: key,
                 };
                 let mut out = Vec::new();
                 format_request(&mut out, &mut Second::default(), std::time::SystemTime::now(), json, &ours);
                 let ours = String::from_utf8(out).unwrap();
                 let theirs = through_tracing(json, || {
-                    let (method, route, status, latency_ms) = ("GET", "/refresh", 200u16, 0.123_456f64);
+                    let (method, route, status, latency_ms) = ("GET", "/refresh", 200u16, 1234.56f64);
                     match key {
                         Some(keyid) => {
                             tracing::info!(target: "latchkey_server::http::metrics", %method, route, status, latency_ms, %keyid, "request")
@@ -522,6 +561,22 @@ mod tests {
                     assert_eq!(shape(a), shape(b));
                 }
             }
+        }
+    }
+
+    #[test]
+    fn latencies_and_labels_are_written_as_their_debug_formats() {
+        let mut cases: Vec<u64> = (0..=12_000).collect();
+        cases.extend([99_999, 100_000, 1_000_001, 123_456_789, u64::from(u32::MAX) * 1000 + 7, (1 << 40) - 1, 1 << 40, (1 << 53) - 1]);
+        for us in cases {
+            let mut out = Vec::new();
+            ms_debug(&mut out, us);
+            assert_eq!(String::from_utf8(out).unwrap(), format!("{:?}", micros_as_ms(us)), "{us} µs");
+        }
+        for label in ["/refresh", "/static", "other", "/v1/token", "with \"quote\"", "back\\slash", "tab\t", "é"] {
+            let mut out = Vec::new();
+            debug_str(&mut out, label);
+            assert_eq!(String::from_utf8(out).unwrap(), format!("{label:?}"));
         }
     }
 

@@ -82,14 +82,16 @@ impl HttpMetrics {
             return;
         }
         let route = routes::label(path);
-        let latency_ms = elapsed.as_secs_f64() * 1000.0;
+        // Whole microseconds, which the log line writes without float formatting.
+        let latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let latency_ms = crate::logging::micros_as_ms(latency_us);
         let status = status.as_u16();
         let line = crate::logging::RequestLine {
             target: module_path!(),
             method: method.as_str(),
             route,
             status,
-            latency_ms,
+            latency_us,
             keyid,
         };
         if !crate::logging::request_line(&line) {

@@ -236,20 +236,21 @@ pub fn routes(state: State) -> impl Filter<Extract = (impl warp::Reply,), Error 
 /// answers it as before. `tests/api.rs` checks that both ways answer alike.
 pub(crate) fn with_shortcut(state: State, handler: crate::connections::Handler) -> crate::connections::Handler {
     use warp::hyper::body::Body as _;
-    Arc::new(move |request: warp::http::Request<crate::connections::RequestBody>| {
+    Arc::new(move |request: warp::http::Request<crate::connections::RequestBody>, peer: SocketAddr| {
         let started = Instant::now();
-        let shortcut = request.method() == Method::GET
-            && request.uri().path() == routes::Route::Refresh.path()
+        let authid = |request: &warp::http::Request<_>| {
+            request.headers().get("x-authid").and_then(|value| value.to_str().ok()).map(str::to_owned)
+        };
+        let usual = request.method() == Method::GET
+            && request.uri().path() == Route::Refresh.path()
             && request.body().is_end_stream();
-        let authid = shortcut.then(|| request.headers().get("x-authid").and_then(|v| v.to_str().ok())).flatten();
-        let Some(authid) = authid.map(str::to_owned) else { return handler(request) };
-        let peer = request.extensions().get::<crate::connections::Peer>().map(|peer| peer.0);
+        let Some(authid) = usual.then(|| authid(&request)).flatten() else { return handler(request, peer) };
         let forwarded = request.headers().get_all("x-forwarded-for");
-        let ip = client_address(peer, forwarded.iter().filter_map(|v| v.to_str().ok()), &state.proxies);
+        let ip = client_address(Some(peer), forwarded.iter().filter_map(|v| v.to_str().ok()), &state.proxies);
         let state = Arc::clone(&state);
         Box::pin(async move {
             let (response, keyid) = duplicati::refresh_answer(&state, &authid, ip).await;
-            let path = routes::Route::Refresh.path();
+            let path = Route::Refresh.path();
             state.metrics.observe(&Method::GET, path, response.status(), started.elapsed(), keyid.as_ref());
             response
         })
