@@ -4,6 +4,9 @@
 //! - **Headers** must arrive within `header_timeout` of the connection
 //!   opening or of the previous answer (so an idle keep-alive connection is
 //!   also closed after it); then the connection is closed without an answer.
+//!   One timer per connection watches this, re-armed only when it fires
+//!   (hyper's own header timeout allocates and registers a timer for every
+//!   request).
 //!   A request head over [`MAX_HEADER_BYTES`] is answered 431 by hyper.
 //! - **A request body** must arrive whole within `body_timeout` of its head:
 //!   a handler reading it then gets an error, the client a 408 (`/v1` error
@@ -213,11 +216,14 @@ impl Registry {
     }
 
     fn add(&self, id: u64) -> Arc<Conn> {
+        let opened = self.millis();
         let conn = Arc::new(Conn {
             id,
+            epoch: self.epoch.0,
+            written_at: AtomicU64::new(opened),
             read: AtomicU64::new(0),
             read_when_answered: AtomicU64::new(0),
-            answered_at: AtomicU64::new(0),
+            answered_at: AtomicU64::new(opened),
             in_flight: AtomicUsize::new(0),
             answered: AtomicBool::new(false),
             shed: AtomicBool::new(false),
@@ -260,7 +266,7 @@ impl Registry {
     }
 
     fn millis(&self) -> u64 {
-        u64::try_from(self.epoch.0.elapsed().as_millis()).unwrap_or(u64::MAX)
+        millis_since(self.epoch.0)
     }
 }
 
@@ -284,14 +290,23 @@ impl Drop for Waiting<'_> {
     }
 }
 
+fn millis_since(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
 /// One connection, as the accept loop sees it.
 struct Conn {
     id: u64,
+    /// The registry's epoch, for the times below.
+    epoch: Instant,
+    /// When bytes were last written to the client ([`Registry::millis`]);
+    /// opening counts as a write.
+    written_at: AtomicU64,
     /// Bytes read from the client.
     read: AtomicU64,
     /// `read` when the last answer was handed to hyper.
     read_when_answered: AtomicU64,
-    /// When that was ([`Registry::millis`]).
+    /// When that was ([`Registry::millis`]; opening counts as an answer).
     answered_at: AtomicU64,
     /// Requests being answered.
     in_flight: AtomicUsize,
@@ -311,6 +326,34 @@ impl Conn {
             && self.in_flight.load(Ordering::Acquire) == 0
             && self.read.load(Ordering::Acquire) == self.read_when_answered.load(Ordering::Acquire)
     }
+
+    /// Since when the connection waits for a request head: its last answer
+    /// handed over or written, or its opening; `None` while a request is
+    /// being answered.
+    fn waiting_since(&self) -> Option<u64> {
+        (self.in_flight.load(Ordering::Acquire) == 0)
+            .then(|| self.answered_at.load(Ordering::Acquire).max(self.written_at.load(Ordering::Acquire)))
+    }
+}
+
+/// Resolves when `conn` has waited `within` for a request head: a timer
+/// that sleeps until the earliest such moment and, woken early by answers
+/// in between, sleeps again until the next.
+async fn head_deadline(conn: &Conn, within: Duration) {
+    let within_ms = u64::try_from(within.as_millis()).unwrap_or(u64::MAX);
+    let at = |ms: u64| tokio::time::Instant::from_std(conn.epoch + Duration::from_millis(ms));
+    let sleep = tokio::time::sleep(within);
+    let mut sleep = std::pin::pin!(sleep);
+    loop {
+        sleep.as_mut().await;
+        let now = millis_since(conn.epoch);
+        let next = match conn.waiting_since() {
+            Some(since) if now.saturating_sub(since) >= within_ms => return,
+            Some(since) => since.saturating_add(within_ms),
+            None => now.saturating_add(within_ms),
+        };
+        sleep.as_mut().reset(at(next));
+    }
 }
 
 async fn serve_connection(site: Arc<Site>, conn: Arc<Conn>, stream: TcpStream, peer: SocketAddr) {
@@ -321,25 +364,29 @@ async fn serve_connection(site: Arc<Site>, conn: Arc<Conn>, stream: TcpStream, p
         hyper::service::service_fn(move |request| answer(Arc::clone(&site), Arc::clone(&conn), peer, request))
     };
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(site.limits.header_timeout)
-        .max_header_size(MAX_HEADER_BYTES)
-        .keep_alive(true);
+    // The head deadline is `head_deadline`'s, not hyper's header timeout.
+    http.timer(TokioTimer::new()).header_read_timeout(None).max_header_size(MAX_HEADER_BYTES).keep_alive(true);
     let connection = http.serve_connection(io, service);
     let mut connection = std::pin::pin!(connection);
+    let deadline = head_deadline(&conn, site.limits.header_timeout);
+    let mut deadline = std::pin::pin!(deadline);
     let result = tokio::select! {
-        result = connection.as_mut() => result,
+        biased;
+        result = connection.as_mut() => Some(result),
         () = conn.close.notified() => {
             connection.as_mut().graceful_shutdown();
-            connection.await
+            tokio::select! {
+                biased;
+                result = connection.as_mut() => Some(result),
+                () = deadline.as_mut() => None,
+            }
         }
+        () = deadline.as_mut() => None,
     };
-    if let Err(e) = result {
-        if e.is_timeout() {
-            tracing::debug!(peer = %peer, "closed a connection whose request head did not arrive in time");
-        } else {
-            tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
-        }
+    match result {
+        None => tracing::debug!(peer = %peer, "closed a connection whose request head did not arrive in time"),
+        Some(Err(e)) => tracing::debug!(peer = %peer, error = %e, "connection ended with an error"),
+        Some(Ok(())) => {}
     }
     site.registry.remove(conn.id);
 }
@@ -480,9 +527,22 @@ impl AsyncRead for Counted {
     }
 }
 
+impl Counted {
+    /// Notes when bytes went out: the wait for the next head starts then.
+    fn wrote(&self, result: Poll<std::io::Result<usize>>) -> Poll<std::io::Result<usize>> {
+        if let Poll::Ready(Ok(n)) = result {
+            if n > 0 {
+                self.conn.written_at.store(millis_since(self.conn.epoch), Ordering::Release);
+            }
+        }
+        result
+    }
+}
+
 impl AsyncWrite for Counted {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.wrote(result)
     }
 
     fn poll_write_vectored(
@@ -490,7 +550,8 @@ impl AsyncWrite for Counted {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.wrote(result)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -567,7 +567,16 @@ mod tests {
     #[test]
     fn latencies_and_labels_are_written_as_their_debug_formats() {
         let mut cases: Vec<u64> = (0..=12_000).collect();
-        cases.extend([99_999, 100_000, 1_000_001, 123_456_789, u64::from(u32::MAX) * 1000 + 7, (1 << 40) - 1, 1 << 40, (1 << 53) - 1]);
+        cases.extend([
+            99_999,
+            100_000,
+            1_000_001,
+            123_456_789,
+            u64::from(u32::MAX) * 1000 + 7,
+            (1 << 40) - 1,
+            1 << 40,
+            (1 << 53) - 1,
+        ]);
         for us in cases {
             let mut out = Vec::new();
             ms_debug(&mut out, us);

@@ -220,6 +220,31 @@ async fn five_hundred_slow_heads_and_five_hundred_slow_bodies_are_cut_off_while_
     assert!(slowest < Duration::from_secs(1), "no request waited for the stalled ones: {slowest:?}");
 }
 
+/// The head deadline runs from each answer: a keep-alive client that asks
+/// again within it, three times over (longer in all than one deadline), is
+/// served each time; once it stops asking, the connection is closed one
+/// deadline after its last answer, with nothing more sent.
+#[tokio::test]
+async fn a_keep_alive_connection_has_a_head_deadline_from_each_answer() {
+    let h = harness(fake_config(), "[connections]\nheader_timeout_secs = 1").await;
+    let mut stream = TcpStream::connect(addr(&h)).await.unwrap();
+    let pause = HEADER_TIMEOUT * 3 / 5;
+    for _ in 0..3 {
+        stream.write_all(HEALTHZ).await.unwrap();
+        assert!(read_answer(&mut stream).await.starts_with("HTTP/1.1 200 "));
+        // The client's own pacing, not a wait for the broker.
+        tokio::time::sleep(pause).await;
+    }
+    stream.write_all(HEALTHZ).await.unwrap();
+    assert!(read_answer(&mut stream).await.starts_with("HTTP/1.1 200 "), "served after {:?} in all", pause * 3);
+    let answered = Instant::now();
+    let rest = read_until_closed(&mut stream, HEADER_TIMEOUT + SLACK).await;
+    let after = answered.elapsed();
+    assert_eq!(rest.as_deref(), Some(""), "closed with nothing more sent");
+    assert!(after >= HEADER_TIMEOUT - Duration::from_millis(50) && after < HEADER_TIMEOUT + SLACK, "{after:?}");
+    h.server.stop().await;
+}
+
 /// At a cap of 50: with 50 idle keep-alive connections a new client is
 /// served at once and one idle connection is closed for it; with 50
 /// connections stuck in their request heads, a new client waits unserved
