@@ -4,9 +4,10 @@
 //! - **Headers** must arrive within `header_timeout` of the connection
 //!   opening or of the previous answer (so an idle keep-alive connection is
 //!   also closed after it); then the connection is closed without an answer.
-//!   One timer per connection watches this, re-armed only when it fires
-//!   (hyper's own header timeout allocates and registers a timer for every
-//!   request).
+//!   The previous answer counts from its last byte written, so a client
+//!   that stops reading an answer is closed after as long. One timer per
+//!   connection watches this, re-armed only when it fires (hyper's own
+//!   header timeout allocates and registers a timer for every request).
 //!   A request head over [`MAX_HEADER_BYTES`] is answered 431 by hyper.
 //! - **A request body** must arrive whole within `body_timeout` of its head:
 //!   a handler reading it then gets an error, the client a 408 (`/v1` error
