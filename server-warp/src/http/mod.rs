@@ -233,7 +233,8 @@ pub fn routes(state: State) -> impl Filter<Extract = (impl warp::Reply,), Error 
 /// chain, which cost about a fifth of the CPU of the broker's busiest
 /// request (`benches/results/perf-product.txt`). Any other shape, a header
 /// that is not visible ASCII included, goes through `handler`, which
-/// answers it as before. `tests/api.rs` checks that both ways answer alike.
+/// answers it as before. `tests/duplicati.rs` checks that both ways answer
+/// alike.
 pub(crate) fn with_shortcut(state: State, handler: crate::connections::Handler) -> crate::connections::Handler {
     use warp::hyper::body::Body as _;
     Arc::new(move |request: warp::http::Request<crate::connections::RequestBody>, peer: SocketAddr| {
