@@ -36,6 +36,15 @@
 //!   closed connections when recycling, so once the server is back the next
 //!   operation simply opens a new one. Connect, pool-wait and TCP timeouts
 //!   bound every operation while the server is unreachable.
+//! * **Reads of one record share two connections.** `get` and
+//!   `get_with_group` (the broker's warm path) go to two connections taken
+//!   out of the pool, where tokio-postgres pipelines the statements many
+//!   requests send at once; a pooled connection would serve one at a time
+//!   and wake its backend for each. Writes, leases and lists stay on the
+//!   pool (at most 16 connections, plus these two and the listener). A
+//!   shared connection found closed, or failing under a read, is replaced,
+//!   and that read is made once more on a pooled connection, so a restart
+//!   or a terminated backend costs no read.
 //! * **A dedicated listening connection**, outside the pool, is polled
 //!   directly for notifications and fans them out to subscribers; when it
 //!   drops it reconnects with backoff and LISTENs again. Notices published
@@ -76,10 +85,12 @@ mod schema;
 pub mod tls;
 
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_postgres::{Object, Pool, PoolError, Runtime};
+use deadpool_postgres::{ClientWrapper, Object, Pool, PoolError, Runtime};
 use latchkey_core::{
     GrantId, Lease, LeaseOutcome, ListQuery, Notice, NoticeStream, Page, Record, RecordKind, Store, StoreError,
     StoredRecord, Timestamp,
@@ -100,6 +111,11 @@ pub const SCHEMA_VERSION: i32 = schema::LATEST;
 
 /// At most this many pooled connections per store.
 const POOL_SIZE: usize = 16;
+/// Connections taken out of the pool and shared by reads of one record
+/// (the warm path's only query): tokio-postgres pipelines the statements
+/// that requests send on one connection at once, where a pooled
+/// connection serves one at a time and wakes its backend for each.
+const READERS: usize = 2;
 /// Bounds connecting, waiting for a pooled connection, and recycling one.
 const TIMEOUT: Duration = Duration::from_secs(5);
 /// How often `acquire_lease` retries when the lease changes hands under it.
@@ -109,6 +125,10 @@ const LEASE_ROUNDS: usize = 16;
 /// same database and schema.
 pub struct PostgresStore {
     pool: Pool,
+    /// Connections taken out of the pool for single-statement reads, which
+    /// many requests share at once (tokio-postgres pipelines them).
+    readers: Vec<Mutex<Option<Arc<ClientWrapper>>>>,
+    next_reader: AtomicUsize,
     schema: String,
     channel: String,
     sql: Sql,
@@ -211,6 +231,8 @@ impl PostgresStore {
         let channel = format!("{schema}_notices");
         Ok(PostgresStore {
             pool,
+            readers: (0..READERS).map(|_| Mutex::new(None)).collect(),
+            next_reader: AtomicUsize::new(0),
             sql: Sql::new(schema),
             tls: transport.is_tls(),
             listener: Listener::new(config, transport, &channel),
@@ -245,6 +267,41 @@ impl PostgresStore {
         client.query_opt(&statement, params).await.map_err(pg_error)
     }
 
+    /// [`PostgresStore::query_opt`] for a read of one record, on one of the
+    /// shared reading connections (taken from the pool the first time, or
+    /// after the last one failed). A read that fails there is read once more
+    /// on a pooled connection, and the shared one is replaced: a restart or a
+    /// terminated backend costs no read.
+    async fn read_opt(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>, StoreError> {
+        let slot = &self.readers[self.next_reader.fetch_add(1, Ordering::Relaxed) % READERS];
+        let lock = || slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let shared = lock().clone().filter(|reader| !reader.is_closed());
+        let reader = match shared {
+            Some(reader) => reader,
+            None => {
+                let reader = Arc::new(Object::take(self.client().await?));
+                *lock() = Some(Arc::clone(&reader));
+                reader
+            }
+        };
+        let read = async {
+            let statement = reader.prepare_cached(sql).await?;
+            reader.query_opt(&statement, params).await
+        };
+        match read.await {
+            Ok(row) => Ok(row),
+            Err(_) => {
+                {
+                    let mut held = lock();
+                    if held.as_ref().is_some_and(|held| Arc::ptr_eq(held, &reader)) {
+                        held.take();
+                    }
+                }
+                self.query_opt(sql, params).await
+            }
+        }
+    }
+
     async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, StoreError> {
         let client = self.client().await?;
         let statement = client.prepare_cached(sql).await.map_err(pg_error)?;
@@ -271,7 +328,7 @@ impl fmt::Debug for PostgresStore {
 #[async_trait]
 impl Store for PostgresStore {
     async fn get(&self, kind: RecordKind, id: &[u8]) -> Result<Option<StoredRecord>, StoreError> {
-        match self.query_opt(&self.sql.get, &[&code(kind), &id]).await? {
+        match self.read_opt(&self.sql.get, &[&code(kind), &id]).await? {
             None => Ok(None),
             Some(row) => Ok(Some(stored(&row, 0)?)),
         }
@@ -285,7 +342,7 @@ impl Store for PostgresStore {
         id: &[u8],
         group_kind: RecordKind,
     ) -> Result<Option<(StoredRecord, Option<StoredRecord>)>, StoreError> {
-        let Some(row) = self.query_opt(&self.sql.get_with_group, &[&code(kind), &id, &code(group_kind)]).await? else {
+        let Some(row) = self.read_opt(&self.sql.get_with_group, &[&code(kind), &id, &code(group_kind)]).await? else {
             return Ok(None);
         };
         let record = stored(&row, 0)?;

@@ -618,3 +618,63 @@ mod restart {
 // (6) TLS, through a verifying front before the real server.
 #[cfg(feature = "tls")]
 mod tls;
+
+// (5) Reads of one record on the shared reading connections.
+mod shared_reads {
+    use std::time::{Duration, Instant};
+
+    use futures_util::future::join_all;
+    use latchkey_core::{RecordKind, Store};
+
+    use super::{Schema, raw_client};
+
+    /// Reads share a few connections taken from the pool. When every
+    /// connection of the store is killed (an operator's
+    /// `pg_terminate_backend`, a failover), no read fails: a shared
+    /// connection found closed, or failing under a read, is replaced and
+    /// the read made on a pooled one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_survive_their_shared_connections_being_killed() {
+        let schema = Schema::fresh().await;
+        let store = schema.open().await;
+        store.insert(RecordKind::Grant, b"kept", None, b"body").await.expect("insert");
+        let read = || async {
+            let found = store.get(RecordKind::Grant, b"kept").await.expect("a read");
+            assert_eq!(found.map(|r| r.body), Some(b"body".to_vec()));
+        };
+        // Many at once, so every shared connection carries some.
+        join_all((0..32).map(|_| read())).await;
+
+        let raw = raw_client().await;
+        let ours = format!("%\"{}\".records%", schema.0);
+        let killed: Vec<i32> = raw
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND query LIKE $1 \
+                 AND query NOT LIKE 'LISTEN%' AND pg_terminate_backend(pid)",
+                &[&ours],
+            )
+            .await
+            .expect("terminate the store's connections")
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        assert!(killed.len() >= 2, "the shared reading connections were among them: {killed:?}");
+        // Termination is asynchronous: wait until those backends are gone.
+        let give_up = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = raw
+                .query("SELECT pid FROM pg_stat_activity WHERE pid = ANY($1)", &[&killed])
+                .await
+                .expect("list backends");
+            if left.is_empty() {
+                break;
+            }
+            assert!(Instant::now() < give_up, "backends {killed:?} still there after 10 s");
+            tokio::task::yield_now().await;
+        }
+        join_all((0..32).map(|_| read())).await;
+        for _ in 0..8 {
+            read().await;
+        }
+    }
+}
