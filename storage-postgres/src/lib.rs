@@ -44,7 +44,8 @@
 //!   pool (at most 16 connections, plus these two and the listener). A
 //!   shared connection found closed, or failing under a read, is replaced,
 //!   and that read is made once more on a pooled connection, so a restart
-//!   or a terminated backend costs no read.
+//!   or a terminated backend costs no read. While one read opens a shared
+//!   connection, the others read on the pool.
 //! * **A dedicated listening connection**, outside the pool, is polled
 //!   directly for notifications and fans them out to subscribers; when it
 //!   drops it reconnects with backoff and LISTENs again. Notices published
@@ -85,7 +86,7 @@ mod schema;
 pub mod tls;
 
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -127,13 +128,37 @@ pub struct PostgresStore {
     pool: Pool,
     /// Connections taken out of the pool for single-statement reads, which
     /// many requests share at once (tokio-postgres pipelines them).
-    readers: Vec<Mutex<Option<Arc<ClientWrapper>>>>,
+    readers: Vec<Reader>,
     next_reader: AtomicUsize,
     schema: String,
     channel: String,
     sql: Sql,
     listener: Listener,
     tls: bool,
+}
+
+/// One shared reading connection, when it is open.
+#[derive(Default)]
+struct Reader {
+    client: Mutex<Option<Arc<ClientWrapper>>>,
+    /// A read is taking a connection out of the pool for it.
+    opening: AtomicBool,
+}
+
+/// The read that opens a [`Reader`]; others see it opening until this is
+/// dropped (the connection in place, or the attempt failed or abandoned).
+struct Opening<'a>(&'a Reader);
+
+impl<'a> Opening<'a> {
+    fn start(reader: &'a Reader) -> Option<Self> {
+        reader.opening.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).ok().map(|_| Opening(reader))
+    }
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        self.0.opening.store(false, Ordering::Release);
+    }
 }
 
 /// The fixed statements, schema-qualified once at start.
@@ -231,7 +256,7 @@ impl PostgresStore {
         let channel = format!("{schema}_notices");
         Ok(PostgresStore {
             pool,
-            readers: (0..READERS).map(|_| Mutex::new(None)).collect(),
+            readers: (0..READERS).map(|_| Reader::default()).collect(),
             next_reader: AtomicUsize::new(0),
             sql: Sql::new(schema),
             tls: transport.is_tls(),
@@ -274,15 +299,19 @@ impl PostgresStore {
     /// terminated backend costs no read.
     async fn read_opt(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>, StoreError> {
         let slot = &self.readers[self.next_reader.fetch_add(1, Ordering::Relaxed) % READERS];
-        let lock = || slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let lock = || slot.client.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let shared = lock().clone().filter(|reader| !reader.is_closed());
         let reader = match shared {
             Some(reader) => reader,
-            None => {
-                let reader = Arc::new(Object::take(self.client().await?));
-                *lock() = Some(Arc::clone(&reader));
-                reader
-            }
+            // One read opens it; the others meanwhile read on the pool.
+            None => match Opening::start(slot) {
+                Some(_opening) => {
+                    let reader = Arc::new(Object::take(self.client().await?));
+                    *lock() = Some(Arc::clone(&reader));
+                    reader
+                }
+                None => return self.query_opt(sql, params).await,
+            },
         };
         let read = async {
             let statement = reader.prepare_cached(sql).await?;
