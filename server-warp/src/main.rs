@@ -120,12 +120,13 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
     Ok(Config::load(args.config.as_deref(), std::env::vars())?)
 }
 
-/// Installs the log subscriber (see `latchkey_server::logging`); keep the
-/// guard until the command ends, so queued lines are written out.
-fn init_logging(config: Option<&Config>) -> Option<latchkey_server::logging::LogGuard> {
+/// Installs the log subscriber (see `latchkey_server::logging`). Its guard
+/// is not kept: `main` writes out every queued line before the process
+/// ends, whichever command ran.
+fn init_logging(config: Option<&Config>) {
     let level = std::env::var("LATCHKEY_LOG").ok().or_else(|| config.map(|c| c.log.level.clone()));
     let json = config.is_some_and(|c| c.log.format == LogFormat::Json);
-    latchkey_server::logging::init(level.as_deref().unwrap_or("info"), json)
+    drop(latchkey_server::logging::init(level.as_deref().unwrap_or("info"), json));
 }
 
 #[allow(clippy::print_stdout)]
@@ -142,7 +143,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         ["serve"] => {
             let config = load_config(&args)?;
-            let _log = init_logging(Some(&config));
+            init_logging(Some(&config));
             let store = setup::open_store(&config).await?;
             let running = latchkey_server::start(&config, store, |_| {}).await?;
             for w in &running.withheld {
@@ -156,7 +157,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ["demo"] => bail!("this build has no demo; rebuild with the `demo` feature (on by default)"),
         #[cfg(feature = "demo")]
         ["demo"] => {
-            let _log = init_logging(None);
+            init_logging(None);
             let fake = latchkey_server::demo::fake_provider().await?;
             let listen = args.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
             // Bound before the configuration is made, so that port 0 (any
@@ -178,7 +179,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         ["check"] => {
             let config = load_config(&args)?;
-            let _log = init_logging(Some(&config));
+            init_logging(Some(&config));
             let store = setup::open_store(&config).await?;
             store.ping().await.context("store: not reachable")?;
             let built = setup::catalogue(&config)?;
@@ -203,7 +204,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         ["stats"] => {
             let config = load_config(&args)?;
-            let _log = init_logging(Some(&config));
+            init_logging(Some(&config));
             let store = setup::open_store(&config).await?;
             let setup = setup::engine(&config, store, |_| {}).await?;
             let stats = setup.broker.stats().await?;
@@ -219,7 +220,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let unused_for =
                 parse_duration(text).with_context(|| format!("--unused-for: '{text}' is not like 365d"))?;
             let config = load_config(&args)?;
-            let _log = init_logging(Some(&config));
+            init_logging(Some(&config));
             let store = setup::open_store(&config).await?;
             let setup = setup::engine(&config, store, |_| {}).await?;
             let report = setup.broker.gc(unused_for, args.dry_run).await?;
@@ -253,20 +254,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
             };
             let filter = GrantFilter { service: args.service.clone(), state, unused_for };
-            let (broker, _log) = operator_broker(&args).await?;
+            let broker = operator_broker(&args).await?;
             println!("{}", operator::grant_list(&broker.list_grants(&filter).await?, args.json));
             Ok(())
         }
         ["grants", "show", id] => {
             let grant_id = parse_grant_id(id)?;
-            let (broker, _log) = operator_broker(&args).await?;
+            let broker = operator_broker(&args).await?;
             let details = broker.show_grant(&grant_id).await?.with_context(|| format!("no grant {grant_id}"))?;
             println!("{}", operator::grant_details(&details, args.json));
             Ok(())
         }
         ["grants", "revoke", id] => {
             let grant_id = parse_grant_id(id)?;
-            let (broker, _log) = operator_broker(&args).await?;
+            let broker = operator_broker(&args).await?;
             let done =
                 broker.revoke_grant_as_operator(&grant_id).await?.with_context(|| format!("no grant {grant_id}"))?;
             audit_revocation(&broker, &done, None);
@@ -275,7 +276,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         ["handles", "revoke", keyid] => {
             let keyid = KeyId::parse(keyid).map_err(|_| anyhow::anyhow!("'{keyid}' is not a key id"))?;
-            let (broker, _log) = operator_broker(&args).await?;
+            let broker = operator_broker(&args).await?;
             let done = broker
                 .revoke_handle_as_operator(&keyid)
                 .await?
@@ -288,13 +289,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 }
 
-/// The engine on the configured store, for the operator commands, and the
-/// log guard to keep until the command ends (its audit lines come later).
-async fn operator_broker(args: &Args) -> anyhow::Result<(Broker, Option<latchkey_server::logging::LogGuard>)> {
+/// The engine on the configured store, for the operator commands.
+async fn operator_broker(args: &Args) -> anyhow::Result<Broker> {
     let config = load_config(args)?;
-    let log = init_logging(Some(&config));
+    init_logging(Some(&config));
     let store = setup::open_store(&config).await?;
-    Ok((setup::engine(&config, store, |_| {}).await?.broker, log))
+    Ok(setup::engine(&config, store, |_| {}).await?.broker)
 }
 
 fn parse_grant_id(text: &str) -> anyhow::Result<GrantId> {
@@ -332,7 +332,7 @@ fn audit_revocation(broker: &Broker, done: &OperatorRevocation, keyid: Option<&K
 #[allow(clippy::print_stdout)]
 async fn master_key_rotate(args: &Args) -> anyhow::Result<()> {
     let config = load_config(args)?;
-    let _log = init_logging(Some(&config));
+    init_logging(Some(&config));
     let generated = config.keys.master_keys.is_none()
         && config.keys.master_passphrase_file.is_none()
         && config.store.kind == StoreKind::Sled;
