@@ -238,14 +238,12 @@ pub fn routes(state: State) -> impl Filter<Extract = (impl warp::Reply,), Error 
 pub(crate) fn with_shortcut(state: State, handler: crate::connections::Handler) -> crate::connections::Handler {
     use warp::hyper::body::Body as _;
     Arc::new(move |request: warp::http::Request<crate::connections::RequestBody>, peer: SocketAddr| {
-        let started = Instant::now();
-        let authid = |request: &warp::http::Request<_>| {
-            request.headers().get("x-authid").and_then(|value| value.to_str().ok()).map(str::to_owned)
-        };
         let usual = request.method() == Method::GET
             && request.uri().path() == Route::Refresh.path()
             && request.body().is_end_stream();
-        let Some(authid) = usual.then(|| authid(&request)).flatten() else { return handler(request, peer) };
+        let authid = usual.then(|| request.headers().get("x-authid")?.to_str().ok().map(str::to_owned)).flatten();
+        let Some(authid) = authid else { return handler(request, peer) };
+        let started = Instant::now();
         let forwarded = request.headers().get_all("x-forwarded-for");
         let ip = client_address(Some(peer), forwarded.iter().filter_map(|v| v.to_str().ok()), &state.proxies);
         let state = Arc::clone(&state);
