@@ -397,23 +397,21 @@ async fn run(args: &Args, binary: &Path, fake: &FakeProvider, spot: &StoreSpot, 
         "cache hits {hits}, misses {misses}; log lines written {log_lines}, dropped {dropped} \
          (latchkey_log_lines_dropped_total)"
     );
-    {
-        let rows: Vec<Value> = runs
-            .iter()
-            .map(|(a, b)| {
-                json!({"bare_rps": a.rps, "latchkey_rps": b.rps, "ratio": b.rps / a.rps,
-                       "bare_p50_ms": ms(a.p50_us), "latchkey_p50_ms": ms(b.p50_us),
-                       "bare_p99_ms": ms(a.p99_us), "latchkey_p99_ms": ms(b.p99_us), "p99_ratio": b.p99_us / a.p99_us,
-                       "latchkey_requests": b.requests, "latchkey_errors": b.errors,
-                       "load_before_bare": a.load, "load_before_latchkey": b.load})
-            })
-            .collect();
-        let doc = json!({"store": spot.kind, "authids": ids.len(), "binary": binary.display().to_string(),
-                         "threads": args.threads, "connections": args.connections, "duration": args.duration,
-                         "runs": rows, "throughput_ratio": {"min": t_min, "median": t_med, "max": t_max},
-                         "p99_ratio": {"min": p_min, "median": p_med, "max": p_max},
-                         "cache_hits": hits, "cache_misses": misses,
-                         "log_lines": log_lines, "log_lines_dropped": dropped});
-        Ok(doc)
-    }
+    let rows: Vec<Value> = runs
+        .iter()
+        .map(|(a, b)| {
+            json!({"bare_rps": a.rps, "latchkey_rps": b.rps, "ratio": b.rps / a.rps,
+                   "bare_p50_ms": ms(a.p50_us), "latchkey_p50_ms": ms(b.p50_us),
+                   "bare_p99_ms": ms(a.p99_us), "latchkey_p99_ms": ms(b.p99_us), "p99_ratio": b.p99_us / a.p99_us,
+                   "latchkey_requests": b.requests, "latchkey_errors": b.errors,
+                   "load_before_bare": a.load, "load_before_latchkey": b.load})
+        })
+        .collect();
+    let doc = json!({"store": spot.kind, "authids": ids.len(), "binary": binary.display().to_string(),
+                     "threads": args.threads, "connections": args.connections, "duration": args.duration,
+                     "runs": rows, "throughput_ratio": {"min": t_min, "median": t_med, "max": t_max},
+                     "p99_ratio": {"min": p_min, "median": p_med, "max": p_max},
+                     "cache_hits": hits, "cache_misses": misses,
+                     "log_lines": log_lines, "log_lines_dropped": dropped});
+    Ok(doc)
 }
