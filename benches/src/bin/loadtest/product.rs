@@ -112,9 +112,10 @@ fn interrupt(child: &tokio::process::Child) {
     }
 }
 
-/// `perf stat -e task-clock` on a process for the length of one wrk run:
-/// the CPU time it spent, user and kernel (hardware counters such as
-/// instructions are not available on the project's VMs).
+/// `perf stat` on a process for the length of one wrk run: the CPU time it
+/// spent, user and kernel (`task-clock`), its system calls and its context
+/// switches (hardware counters such as instructions are not available on
+/// the project's VMs).
 struct Counter {
     perf: Option<(tokio::process::Child, std::path::PathBuf)>,
 }
@@ -126,7 +127,7 @@ impl Counter {
         }
         let out = work.join(format!("{name}.stat"));
         let child = tokio::process::Command::new("perf")
-            .args(["stat", "-x", ",", "-e", "task-clock", "-o"])
+            .args(["stat", "-x", ",", "-e", "task-clock,raw_syscalls:sys_enter,context-switches", "-o"])
             .arg(&out)
             .args(["-p", &pid.to_string()])
             .stdout(Stdio::null())
@@ -136,13 +137,42 @@ impl Counter {
         Ok(Counter { perf: Some((child, out)) })
     }
 
-    async fn stop(self) -> Option<f64> {
+    async fn stop(self) -> Option<Stat> {
         let (mut child, out) = self.perf?;
         interrupt(&child);
         let _ = child.wait().await;
         let text = std::fs::read_to_string(out).ok()?;
-        // CSV: the value in milliseconds comes first.
-        text.lines().find(|l| l.contains("task-clock"))?.split(',').next()?.trim().parse().ok()
+        // CSV: each event's value comes first (task-clock in milliseconds).
+        let value = |event: &str| -> Option<f64> {
+            text.lines().find(|l| l.contains(event))?.split(',').next()?.trim().parse().ok()
+        };
+        Some(Stat {
+            cpu_ms: value("task-clock")?,
+            syscalls: value("raw_syscalls:sys_enter").unwrap_or(f64::NAN),
+            switches: value("context-switches").unwrap_or(f64::NAN),
+        })
+    }
+}
+
+/// What `perf stat` counted for one server over one run.
+struct Stat {
+    cpu_ms: f64,
+    syscalls: f64,
+    switches: f64,
+}
+
+/// A [`Stat`] divided by the requests of its run.
+#[derive(Clone, Copy)]
+struct PerRequest {
+    cpu_us: f64,
+    syscalls: f64,
+    switches: f64,
+}
+
+impl Stat {
+    fn per_request(&self, requests: u64) -> PerRequest {
+        let n = requests.max(1) as f64;
+        PerRequest { cpu_us: 1000.0 * self.cpu_ms / n, syscalls: self.syscalls / n, switches: self.switches / n }
     }
 }
 
@@ -301,12 +331,13 @@ async fn run(args: &Args, binary: &Path, fake: &FakeProvider, spot: &StoreSpot, 
     let bare_url = format!("http://{bare}");
 
     let mut runs: Vec<(Measured, Measured)> = Vec::new();
-    let mut counted: Vec<(f64, f64)> = Vec::new();
+    // Per repeat: bare's and the broker's (CPU µs, system calls, context switches) per request.
+    let mut counted: Vec<(PerRequest, PerRequest)> = Vec::new();
     let broker_pid = child.id().ok_or_else(|| anyhow!("latchkey has no pid"))?;
     for repeat in 1..=args.repeats {
         let counter = Counter::start(args.perf_stat, std::process::id(), work, "bare")?;
         let a = wrk(args, &bare_url, Shape::Refresh, &ids, &format!("bare-{repeat}")).await?;
-        let a_cpu_ms = counter.stop().await;
+        let a_stat = counter.stop().await;
         // The first run of the broker under `perf record`, when asked.
         let profiler = match (&args.perf, repeat) {
             (Some(out), 1) => Some(
@@ -323,7 +354,7 @@ async fn run(args: &Args, binary: &Path, fake: &FakeProvider, spot: &StoreSpot, 
         };
         let counter = Counter::start(args.perf_stat, broker_pid, work, "latchkey")?;
         let b = wrk(args, &base, Shape::Refresh, &ids, &format!("latchkey-{}-{repeat}", spot.kind)).await?;
-        let b_cpu_ms = counter.stop().await;
+        let b_stat = counter.stop().await;
         if let Some(mut perf) = profiler {
             interrupt(&perf);
             let _ = perf.wait().await;
@@ -331,10 +362,20 @@ async fn run(args: &Args, binary: &Path, fake: &FakeProvider, spot: &StoreSpot, 
         if b.non_2xx > 0 {
             bail!("the broker answered {} requests with a non-2xx status; see {}", b.non_2xx, log_path.display());
         }
-        if let (Some(x), Some(y)) = (a_cpu_ms, b_cpu_ms) {
-            let (per_a, per_b) = (1000.0 * x / a.requests.max(1) as f64, 1000.0 * y / b.requests.max(1) as f64);
-            eprintln!("[CPU µs per request] bare {per_a:.2}, latchkey {per_b:.2} ({:.2}x)", per_b / per_a);
-            counted.push((per_a, per_b));
+        if let (Some(x), Some(y)) = (a_stat, b_stat) {
+            let (x, y) = (x.per_request(a.requests), y.per_request(b.requests));
+            eprintln!(
+                "[per request] CPU µs bare {:.2}, latchkey {:.2} ({:.2}x); system calls bare {:.2}, latchkey {:.2}; \
+                 context switches bare {:.3}, latchkey {:.3}",
+                x.cpu_us,
+                y.cpu_us,
+                y.cpu_us / x.cpu_us,
+                x.syscalls,
+                y.syscalls,
+                x.switches,
+                y.switches
+            );
+            counted.push((x, y));
         }
         runs.push((a, b));
     }
@@ -384,13 +425,19 @@ async fn run(args: &Args, binary: &Path, fake: &FakeProvider, spot: &StoreSpot, 
         p_max
     );
     if !counted.is_empty() {
-        let ratios: Vec<f64> = counted.iter().map(|(a, b)| b / a).collect();
+        let ratios: Vec<f64> = counted.iter().map(|(a, b)| b.cpu_us / a.cpu_us).collect();
         let (lo, mid, hi) = spread(&ratios);
+        let mean = |f: fn(&(PerRequest, PerRequest)) -> f64| counted.iter().map(f).sum::<f64>() / counted.len() as f64;
         println!(
             "server CPU per request (perf stat task-clock, user + kernel): bare {:.2} µs, latchkey {:.2} µs; ratio \
-             median {mid:.2} (min {lo:.2}, max {hi:.2})",
-            counted.iter().map(|c| c.0).sum::<f64>() / counted.len() as f64,
-            counted.iter().map(|c| c.1).sum::<f64>() / counted.len() as f64
+             median {mid:.2} (min {lo:.2}, max {hi:.2}); system calls per request bare {:.2}, latchkey {:.2}; \
+             context switches per request bare {:.3}, latchkey {:.3} (means)",
+            mean(|c| c.0.cpu_us),
+            mean(|c| c.1.cpu_us),
+            mean(|c| c.0.syscalls),
+            mean(|c| c.1.syscalls),
+            mean(|c| c.0.switches),
+            mean(|c| c.1.switches)
         );
     }
     println!(
@@ -399,12 +446,19 @@ async fn run(args: &Args, binary: &Path, fake: &FakeProvider, spot: &StoreSpot, 
     );
     let rows: Vec<Value> = runs
         .iter()
-        .map(|(a, b)| {
+        .enumerate()
+        .map(|(i, (a, b))| {
+            let per_request = counted.get(i).map(|(x, y)| {
+                json!({"bare_cpu_us": x.cpu_us, "bare_syscalls": x.syscalls, "bare_context_switches": x.switches,
+                       "latchkey_cpu_us": y.cpu_us, "latchkey_syscalls": y.syscalls,
+                       "latchkey_context_switches": y.switches})
+            });
             json!({"bare_rps": a.rps, "latchkey_rps": b.rps, "ratio": b.rps / a.rps,
                    "bare_p50_ms": ms(a.p50_us), "latchkey_p50_ms": ms(b.p50_us),
                    "bare_p99_ms": ms(a.p99_us), "latchkey_p99_ms": ms(b.p99_us), "p99_ratio": b.p99_us / a.p99_us,
                    "latchkey_requests": b.requests, "latchkey_errors": b.errors,
-                   "load_before_bare": a.load, "load_before_latchkey": b.load})
+                   "load_before_bare": a.load, "load_before_latchkey": b.load,
+                   "per_request": per_request})
         })
         .collect();
     let doc = json!({"store": spot.kind, "authids": ids.len(), "binary": binary.display().to_string(),
