@@ -124,10 +124,16 @@ async fn the_usual_refresh_answers_as_the_route_table_does() {
         assert_eq!(a, b, "{raw}: the same body");
     }
     // A header that is not visible ASCII is refused by the route table's
-    // own parsing, not taken as an AuthID.
+    // own parsing, not taken as an AuthID — in Duplicati's vocabulary, with
+    // the X-Reason its clients show.
     let odd = h.http.get(format!("{}/refresh", h.url)).header("X-AuthID", &b"\xff\xfe"[..]).send().await.unwrap();
     assert_eq!(odd.status(), 400);
-    assert!(odd.text().await.unwrap().contains("a request header is malformed"));
+    assert_eq!(odd.headers().get("x-reason").and_then(|v| v.to_str().ok()), Some("a request header is malformed"));
+    let body: Value = odd.json().await.unwrap();
+    assert_eq!(
+        (body["code"].as_str(), body["error"].as_str()),
+        (Some("bad_request"), Some("a request header is malformed"))
+    );
     let served = logs()
         .lines()
         .filter(|l| l.contains("route=\"/refresh\" status=200") && l.contains(&format!("keyid={keyid}")))

@@ -319,3 +319,31 @@ async fn each_described_operation_answers_as_documented() {
     let untried: Vec<_> = described.difference(&c.exercised).collect();
     assert!(untried.is_empty(), "described operations this test sends no request to: {untried:?}");
 }
+
+/// Every operation that documents a 413 answers a 20 KiB body with it, in
+/// its route's vocabulary (a Duplicati route's with X-Reason), and a header
+/// that does not parse on Duplicati's token request with its documented 400.
+#[tokio::test]
+async fn refused_bodies_and_headers_answer_as_documented() {
+    let h = harness(fake_config(), "").await;
+    let mut c = Checker { spec: spec(), h: &h, exercised: BTreeSet::new() };
+    let mut oversized = Vec::new();
+    for (path, item) in c.spec["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            if operation["responses"].get("413").is_some() {
+                oversized.push((path.clone(), Method::from_bytes(method.to_ascii_uppercase().as_bytes()).unwrap()));
+            }
+        }
+    }
+    assert!(oversized.len() >= 10, "{oversized:?}");
+    for (path, method) in oversized {
+        let request = c
+            .request(method.clone(), &path)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body("x".repeat(20 * 1024));
+        assert_eq!(c.check(&path, method.clone(), request).await.status, 413, "{method} {path}");
+    }
+    let odd = c.request(Method::GET, "/refresh").header("X-AuthID", &b"\xff"[..]);
+    let odd = c.check("/refresh", Method::GET, odd).await;
+    assert_eq!((odd.status, odd.json.unwrap()["code"].as_str()), (400, Some("bad_request")));
+}

@@ -42,7 +42,13 @@ pub(super) fn routes(state: State) -> warp::filters::BoxedFilter<(Response,)> {
     let device_code = post(Route::V1DeviceCode).and(body()).and(ip()).and(s()).then(device_code).boxed();
     let device_token = post(Route::V1DeviceToken).and(body()).and(ip()).and(s()).then(device_token);
     let services = get(Route::V1Services).and(s()).map(services).boxed();
-    let oauth2 = post(Route::OAuth2Token).and(body()).and(ip()).and(s()).then(oauth2_token);
+    let oauth2 = post(Route::OAuth2Token)
+        .and(body())
+        .and(ip())
+        .and(s())
+        .then(oauth2_token)
+        .recover(super::recover_on(Surface::OAuth2))
+        .unify();
     token
         .or(list)
         .unify()

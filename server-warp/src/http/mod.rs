@@ -3,7 +3,8 @@
 //!
 //! Every handler answers a response: errors are explicit, in the vocabulary
 //! of the surface they happen on. Warp's own rejections (no route, wrong
-//! method, body too large) are turned into JSON errors by `recover`, so no
+//! method, body too large) are turned into JSON errors by `recover_on`, in the
+//! vocabulary of the route group that matched, so no
 //! request ever gets an HTML error page or a stack trace.
 
 mod api;
@@ -274,8 +275,16 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 }
 
 /// Turns the rejections of a route that matched (body too large, a body
-/// without length) into JSON errors; the rest fall through to [`unmatched`].
-async fn recover(rejection: warp::Rejection) -> Result<Response, warp::Rejection> {
+/// without length, a header that does not parse) into JSON errors in the
+/// vocabulary of `surface` — Duplicati's routes answer with `X-Reason` as
+/// their other errors do; the rest fall through to [`unmatched`].
+fn recover_on(
+    surface: Surface,
+) -> impl Fn(warp::Rejection) -> std::future::Ready<Result<Response, warp::Rejection>> + Clone + Send + Sync {
+    move |rejection| std::future::ready(recovered(surface, rejection))
+}
+
+fn recovered(surface: Surface, rejection: warp::Rejection) -> Result<Response, warp::Rejection> {
     let failure =
         if rejection.find::<TooLarge>().is_some() || rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
             Failure::refused(Refusal::TooLarge, "the request body is larger than 16 KiB")
@@ -286,5 +295,5 @@ async fn recover(rejection: warp::Rejection) -> Result<Response, warp::Rejection
         } else {
             return Err(rejection);
         };
-    Ok(reply::error(Surface::V1, &failure))
+    Ok(reply::error(surface, &failure))
 }

@@ -38,8 +38,9 @@ use warp::http::{HeaderValue, Method, StatusCode};
 use warp::hyper::body::Body as _;
 use warp::reply::Response;
 
+use super::reply::Surface;
 use super::routes::Route;
-use super::{State, api, asset, duplicati, metrics, pages, recover, unmatched};
+use super::{State, api, asset, duplicati, metrics, pages, recover_on, unmatched};
 
 /// The path browsers reach the broker under: `public_url`'s, without a
 /// trailing slash (`""` at the root of the host).
@@ -95,16 +96,21 @@ pub(super) fn served(state: State) -> BoxedFilter<(Response,)> {
         // Browsers ask for it on every first visit; an empty answer keeps their consoles clean.
         .or(warp::get().and(Route::Favicon.filter()).map(|| asset("image/x-icon", "")))
         .unify();
+    // Each group's rejections in its own vocabulary (the `/v1` routes',
+    // and what is left, at the end); a rejection for a path the group does
+    // not serve goes on to the next.
     duplicati::refresh_route(Arc::clone(&state))
+        .recover(recover_on(Surface::Duplicati))
+        .unify()
         .or(api::routes(Arc::clone(&state)))
         .unify()
-        .or(duplicati::routes(Arc::clone(&state)))
+        .or(duplicati::routes(Arc::clone(&state)).recover(recover_on(Surface::Duplicati)).unify())
         .unify()
         .or(metrics::routes(Arc::clone(&state)))
         .unify()
         .or(statics)
         .unify()
-        .recover(recover)
+        .recover(recover_on(Surface::V1))
         .unify()
         .boxed()
 }
