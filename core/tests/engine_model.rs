@@ -914,11 +914,12 @@ impl Harness {
         until(&what, || second.is_finished()).await;
         let got = second.await.map_err(|e| self.fail(format!("token task panicked: {e}")))?;
         // Served from its own cache, or gave up waiting after one lease
-        // period: never a refresh of its own.
+        // period, told the provider is slow: never a refresh of its own.
         let cached = self.model.cached(other, handle, t_second);
+        let gave_up = EngineError::ProviderUnavailable { retry_after: self.model.config.provider_retry_after };
         let ok = match (&cached, &got) {
             (Some(tok), Ok(_)) => Expect::Token(tok.clone()).matches(&got),
-            (_, Err(e)) => same_error(&store_unavailable(), e),
+            (_, Err(e)) => same_error(&gave_up, e),
             (None, Ok(_)) => false,
         };
         prop_assert!(

@@ -522,8 +522,10 @@ async fn a_provider_slower_than_the_lease_is_asked_by_one_broker_process_only_on
         }
         let (status, _, reason) = refresh(&client, &b.url, &authid).await;
         let waited = started.elapsed();
-        // store_unavailable, as Duplicati's surface answers it (500: its clients retry).
-        assert_eq!(status, 500, "B gives up waiting for A's refresh: {reason:?}");
+        // provider_unavailable, as Duplicati's surface answers it (502 with
+        // X-Reason: its clients retry with back-off) — B's store answered.
+        assert_eq!(status, 502, "B gives up waiting for A's refresh: {reason:?}");
+        assert!(reason.as_deref().is_some_and(|r| r.contains("provider is unavailable")), "{reason:?}");
         assert!(waited >= Duration::from_secs(25), "B waited about one lease period, not {waited:?}");
         assert_eq!(fake.token_requests().len(), asked + 1, "B never called the provider while A's call was open");
         let (status, first_token, reason) = first.await.unwrap();

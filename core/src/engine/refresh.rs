@@ -19,7 +19,7 @@
 
 use std::time::Duration;
 
-use super::error::{EngineError, STORE_RETRY_AFTER};
+use super::error::EngineError;
 use crate::store::LeaseOutcome;
 use crate::time::Timestamp;
 
@@ -252,7 +252,12 @@ impl Refresh {
                 (State::Leased, Action::Read { watch: false })
             }
             (State::Leasing, Event::Lease(Ok(LeaseOutcome::Held { .. }))) if now >= self.give_up => {
-                let busy = EngineError::StoreUnavailable { retry_after: STORE_RETRY_AFTER };
+                // Another instance has held this grant's refresh for a whole
+                // lease period: the store answers (it just said so), so the
+                // wait is on the provider that instance is calling. Said as
+                // a provider that is slow, with its retry, not as a store
+                // that cannot be reached.
+                let busy = EngineError::ProviderUnavailable { retry_after: self.bounds.retry_after };
                 finish(LeaseEnd::NotHeld, Answer::Fail(busy))
             }
             (State::Leasing, Event::Lease(Ok(LeaseOutcome::Held { deadline, .. }))) => {
@@ -399,9 +404,9 @@ mod tests {
             machine.step(t(30), held(60)),
             Action::Finish(
                 LeaseEnd::NotHeld,
-                Answer::Fail(EngineError::StoreUnavailable { retry_after: STORE_RETRY_AFTER })
+                Answer::Fail(EngineError::ProviderUnavailable { retry_after: BOUNDS.retry_after })
             ),
-            "a request waits one lease period at most"
+            "a request waits one lease period at most, then is told the provider is slow"
         );
     }
 
