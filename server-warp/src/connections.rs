@@ -24,7 +24,8 @@
 //!
 //! Every answer, the 408 included, gets the `headers` the caller names
 //! (the security headers); hyper's own answers to heads it cannot parse
-//! (400, 414, 431) are bare and have no body.
+//! (400, 414, 431) are bare and have no body. Each of these ends, the cap's
+//! included, is counted in the listener's [`ConnectionStats`] (`/metrics`).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -80,6 +81,61 @@ impl Limits {
     }
 }
 
+/// What the accept loop of a listener counted, for `/metrics`: the
+/// connections open, and each way the deadlines and the cap ended one.
+#[derive(Debug, Default)]
+pub struct ConnectionStats {
+    open: AtomicU64,
+    accepted: AtomicU64,
+    shed: AtomicU64,
+    waited_at_cap: AtomicU64,
+    head_timeouts: AtomicU64,
+    body_timeouts: AtomicU64,
+    malformed_heads: AtomicU64,
+}
+
+/// One reading of [`ConnectionStats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionCounts {
+    /// Connections open now.
+    pub open: u64,
+    /// Connections accepted.
+    pub accepted: u64,
+    /// Idle keep-alive connections closed to make room at the cap.
+    pub shed: u64,
+    /// Connections accepted only after waiting at the cap with every open
+    /// connection busy.
+    pub waited_at_cap: u64,
+    /// Connections closed because no request head arrived in time (idle
+    /// keep-alive connections included).
+    pub head_timeouts: u64,
+    /// Requests answered 408 because their body did not arrive in time.
+    pub body_timeouts: u64,
+    /// Request heads that did not parse or were too large (hyper's bare 400,
+    /// 414 or 431).
+    pub malformed_heads: u64,
+}
+
+impl ConnectionStats {
+    /// The counts now.
+    pub fn counts(&self) -> ConnectionCounts {
+        let get = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        ConnectionCounts {
+            open: get(&self.open),
+            accepted: get(&self.accepted),
+            shed: get(&self.shed),
+            waited_at_cap: get(&self.waited_at_cap),
+            head_timeouts: get(&self.head_timeouts),
+            body_timeouts: get(&self.body_timeouts),
+            malformed_heads: get(&self.malformed_heads),
+        }
+    }
+
+    fn bump(n: &AtomicU64) {
+        n.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// What answers a request from a peer: the routes, as a future.
 pub type Handler = Arc<
     dyn Fn(Request<RequestBody>, SocketAddr) -> Pin<Box<dyn Future<Output = Response> + Send>> + Send + Sync + 'static,
@@ -97,12 +153,14 @@ pub fn remote() -> impl Filter<Extract = (Option<SocketAddr>,), Error = Infallib
 }
 
 /// Serves `listener` until `shutdown` turns true, then shuts down gracefully;
-/// resolves when every connection has ended.
+/// resolves when every connection has ended. `stats` counts what happened
+/// to its connections.
 pub async fn serve(
     listener: TcpListener,
     handler: Handler,
     limits: Limits,
     headers: Arc<[(HeaderName, HeaderValue)]>,
+    stats: Arc<ConnectionStats>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let listener = match deepen(listener) {
@@ -112,7 +170,7 @@ pub async fn serve(
             return;
         }
     };
-    let site = Arc::new(Site { handler, limits, headers, registry: Registry::default() });
+    let site = Arc::new(Site { handler, limits, headers, stats, registry: Registry::default() });
     let mut next_id = 0u64;
     'accept: loop {
         let accepted = tokio::select! {
@@ -132,6 +190,7 @@ pub async fn serve(
             }
         };
         // At the cap: shed the longest idle connection, or wait for one to end.
+        let mut waited = false;
         loop {
             let changed = site.registry.changed.notified();
             let mut changed = std::pin::pin!(changed);
@@ -144,6 +203,10 @@ pub async fn serve(
                 tracing::debug!(peer = %peer, "connection cap reached: closing an idle keep-alive connection");
                 idle.shed.store(true, Ordering::Relaxed);
                 idle.close.notify_one();
+                ConnectionStats::bump(&site.stats.shed);
+            } else if !waited {
+                waited = true;
+                ConnectionStats::bump(&site.stats.waited_at_cap);
             }
             tokio::select! {
                 () = changed => {}
@@ -151,6 +214,8 @@ pub async fn serve(
             }
         }
         next_id += 1;
+        ConnectionStats::bump(&site.stats.accepted);
+        site.stats.open.fetch_add(1, Ordering::Relaxed);
         let conn = site.registry.add(next_id);
         tokio::spawn(serve_connection(Arc::clone(&site), conn, stream, peer));
     }
@@ -183,6 +248,7 @@ struct Site {
     handler: Handler,
     limits: Limits,
     headers: Arc<[(HeaderName, HeaderValue)]>,
+    stats: Arc<ConnectionStats>,
     registry: Registry,
 }
 
@@ -385,10 +451,19 @@ async fn serve_connection(site: Arc<Site>, conn: Arc<Conn>, stream: TcpStream, p
         () = deadline.as_mut() => None,
     };
     match result {
-        None => tracing::debug!(peer = %peer, "closed a connection whose request head did not arrive in time"),
-        Some(Err(e)) => tracing::debug!(peer = %peer, error = %e, "connection ended with an error"),
+        None => {
+            ConnectionStats::bump(&site.stats.head_timeouts);
+            tracing::debug!(peer = %peer, "closed a connection whose request head did not arrive in time");
+        }
+        Some(Err(e)) => {
+            if e.is_parse() {
+                ConnectionStats::bump(&site.stats.malformed_heads);
+            }
+            tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+        }
         Some(Ok(())) => {}
     }
+    site.stats.open.fetch_sub(1, Ordering::Relaxed);
     site.registry.remove(conn.id);
 }
 
@@ -407,6 +482,7 @@ async fn answer(
     let request = request.map(|body| RequestBody::new(body, deadline, expired.clone()));
     let mut response = (site.handler)(request, peer).await;
     if expired.is_some_and(|expired| expired.load(Ordering::Acquire)) {
+        ConnectionStats::bump(&site.stats.body_timeouts);
         tracing::info!(peer = %peer, "closed a connection whose request body did not arrive in time");
         response = body_timeout(deadline);
     }

@@ -198,15 +198,19 @@ pub async fn serve(
     let headers: Arc<[(HeaderName, HeaderValue)]> = headers.into();
     let limits = Limits::new(&config.connections);
     let (stop, stopped) = watch::channel(false);
+    let counted = Arc::clone(&state.connections);
     let main = connections::serve(
         listener,
         http::with_shortcut(state, handler(routes.clone(), move |path| metrics_addr.is_none() || path != METRICS_PATH)),
         limits,
         Arc::clone(&headers),
+        counted,
         stopped.clone(),
     );
+    // The scrapers' own connections are not counted with the clients'.
     let metrics = metrics_listener.map(|listener| {
-        connections::serve(listener, handler(routes, |path| path == METRICS_PATH), limits, headers, stopped)
+        let handler = handler(routes, |path| path == METRICS_PATH);
+        connections::serve(listener, handler, limits, headers, Arc::default(), stopped)
     });
     let task = tokio::spawn(async move {
         match metrics {
@@ -319,7 +323,7 @@ where
         headers.push(HSTS);
     }
     let limits = Limits::new(&config.connections);
-    connections::serve(listener, handler(service, |_| true), limits, headers.into(), shutdown)
+    connections::serve(listener, handler(service, |_| true), limits, headers.into(), Arc::default(), shutdown)
 }
 
 /// Resolves when the process gets SIGTERM or SIGINT.

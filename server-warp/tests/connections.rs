@@ -218,6 +218,14 @@ async fn five_hundred_slow_heads_and_five_hundred_slow_bodies_are_cut_off_while_
     let expected = (all_cut.as_millis() / 20) as usize;
     assert!(latencies.len() >= expected / 2, "{} requests in {all_cut:?}", latencies.len());
     assert!(slowest < Duration::from_secs(1), "no request waited for the stalled ones: {slowest:?}");
+    // The operator sees it on /metrics: every stalled body and head counted
+    // (a few idle keep-alive connections of the test's clients with them),
+    // and none of them still open.
+    assert_eq!(h.metric("latchkey_connections_body_timeouts_total").await, EACH as u64);
+    let heads = h.metric("latchkey_connections_head_timeouts_total").await;
+    assert!((EACH as u64..=EACH as u64 + 10).contains(&heads), "{heads} head timeouts");
+    assert!(h.metric("latchkey_connections_accepted_total").await > 2 * EACH as u64);
+    assert!(h.metric("latchkey_connections_open").await <= 5);
 }
 
 /// The head deadline runs from each answer: a keep-alive client that asks
@@ -285,6 +293,10 @@ async fn the_connection_cap_sheds_idle_connections_and_makes_new_ones_wait_while
     newcomers[0].write_all(HEALTHZ).await.unwrap();
     assert!(read_answer(&mut newcomers[0]).await.starts_with("HTTP/1.1 200 "));
     let shed_at = slowest;
+    // Counted: ten shed (the scrape below sheds one more), none waited.
+    assert_eq!(h.metric("latchkey_connections_shed_total").await, 11);
+    assert_eq!(h.metric("latchkey_connections_waited_at_cap_total").await, 0);
+    assert_eq!(h.metric("latchkey_connections_open").await, CAP as u64);
 
     // Busy: 50 connections in the middle of their heads.
     let h = harness(fake_config(), "[connections]\nmax_open = 50\nheader_timeout_secs = 1").await;
@@ -310,6 +322,10 @@ async fn the_connection_cap_sheds_idle_connections_and_makes_new_ones_wait_while
         assert!(Instant::now() < give_up, "every stuck head is closed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    drop(newcomer);
+    assert_eq!(h.metric("latchkey_connections_waited_at_cap_total").await, 1, "the newcomer waited");
+    assert_eq!(h.metric("latchkey_connections_head_timeouts_total").await, CAP as u64, "every stuck head");
+    assert_eq!(h.metric("latchkey_connections_shed_total").await, 0, "none was idle");
     println!(
         "cap {CAP}: with {CAP} idle keep-alive connections, 10 newcomers served in at most {} ms, \
          closing 10 idle ones; with {CAP} stuck heads, a newcomer waited {} ms (header deadline {} s)",

@@ -82,6 +82,10 @@ async fn a_head_over_16_kib_is_431_and_a_body_over_16_kib_is_413() {
     let big = format!("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(17 * 1024));
     let answer = raw_exchange(addr, big.as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
+    // A head that does not parse at all: hyper's bare 400. Both are counted.
+    let answer = raw_exchange(addr, b"NOT AN HTTP REQUEST\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert_eq!(h.metric("latchkey_connections_malformed_heads_total").await, 2);
     // Just under the limit is served.
     let fits =
         format!("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: {}\r\n\r\n", "a".repeat(15 * 1024));

@@ -176,6 +176,13 @@ impl Harness {
     pub(crate) async fn login(&self) -> String {
         authid_from_page(&self.browser_login("fake", None).await)
     }
+
+    /// The value of the unlabelled metric `name` on `/metrics`.
+    pub(crate) async fn metric(&self, name: &str) -> u64 {
+        let page = self.get("/metrics").await.text().await.unwrap();
+        let line = page.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' '));
+        line.unwrap_or_else(|| panic!("no {name} on /metrics")).parse().unwrap()
+    }
 }
 
 /// A broker page as a browser holds it: its HTML and the login cookie it set.

@@ -240,6 +240,39 @@ fn render(state: State) -> Response {
          dropped).",
         crate::logging::dropped_lines(),
     );
+    let conns = state.connections.counts();
+    for (name, help, n) in [
+        ("latchkey_connections_accepted_total", "Connections accepted on the main listener.", conns.accepted),
+        (
+            "latchkey_connections_shed_total",
+            "Idle keep-alive connections closed to make room at the connection cap (max_open).",
+            conns.shed,
+        ),
+        (
+            "latchkey_connections_waited_at_cap_total",
+            "Connections accepted only after waiting at the connection cap with every open connection busy.",
+            conns.waited_at_cap,
+        ),
+        (
+            "latchkey_connections_head_timeouts_total",
+            "Connections closed because no request head arrived within header_timeout_secs (idle keep-alive \
+             connections included).",
+            conns.head_timeouts,
+        ),
+        (
+            "latchkey_connections_body_timeouts_total",
+            "Requests answered 408 because their body did not arrive within body_timeout_secs.",
+            conns.body_timeouts,
+        ),
+        (
+            "latchkey_connections_malformed_heads_total",
+            "Request heads that did not parse or were too large (answered 400, 414 or 431 without a body).",
+            conns.malformed_heads,
+        ),
+    ] {
+        counter(&mut out, name, help, n);
+    }
+    gauge(&mut out, "latchkey_connections_open", "Connections open on the main listener.", conns.open);
     gauge(&mut out, "latchkey_pending_writes", "Refreshed grants waiting for the store.", engine.pending_writes);
     gauge(&mut out, "latchkey_cached_tokens", "Access tokens in the cache.", engine.cached_tokens);
     gauge(

@@ -54,6 +54,8 @@ pub struct AppState {
     pub proxies: Vec<Cidr>,
     /// Request counters.
     pub metrics: HttpMetrics,
+    /// The main listener's connection counts.
+    pub connections: Arc<crate::connections::ConnectionStats>,
     /// The pages' Content-Security-Policy.
     pub csp: String,
     /// How long a login may take; the proof cookie lives as long.
@@ -79,6 +81,7 @@ impl AppState {
             limiter,
             proxies: config.trusted_proxies(),
             metrics: HttpMetrics::default(),
+            connections: Arc::default(),
             csp,
         }
     }
