@@ -133,6 +133,14 @@ async fn bad_requests_get_exact_statuses_and_reasons() {
         .unwrap();
     assert_eq!(oauth.status(), 400);
     assert_eq!(oauth.json::<Value>().await.unwrap()["error"], "invalid_grant");
+    // A device poll that misnames its field is told so, not that its code is unknown.
+    let (status, misnamed) = crate::support::device_token(&h.http, &h.url, "").await;
+    assert_eq!((status.as_u16(), misnamed["error"].as_str()), (400, Some("bad_request")));
+    assert_eq!(misnamed["error_description"], "device_code is missing");
+    let posted = h.http.post(format!("{}/v1/device/token", h.url)).form(&[("code", "ABCD")]).send().await.unwrap();
+    assert_eq!(posted.json::<Value>().await.unwrap()["error_description"], "device_code is missing");
+    let (status, unknown) = crate::support::device_token(&h.http, &h.url, "an-unknown-device-code-0123456789").await;
+    assert_eq!((status.as_u16(), unknown["error"].as_str()), (400, Some("invalid_grant")));
 }
 
 #[tokio::test]

@@ -256,7 +256,10 @@ async fn device_token(body: Vec<u8>, ip: IpAddr, state: State) -> Response {
     if let Err(wait) = state.limiter.fetch_request(ip, Instant::now()) {
         return error(Surface::V1, &Failure::rate_limited(wait));
     }
-    let device_code = fields(&body).remove("device_code").unwrap_or_default();
+    // A poll without the field is a malformed request, not an unknown code.
+    let Some(device_code) = fields(&body).remove("device_code").filter(|code| !code.is_empty()) else {
+        return error(Surface::V1, &Failure::bad_request("device_code is missing"));
+    };
     let pending = oauth_error;
     match state.broker.poll_device(&device_code).await {
         Ok(DevicePoll::Ready(authid)) => {
