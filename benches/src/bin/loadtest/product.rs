@@ -184,10 +184,14 @@ fn metric(page: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// Minimum, median (the mean of the two middle values for an even count)
+/// and maximum.
 fn spread(values: &[f64]) -> (f64, f64, f64) {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
-    (v[0], v[v.len() / 2], v[v.len() - 1])
+    let n = v.len();
+    let median = if n % 2 == 0 { (v[n / 2 - 1] + v[n / 2]) / 2.0 } else { v[n / 2] };
+    (v[0], median, v[n - 1])
 }
 
 /// Every combination of `--store` and `--ids` (each a comma-separated
