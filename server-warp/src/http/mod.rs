@@ -3,9 +3,9 @@
 //!
 //! Every handler answers a response: errors are explicit, in the vocabulary
 //! of the surface they happen on. Warp's own rejections (no route, wrong
-//! method, body too large) are turned into JSON errors by `recover_on`, in the
-//! vocabulary of the route group that matched, so no
-//! request ever gets an HTML error page or a stack trace.
+//! method, body too large) are turned into JSON errors — by `recover_on` in
+//! the vocabulary of the route group that matched — so no request ever gets
+//! an HTML error page or a stack trace.
 
 mod api;
 mod duplicati;
