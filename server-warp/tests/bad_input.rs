@@ -133,7 +133,8 @@ async fn bad_requests_get_exact_statuses_and_reasons() {
         .unwrap();
     assert_eq!(oauth.status(), 400);
     assert_eq!(oauth.json::<Value>().await.unwrap()["error"], "invalid_grant");
-    // A device poll that misnames its field is told so, not that its code is unknown.
+    // A device poll without its field is told that, not about a hand-off
+    // token it never sent; an unknown code is still invalid_grant.
     let (status, misnamed) = crate::support::device_token(&h.http, &h.url, "").await;
     assert_eq!((status.as_u16(), misnamed["error"].as_str()), (400, Some("bad_request")));
     assert_eq!(misnamed["error_description"], "device_code is missing");

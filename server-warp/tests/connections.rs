@@ -293,7 +293,8 @@ async fn the_connection_cap_sheds_idle_connections_and_makes_new_ones_wait_while
     newcomers[0].write_all(HEALTHZ).await.unwrap();
     assert!(read_answer(&mut newcomers[0]).await.starts_with("HTTP/1.1 200 "));
     let shed_at = slowest;
-    // Counted: ten shed (the scrape below sheds one more), none waited.
+    // Counted: ten shed, and one more for the scrape's own new connection;
+    // none waited.
     assert_eq!(h.metric("latchkey_connections_shed_total").await, 11);
     assert_eq!(h.metric("latchkey_connections_waited_at_cap_total").await, 0);
     assert_eq!(h.metric("latchkey_connections_open").await, CAP as u64);
