@@ -33,7 +33,7 @@ async fn expired_logins_handoffs_and_device_codes_are_swept_in_the_background() 
         || [RecordKind::LoginTransaction, RecordKind::Handoff, RecordKind::DeviceGrant].map(|k| store.count(k));
     assert_eq!(counts(), [1, 1, 1]);
     eventually("three records swept", Duration::from_secs(10), async || {
-        h.get("/metrics").await.text().await.unwrap().contains("\nlatchkey_swept_records_total 3\n")
+        h.metric("latchkey_swept_records_total").await == 3
     })
     .await;
     assert_eq!(counts(), [0, 0, 0]);
@@ -48,8 +48,7 @@ async fn a_revocation_whose_notice_cannot_be_published_succeeds_is_counted_and_l
     let revoked = h.http.post(format!("{}/v1/grant/revoke", h.url)).bearer_auth(&authid).send().await.unwrap();
     assert_eq!(revoked.status(), 200, "the revocation itself succeeds");
     assert_eq!(v1_token(&h.http, &h.url, &authid).await.status(), 401);
-    let metrics = h.get("/metrics").await.text().await.unwrap();
-    assert!(metrics.contains("\nlatchkey_notice_publish_failures_total 1\n"), "{metrics}");
+    assert_eq!(h.metric("latchkey_notice_publish_failures_total").await, 1);
     eventually("an error in the log", Duration::from_secs(5), async || {
         logs().lines().any(|l| l.contains("ERROR") && l.contains("could not be published") && l.contains("failed=1"))
     })
