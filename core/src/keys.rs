@@ -144,8 +144,8 @@ impl fmt::Debug for MasterKeyId {
 /// of not trying every key on every lookup.
 #[derive(Clone)]
 pub struct RecordKeys {
-    lookup: SymmetricKey,
-    tag: SymmetricKey,
+    lookup: KeyedMac,
+    tag: KeyedMac,
 }
 
 impl RecordKeys {
@@ -153,19 +153,19 @@ impl RecordKeys {
     pub fn derive(master: &MasterKey) -> Self {
         let salt = b"latchkey/v1/record-keys";
         RecordKeys {
-            lookup: hkdf_expand(salt, master.key.expose_secret(), b"latchkey/v1/lookup"),
-            tag: hkdf_expand(salt, master.key.expose_secret(), b"latchkey/v1/record-tag"),
+            lookup: KeyedMac::new(&hkdf_expand(salt, master.key.expose_secret(), b"latchkey/v1/lookup")),
+            tag: KeyedMac::new(&hkdf_expand(salt, master.key.expose_secret(), b"latchkey/v1/record-tag")),
         }
     }
 
     /// HMAC-SHA256 of `value` under the lookup key, separated by `domain`.
     pub fn lookup(&self, domain: &[u8], value: &[u8]) -> [u8; 32] {
-        hmac_sha256(&self.lookup, &[domain, &[0], value])
+        self.lookup.of(&[domain, &[0], value])
     }
 
     /// HMAC-SHA256 of a record's stored bytes under the tag key.
     pub fn tag(&self, kind: u8, body: &[u8]) -> [u8; 32] {
-        hmac_sha256(&self.tag, &[b"latchkey/v1/record-tag", &[kind], body])
+        self.tag.of(&[b"latchkey/v1/record-tag", &[kind], body])
     }
 }
 
@@ -175,16 +175,37 @@ impl fmt::Debug for RecordKeys {
     }
 }
 
-/// HMAC-SHA256 under `key` over `parts`, one after another.
-pub(crate) fn hmac_sha256(key: &SymmetricKey, parts: &[&[u8]]) -> [u8; 32] {
-    use hmac::Mac;
-    // HMAC takes keys of any length; 32 bytes never fails.
-    #[allow(clippy::expect_used)]
-    let mut m = hmac::Hmac::<Sha256>::new_from_slice(key.expose_secret()).expect("HMAC accepts any key length");
-    for part in parts {
-        m.update(part);
+/// HMAC-SHA256 under one key, its inner and outer key blocks hashed once:
+/// each use compresses only the message and the outer hash — two SHA-256
+/// blocks for a short message instead of four. The cache key of every
+/// request is one (`TokenCache::key_for`). The hashed key blocks are as
+/// secret as the key; like the key, they are never printed.
+#[derive(Clone)]
+pub(crate) struct KeyedMac(hmac::Hmac<Sha256>);
+
+impl KeyedMac {
+    pub(crate) fn new(key: &SymmetricKey) -> Self {
+        use hmac::Mac;
+        // HMAC takes keys of any length; 32 bytes never fails.
+        #[allow(clippy::expect_used)]
+        KeyedMac(hmac::Hmac::<Sha256>::new_from_slice(key.expose_secret()).expect("HMAC accepts any key length"))
     }
-    m.finalize().into_bytes().into()
+
+    /// The HMAC of `parts`, one after another.
+    pub(crate) fn of(&self, parts: &[&[u8]]) -> [u8; 32] {
+        use hmac::Mac;
+        let mut m = self.0.clone();
+        for part in parts {
+            m.update(part);
+        }
+        m.finalize().into_bytes().into()
+    }
+}
+
+impl fmt::Debug for KeyedMac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeyedMac(<redacted>)")
+    }
 }
 
 /// One master key with its id.
@@ -417,6 +438,20 @@ pub enum KeyError {
 mod tests {
     use super::*;
     use crate::testing::SeqRandom;
+
+    #[test]
+    fn a_keyed_mac_is_hmac_sha256_every_time_it_is_used() {
+        // Python: hmac.new(b"\x0b" * 32, b"Hi There", hashlib.sha256).hexdigest()
+        let expected = "198a607eb44bfbc69903a0f1cf2bbdc5ba0aa3f3d9ae3c1c7a3b1696a0b68cf7";
+        let mac = KeyedMac::new(&SymmetricKey::from_bytes([0x0b; KEY_LEN]));
+        let hex = |bytes: [u8; 32]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        // The parts are one message; a use leaves nothing behind for the next.
+        assert_eq!(hex(mac.of(&[b"Hi There"])), expected);
+        assert_eq!(hex(mac.of(&[b"Hi ", b"There"])), expected);
+        assert_ne!(hex(mac.of(&[b"Hi There!"])), expected);
+        assert_eq!(hex(mac.of(&[b"Hi There"])), expected);
+        assert_eq!(format!("{mac:?}"), "KeyedMac(<redacted>)");
+    }
 
     #[test]
     fn master_key_config_text_round_trips_in_every_base64_flavour() {

@@ -9,11 +9,12 @@
 //! cannot put a revoked grant's token back.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::authid::AuthId;
-use crate::keys::{SymmetricKey, hmac_sha256};
+use crate::keys::{KeyedMac, SymmetricKey};
 use crate::records::GrantId;
 use crate::time::Timestamp;
 
@@ -21,12 +22,44 @@ use super::TokenGrant;
 use super::decide::required_validity;
 
 /// The cache's key for one AuthID.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct CacheKey([u8; 32]);
+
+/// A key hashes to its first eight bytes: it is an HMAC under the cache's
+/// random key, so no client can choose AuthIDs whose keys collide — the
+/// flooding that a keyed hash (std's SipHash) defends against — and the key
+/// is not hashed a second time on every request.
+impl Hash for CacheKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let [a, b, c, d, e, f, g, h, ..] = self.0;
+        state.write_u64(u64::from_le_bytes([a, b, c, d, e, f, g, h]));
+    }
+}
+
+/// Hands on the one word a [`CacheKey`] writes.
+#[derive(Default)]
+struct FirstWord(u64);
+
+impl Hasher for FirstWord {
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is called (by `CacheKey`); any other input is folded in.
+        for &byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+        }
+    }
+
+    fn write_u64(&mut self, word: u64) {
+        self.0 = word;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
 
 struct Entry {
     grant: GrantId,
-    /// Shared, so a hit copies it after the lock is released.
+    /// Shared with the requests it answers: a hit copies nothing.
     token: Arc<TokenGrant>,
     /// The token's lifetime when obtained, for the half-lifetime cap.
     lifetime: Option<Duration>,
@@ -36,7 +69,7 @@ struct Entry {
 
 #[derive(Default)]
 struct Inner {
-    entries: HashMap<CacheKey, Entry>,
+    entries: HashMap<CacheKey, Entry, BuildHasherDefault<FirstWord>>,
     by_age: BTreeMap<(Timestamp, u64), CacheKey>,
     by_grant: HashMap<GrantId, Vec<CacheKey>>,
     seq: u64,
@@ -44,7 +77,7 @@ struct Inner {
 }
 
 pub(crate) struct TokenCache {
-    key: SymmetricKey,
+    key: KeyedMac,
     capacity: usize,
     ttl: Duration,
     inner: Mutex<Inner>,
@@ -52,7 +85,7 @@ pub(crate) struct TokenCache {
 
 impl TokenCache {
     pub(crate) fn new(key: SymmetricKey, capacity: usize, ttl: Duration) -> Self {
-        TokenCache { key, capacity: capacity.max(1), ttl, inner: Mutex::default() }
+        TokenCache { key: KeyedMac::new(&key), capacity: capacity.max(1), ttl, inner: Mutex::default() }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -60,7 +93,7 @@ impl TokenCache {
     }
 
     pub(crate) fn key_for(&self, authid: &AuthId) -> CacheKey {
-        CacheKey(hmac_sha256(&self.key, &[authid.keyid().as_bytes(), authid.secret().expose_secret()]))
+        CacheKey(self.key.of(&[authid.keyid().as_bytes(), authid.secret().expose_secret()]))
     }
 
     /// The purge epoch; pass it back to [`TokenCache::insert`].
@@ -71,19 +104,21 @@ impl TokenCache {
 
     /// A cached token with at least the required validity left.
     #[cfg(test)]
-    pub(crate) fn get(&self, key: &CacheKey, now: Timestamp, min_validity: Duration) -> Option<TokenGrant> {
+    pub(crate) fn get(&self, key: &CacheKey, now: Timestamp, min_validity: Duration) -> Option<Arc<TokenGrant>> {
         self.lookup(key, now, min_validity).ok()
     }
 
     /// [`TokenCache::get`] and, on a miss, the purge epoch to pass back to
     /// [`TokenCache::insert`]: one lock for the hit path.
-    pub(crate) fn lookup(&self, key: &CacheKey, now: Timestamp, min_validity: Duration) -> Result<TokenGrant, u64> {
-        let hit = {
-            let inner = self.lock();
-            Self::fresh(&inner, key, now, self.ttl, min_validity).ok_or(inner.epoch)
-        };
-        // The copy (its strings) is made outside the lock every request takes.
-        hit.map(|token| TokenGrant::clone(&token))
+    /// A hit shares the cached token: nothing is copied or allocated.
+    pub(crate) fn lookup(
+        &self,
+        key: &CacheKey,
+        now: Timestamp,
+        min_validity: Duration,
+    ) -> Result<Arc<TokenGrant>, u64> {
+        let inner = self.lock();
+        Self::fresh(&inner, key, now, self.ttl, min_validity).ok_or(inner.epoch)
     }
 
     fn fresh(
@@ -112,12 +147,11 @@ impl TokenCache {
         &self,
         key: CacheKey,
         grant: GrantId,
-        token: &TokenGrant,
+        token: Arc<TokenGrant>,
         lifetime: Option<Duration>,
         now: Timestamp,
         epoch: u64,
     ) {
-        let token = Arc::new(token.clone());
         let mut inner = self.lock();
         if inner.epoch != epoch {
             return;
@@ -177,15 +211,15 @@ mod tests {
     use crate::testing::SeqRandom;
     use secrecy::SecretString;
 
-    fn token(expires: Option<Timestamp>) -> TokenGrant {
-        TokenGrant {
+    fn token(expires: Option<Timestamp>) -> Arc<TokenGrant> {
+        Arc::new(TokenGrant {
             access_token: SecretString::from("a".to_owned()),
             expires_at: expires,
             service: "svc".into(),
             scopes: vec![],
             token_type: None,
             refresh_deadline: None,
-        }
+        })
     }
 
     fn t(s: u64) -> Timestamp {
@@ -201,7 +235,7 @@ mod tests {
         forged[0] ^= 1;
         let forged = AuthId::new(id.keyid(), crate::authid::AuthIdSecret::from_bytes(forged));
         let epoch = cache.epoch();
-        cache.insert(cache.key_for(&id), GrantId::generate(&rng), &token(Some(t(3600))), None, t(0), epoch);
+        cache.insert(cache.key_for(&id), GrantId::generate(&rng), token(Some(t(3600))), None, t(0), epoch);
         assert!(cache.get(&cache.key_for(&id), t(1), Duration::ZERO).is_some());
         assert!(cache.get(&cache.key_for(&forged), t(1), Duration::ZERO).is_none());
     }
@@ -217,7 +251,7 @@ mod tests {
             cache.insert(
                 cache.key_for(id),
                 grant,
-                &token(Some(t(3600))),
+                token(Some(t(3600))),
                 Some(Duration::from_secs(3600)),
                 t(i as u64),
                 e,
@@ -238,13 +272,13 @@ mod tests {
         let (a, b) = (AuthId::generate(&rng), AuthId::generate(&rng));
         let (ga, gb) = (GrantId::generate(&rng), GrantId::generate(&rng));
         let e = cache.epoch();
-        cache.insert(cache.key_for(&a), ga, &token(None), None, t(0), e);
-        cache.insert(cache.key_for(&b), gb, &token(None), None, t(0), e);
+        cache.insert(cache.key_for(&a), ga, token(None), None, t(0), e);
+        cache.insert(cache.key_for(&b), gb, token(None), None, t(0), e);
         let stale_epoch = cache.epoch();
         cache.purge_grant(&ga);
         assert!(cache.get(&cache.key_for(&a), t(1), Duration::ZERO).is_none());
         assert!(cache.get(&cache.key_for(&b), t(1), Duration::ZERO).is_some(), "other grants stay");
-        cache.insert(cache.key_for(&a), ga, &token(None), None, t(1), stale_epoch);
+        cache.insert(cache.key_for(&a), ga, token(None), None, t(1), stale_epoch);
         assert!(cache.get(&cache.key_for(&a), t(1), Duration::ZERO).is_none(), "a racing insert is dropped");
     }
 }

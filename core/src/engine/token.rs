@@ -78,6 +78,17 @@ impl Broker {
     /// An access token for `authid` with at least `min_validity` left (the
     /// configured default when `None`; capped at half the token's lifetime).
     pub async fn token(&self, authid: &AuthId, min_validity: Option<Duration>) -> Result<TokenGrant, EngineError> {
+        self.shared_token(authid, min_validity).await.map(Arc::unwrap_or_clone)
+    }
+
+    /// [`Broker::token`], sharing the token with the cache instead of copying
+    /// it: a cache hit allocates nothing. For a server answering the same
+    /// AuthIDs many times a second.
+    pub async fn shared_token(
+        &self,
+        authid: &AuthId,
+        min_validity: Option<Duration>,
+    ) -> Result<Arc<TokenGrant>, EngineError> {
         let inner = &self.inner;
         let min_validity = min_validity.unwrap_or(inner.config.min_validity);
         let key = inner.cache.key_for(authid);
@@ -93,7 +104,8 @@ impl Broker {
         let grant_id = handle.grant_id;
         inner.touch(handle);
         let (token, lifetime) = inner.token_for_grant(grant_id, &data_key, min_validity, grant).await?;
-        inner.cache.insert(key, grant_id, &token, lifetime, inner.now(), epoch);
+        let token = Arc::new(token);
+        inner.cache.insert(key, grant_id, Arc::clone(&token), lifetime, inner.now(), epoch);
         Ok(token)
     }
 }

@@ -112,7 +112,7 @@ fn min_validity(form: &HashMap<String, String>) -> Result<Option<Duration>, Engi
 async fn v1_token(header: Option<String>, body: Vec<u8>, ip: IpAddr, state: State) -> Response {
     let form = fields(&body);
     let served = with_bearer(&state, header, ip, Cost::TokenRequest, async |authid| {
-        state.broker.token(authid, min_validity(&form)?).await
+        state.broker.shared_token(authid, min_validity(&form)?).await
     });
     match served.await {
         Ok((authid, token)) => logged_keyid(
@@ -296,7 +296,8 @@ async fn oauth2_token(body: Vec<u8>, ip: IpAddr, state: State) -> Response {
         None => return error(Surface::OAuth2, &Failure::bad_request("grant_type is missing")),
     }
     let raw = form.get("refresh_token").map(String::as_str).unwrap_or_default();
-    let served = state.with_authid(raw, ip, Cost::TokenRequest, async |authid| state.broker.token(authid, None).await);
+    let served =
+        state.with_authid(raw, ip, Cost::TokenRequest, async |authid| state.broker.shared_token(authid, None).await);
     match served.await {
         Ok((authid, token)) => {
             let mut body = json!({
