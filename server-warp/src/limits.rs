@@ -98,8 +98,10 @@ impl<K: Hash + Eq + Copy, V> Bounded<K, V> {
         Bounded { map: HashMap::new(), order: VecDeque::new(), capacity: capacity.max(1) }
     }
 
+    /// One hash lookup when `key` is there (every request after a client's
+    /// first), two only when a full map makes room for it.
     fn get_or_insert_with(&mut self, key: K, make: impl FnOnce() -> V) -> &mut V {
-        if !self.map.contains_key(&key) {
+        if self.map.len() >= self.capacity && !self.map.contains_key(&key) {
             while self.map.len() >= self.capacity {
                 match self.order.pop_front() {
                     Some(oldest) => {
@@ -108,17 +110,20 @@ impl<K: Hash + Eq + Copy, V> Bounded<K, V> {
                     None => break,
                 }
             }
-            if self.order.len() >= 2 * self.capacity {
-                // Removed keys pile up in the queue; rebuilding it now and
-                // then keeps it bounded (amortised O(1)).
-                let map = &self.map;
-                self.order.retain(|k| map.contains_key(k));
-            }
-            self.order.push_back(key);
+        }
+        if self.order.len() >= 2 * self.capacity {
+            // Removed keys pile up in the queue; rebuilding it now and
+            // then keeps it bounded (amortised O(1): it grows only by
+            // insertions).
+            let map = &self.map;
+            self.order.retain(|k| map.contains_key(k));
         }
         match self.map.entry(key) {
             Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => e.insert(make()),
+            Entry::Vacant(e) => {
+                self.order.push_back(key);
+                e.insert(make())
+            }
         }
     }
 
