@@ -118,7 +118,7 @@ fn timestamp(out: &mut Vec<u8>, second: &mut Second, now: std::time::SystemTime)
 }
 
 /// `n` in decimal, zero-padded to `width` digits.
-fn digits(out: &mut Vec<u8>, n: u64, width: usize) {
+pub(crate) fn digits(out: &mut Vec<u8>, n: u64, width: usize) {
     let mut buf = [b'0'; 20];
     let (mut n, mut at) = (n, buf.len());
     while n > 0 || at == buf.len() {

@@ -18,8 +18,8 @@ use super::front_door::{self, BrowserRequest};
 use super::metrics::with_keyid;
 use super::pages;
 use super::reply::{
-    Failure, Refusal, Surface, error, error_body, is_callback_name, json_bytes, json_reply, jsonp, page_status,
-    redirect, slow_down_status, with_body,
+    Failure, Refusal, Surface, error, error_body, is_callback_name, json_reply, json_written, jsonp, page_status,
+    push_json_str, redirect, slow_down_status, with_body,
 };
 use super::routes::Route;
 use super::token_path::{Cost, Refused};
@@ -289,13 +289,29 @@ fn duplicati_failure(state: &State, refused: &Refused) -> Failure {
     failure
 }
 
-/// `/refresh`'s answer, serialised straight into the response body.
-#[derive(serde::Serialize)]
+/// `/refresh`'s answer.
+#[cfg_attr(test, derive(serde::Serialize))]
 struct RefreshAnswer<'a> {
     access_token: &'a str,
     expires: u64,
-    #[serde(rename = "type")]
+    #[cfg_attr(test, serde(rename = "type"))]
     service: &'a str,
+}
+
+impl RefreshAnswer<'_> {
+    /// The JSON body, written by hand into one buffer: the busiest answer
+    /// the broker gives (its test compares it with serde's).
+    fn body(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(48 + self.access_token.len() + self.service.len());
+        out.extend_from_slice(b"{\"access_token\":");
+        push_json_str(&mut out, self.access_token);
+        out.extend_from_slice(b",\"expires\":");
+        crate::logging::digits(&mut out, self.expires, 1);
+        out.extend_from_slice(b",\"type\":");
+        push_json_str(&mut out, self.service);
+        out.push(b'}');
+        out
+    }
 }
 
 async fn refresh(
@@ -333,14 +349,15 @@ async fn refresh(
 /// the accept loop ([`super::with_shortcut`]); with the key id it named,
 /// for the request log, when it was served.
 pub(super) async fn refresh_answer(state: &State, raw: &str, ip: IpAddr) -> (Response, Option<KeyId>) {
-    let served = state.with_authid(raw, ip, Cost::TokenRequest, async |authid| state.broker.token(authid, None).await);
+    let served =
+        state.with_authid(raw, ip, Cost::TokenRequest, async |authid| state.broker.shared_token(authid, None).await);
     match served.await {
         Ok((authid, token)) => {
             let expires =
                 state.broker.expires_in(&token).map_or(NEVER_EXPIRES_SECS, |left| left.as_secs()).min(MAX_EXPIRES_SECS);
             let answer =
                 RefreshAnswer { access_token: token.access_token.expose_secret(), expires, service: &token.service };
-            (json_bytes(StatusCode::OK, &answer), Some(authid.keyid()))
+            (json_written(StatusCode::OK, answer.body()), Some(authid.keyid()))
         }
         Err(refused) => (error(Surface::Duplicati, &duplicati_failure(state, &refused)), None),
     }
@@ -526,5 +543,34 @@ async fn device_post(body: Vec<u8>, browser: BrowserRequest, ip: IpAddr, state: 
             pages::device_confirm(&state.csp, &name, &shown.label, &shown.user_code, &proof)
         }
         Err(e) => error_page(&state, "Cannot connect the device", &e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RefreshAnswer;
+
+    #[test]
+    fn the_refresh_answer_written_by_hand_is_serdes() {
+        let awkward = [
+            "ya29.a0AfB_byC-token",
+            "",
+            "quote\" backslash\\ slash/",
+            "\u{0}\u{1f}\n\t\r\u{8}\u{c}\u{7f}",
+            "é ünï 🦀 \u{2028}",
+        ];
+        for access_token in awkward {
+            for service in ["onedrivev2", "box.com", "x\"y"] {
+                for expires in [0, 7, 3599, u64::from(u32::MAX), u64::MAX] {
+                    let answer = RefreshAnswer { access_token, expires, service };
+                    let by_hand = String::from_utf8(answer.body()).unwrap();
+                    assert_eq!(by_hand, serde_json::to_string(&answer).unwrap());
+                    let parsed: serde_json::Value = serde_json::from_str(&by_hand).unwrap();
+                    assert_eq!(parsed["access_token"], access_token);
+                    assert_eq!(parsed["type"], service);
+                    assert_eq!(parsed["expires"], expires);
+                }
+            }
+        }
     }
 }

@@ -240,19 +240,31 @@ pub fn routes(state: State) -> impl Filter<Extract = (impl warp::Reply,), Error 
 /// answers it as before. `tests/duplicati.rs` checks that both ways answer
 /// alike.
 pub(crate) fn with_shortcut(state: State, handler: crate::connections::Handler) -> crate::connections::Handler {
+    use warp::http::header::HeaderName;
     use warp::hyper::body::Body as _;
+    // Named once: a name given as text is parsed at every lookup.
+    const X_AUTHID: HeaderName = HeaderName::from_static("x-authid");
+    const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+    fn authid(headers: &HeaderMap) -> Option<&str> {
+        headers.get(X_AUTHID)?.to_str().ok()
+    }
     Arc::new(move |request: warp::http::Request<crate::connections::RequestBody>, peer: SocketAddr| {
         let usual = request.method() == Method::GET
             && request.uri().path() == Route::Refresh.path()
-            && request.body().is_end_stream();
-        let authid = usual.then(|| request.headers().get("x-authid")?.to_str().ok().map(str::to_owned)).flatten();
-        let Some(authid) = authid else { return handler(request, peer) };
+            && request.body().is_end_stream()
+            && authid(request.headers()).is_some();
+        if !usual {
+            return handler(request, peer);
+        }
         let started = Instant::now();
-        let forwarded = request.headers().get_all("x-forwarded-for");
+        let forwarded = request.headers().get_all(X_FORWARDED_FOR);
         let ip = client_address(Some(peer), forwarded.iter().filter_map(|v| v.to_str().ok()), &state.proxies);
         let state = Arc::clone(&state);
+        // The head goes with the answer, whose AuthID is read from it, not copied.
+        let (head, _) = request.into_parts();
         Box::pin(async move {
-            let (response, keyid) = duplicati::refresh_answer(&state, &authid, ip).await;
+            let authid = authid(&head.headers).unwrap_or_default();
+            let (response, keyid) = duplicati::refresh_answer(&state, authid, ip).await;
             let path = Route::Refresh.path();
             state.metrics.observe(&Method::GET, path, response.status(), started.elapsed(), keyid.as_ref());
             response

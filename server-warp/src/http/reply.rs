@@ -127,22 +127,20 @@ pub fn with_body(status: StatusCode, content_type: &'static str, body: impl Into
     response
 }
 
-/// A JSON response serialised straight into one buffer, sized for a token
-/// answer, without building a `serde_json::Value` first.
-pub fn json_bytes(status: StatusCode, value: &impl serde::Serialize) -> Response {
-    let mut body = Vec::with_capacity(512);
-    if let Err(e) = serde_json::to_writer(&mut body, value) {
-        // Only a `Serialize` that fails (a map with non-string keys) gets
-        // here; the answers written with this are structs of strings and numbers.
-        tracing::error!(error = %e, "cannot write a JSON answer");
-        return with_body(StatusCode::INTERNAL_SERVER_ERROR, "application/json", r#"{"error":"internal_error"}"#);
-    }
+/// A response with JSON already written into `body`.
+pub fn json_written(status: StatusCode, body: Vec<u8>) -> Response {
     let mut response = Response::new(body.into());
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
+}
+
+/// Appends `text` to `out` as a JSON string, quoted and escaped.
+pub fn push_json_str(out: &mut Vec<u8>, text: &str) {
+    // Writing into a `Vec` cannot fail.
+    let _ = serde_json::to_writer(out, text);
 }
 
 /// A JSON response.
