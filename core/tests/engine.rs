@@ -387,6 +387,27 @@ async fn revoking_a_handle_or_the_grant_purges_the_cache() {
     assert_eq!(a.token(&second, None).await.unwrap_err(), EngineError::AuthIdRevoked);
 }
 
+// g2. A cache hit shares the cached token; `token` answers a copy of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_hit_shares_the_token_the_cache_holds() {
+    let world = World::new(ScriptedProvider::new());
+    let broker = world.broker("a", |_| {}).await;
+    let login = world.login(&broker).await;
+    let first = broker.shared_token(&login.authid, None).await.unwrap();
+    let second = broker.shared_token(&login.authid, None).await.unwrap();
+    let third = broker.shared_token(&login.authid, None).await.unwrap();
+    assert_eq!(broker.metrics().cache_misses, 1);
+    assert_eq!(broker.metrics().cache_hits, 2);
+    assert!(std::sync::Arc::ptr_eq(&first, &second), "the token the miss cached is the one a hit answers");
+    assert!(std::sync::Arc::ptr_eq(&second, &third), "hits share one token");
+    let copy = broker.token(&login.authid, None).await.unwrap();
+    assert_eq!(access(&copy), access(&third));
+    assert_eq!((copy.expires_at, &copy.service), (third.expires_at, &third.service));
+    // Shared or not, a revoked AuthID is no longer answered from the cache.
+    broker.revoke_handle(&login.authid, login.authid.keyid()).await.unwrap();
+    assert_eq!(broker.shared_token(&login.authid, None).await.unwrap_err(), EngineError::AuthIdRevoked);
+}
+
 // h. min_validity and the refresh deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn min_validity_is_respected_and_the_refresh_deadline_follows_the_idle_lifetime() {
