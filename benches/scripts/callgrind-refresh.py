@@ -3,19 +3,23 @@
 
     python3 benches/scripts/callgrind-refresh.py target/release/latchkey OUT [N]
 
-Starts `latchkey serve` under `valgrind --tool=callgrind` (sled store in a
-temporary directory, the default request log to a file, `[limits]` raised),
-with a stand-in provider in this script; logs in once the way a browser does;
+Starts `latchkey serve` under `valgrind --tool=callgrind` with the
+configuration `loadtest product` gives it (`loadtest operator-config`, found
+beside the latchkey binary: sled in a temporary directory, the default
+request log to a file, `[limits]` raised), with a stand-in provider in this
+script; logs in once the way a browser does;
 sends 200 requests to fill the cache; then zeroes callgrind's counters, sends N
 (default 5000) `GET /refresh` with `X-AuthID` on one keep-alive connection,
 and dumps the counters to OUT.1. Prints the instructions per request.
 
 Callgrind counts instructions, not time: the same binary gives the same count
-whatever else the machine is doing, so two builds can be compared on a busy
-or noisy machine. It does not count the kernel's work, and under valgrind
+within about 1 % whatever else the machine is doing (the log writer's idle
+polls, which follow the wall clock, are counted too), so two builds can be
+compared on a busy or noisy machine. It does not count the kernel's work, and under valgrind
 sha2 takes its portable path (no SHA extensions), so SHA-256 weighs about ten
 times what it does on the real CPU. `callgrind_annotate --inclusive=yes OUT.1`
-shows where the instructions go. Needs valgrind and Python 3 (standard library).
+shows where the instructions go. Needs valgrind, Python 3 (standard library) and `loadtest`
+(`cargo build --release -p latchkey-benches --bins`).
 """
 
 import http.client
@@ -28,14 +32,6 @@ import tempfile
 import threading
 import time
 from urllib.parse import parse_qs, urlencode, urlparse
-
-LIMITS = [
-    "token_requests_per_minute_per_keyid",
-    "token_requests_per_minute_per_address",
-    "fetch_requests_per_minute_per_address",
-    "record_creations_per_minute_per_address",
-    "user_code_attempts_per_minute_per_address",
-]
 
 
 class Provider(http.server.BaseHTTPRequestHandler):
@@ -84,34 +80,29 @@ def main():
     work = tempfile.mkdtemp(prefix="latchkey-callgrind-")
     with http.server.socketserver.TCPServer(("127.0.0.1", 0), None) as probe:
         port = probe.server_address[1]
-    limits = "".join(f"{key} = 4000000000\n" for key in LIMITS)
-    config = f"""listen = "127.0.0.1:{port}"
-public_url = "http://127.0.0.1:{port}"
-[keys]
-master_keys = ["k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="]
-[limits]
-{limits}
-[store]
-path = "{work}/data"
-[providers.fake]
-authorize_url = "{provider_url}/authorize"
-token_url = "{provider_url}/token"
-client_auth = "post"
-client_id = "id"
-client_secrets = ["secret"]
-rotates_refresh_tokens = false
-[services.fake]
-provider = "fake"
-display_name = "Benchmark storage"
-scopes = ["files"]
-[services.jottacloud]
-enabled = false
-"""
+    loadtest = os.path.join(os.path.dirname(binary), "loadtest")
+    config = subprocess.run(
+        [loadtest, "operator-config", "--listen", f"127.0.0.1:{port}", "--provider", provider_url, "--data", f"{work}/data"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     with open(f"{work}/latchkey.toml", "w") as f:
         f.write(config)
     env = {k: v for k, v in os.environ.items() if k != "LATCHKEY_LOG"}
     broker = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", binary, "serve", "--config", f"{work}/latchkey.toml"],
+        # --fair-sched: sled starts its thread pool behind a spin-wait, which
+        # valgrind's default scheduler can leave spinning for minutes.
+        [
+            "valgrind",
+            "--tool=callgrind",
+            "--fair-sched=yes",
+            f"--callgrind-out-file={out}",
+            binary,
+            "serve",
+            "--config",
+            f"{work}/latchkey.toml",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=open(f"{work}/latchkey.log", "w"),
         env=env,
@@ -123,6 +114,8 @@ enabled = false
                     break
             except OSError:
                 time.sleep(0.2)
+        else:
+            sys.exit(f"latchkey did not answer /healthz in 2 minutes; see {work}/latchkey.log")
         # A browser's login: the confirmation page, its form, the provider
         # (stood in for: straight back with a code), the callback.
         _, headers, page = request(port, "GET", "/login?id=fake")

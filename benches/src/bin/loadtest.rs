@@ -63,7 +63,10 @@ const USAGE: &str = "usage:
                    [--perf-stat]   (CPU time per request of both servers, `perf stat -e task-clock`)
   loadtest product-chart --json FILE --svg FILE   (redraws a product run's chart)
   loadtest warm [--store sled|postgres] [--ids 1000] [--repeats 3] [--duration 8s] [--connections 64] [--json FILE]
-  loadtest serve --config FILE   (what `latchkey serve --config FILE` does)";
+  loadtest serve --config FILE   (what `latchkey serve --config FILE` does)
+  loadtest operator-config --listen ADDR --provider URL --data DIR
+                   (prints the configuration `product` gives the broker, on sled in DIR,
+                    with the provider's /authorize and /token under URL)";
 
 #[derive(Debug, Clone)]
 struct Args {
@@ -87,6 +90,9 @@ struct Args {
     perf_stat: bool,
     broker_log: Option<String>,
     product_ids: String,
+    listen: Option<SocketAddr>,
+    provider: Option<String>,
+    data: Option<PathBuf>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -112,6 +118,9 @@ fn parse_args() -> anyhow::Result<Args> {
         perf_stat: false,
         broker_log: None,
         product_ids: "1".into(),
+        listen: None,
+        provider: None,
+        data: None,
     };
     let mut it = std::env::args().skip(1).peekable();
     if let Some(first) = it.peek() {
@@ -144,6 +153,9 @@ fn parse_args() -> anyhow::Result<Args> {
             "--perf" => args.perf = Some(value()?.into()),
             "--perf-stat" => args.perf_stat = true,
             "--broker-log" => args.broker_log = Some(value()?),
+            "--listen" => args.listen = Some(value()?.parse()?),
+            "--provider" => args.provider = Some(value()?),
+            "--data" => args.data = Some(value()?.into()),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -152,6 +164,18 @@ fn parse_args() -> anyhow::Result<Args> {
         }
     }
     Ok(args)
+}
+
+/// `loadtest operator-config`: the broker configuration of `product`, for a
+/// broker started by something else (`benches/scripts/callgrind-refresh.py`).
+fn operator_config(args: &Args) -> anyhow::Result<()> {
+    let need = |what: &str| anyhow!("operator-config needs {what}\n{USAGE}");
+    let listen = args.listen.ok_or_else(|| need("--listen"))?;
+    let provider = ProviderUrls::under(args.provider.as_deref().ok_or_else(|| need("--provider"))?);
+    let data = args.data.as_ref().ok_or_else(|| need("--data"))?;
+    let store = format!("[store]\npath = {:?}", data.display().to_string());
+    print!("{}", latchkey_benches::operator_config_text(listen, &provider, &store));
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -164,6 +188,7 @@ fn main() -> anyhow::Result<()> {
         "product" => runtime.block_on(product::product(&args)),
         "warm" => runtime.block_on(warm(&args)),
         "product-chart" => product::redraw(&args),
+        "operator-config" => operator_config(&args),
         other => bail!("unknown mode {other}\n{USAGE}"),
     }
 }
