@@ -106,6 +106,16 @@ fn with_state(state: State) -> impl Filter<Extract = (State,), Error = Infallibl
 
 pub use crate::limits::client_address;
 
+/// The client's address: the peer, or what `X-Forwarded-For` says when the
+/// peer is a trusted proxy (see [`client_address`]).
+fn client_from(peer: Option<SocketAddr>, headers: &HeaderMap, proxies: &[Cidr]) -> IpAddr {
+    // Named once: a name given as text is parsed at every lookup.
+    const X_FORWARDED_FOR: warp::http::header::HeaderName =
+        warp::http::header::HeaderName::from_static("x-forwarded-for");
+    let lines = headers.get_all(X_FORWARDED_FOR).into_iter().filter_map(|v| v.to_str().ok());
+    client_address(peer, lines, proxies)
+}
+
 fn client_ip(state: State) -> warp::filters::BoxedFilter<(IpAddr,)> {
     let peer = crate::connections::remote();
     if state.proxies.is_empty() {
@@ -113,10 +123,7 @@ fn client_ip(state: State) -> warp::filters::BoxedFilter<(IpAddr,)> {
         return peer.map(|peer: Option<SocketAddr>| client_address(peer, std::iter::empty(), &[])).boxed();
     }
     peer.and(warp::header::headers_cloned())
-        .map(move |peer: Option<SocketAddr>, headers: HeaderMap| {
-            let lines = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok());
-            client_address(peer, lines, &state.proxies)
-        })
+        .map(move |peer: Option<SocketAddr>, headers: HeaderMap| client_from(peer, &headers, &state.proxies))
         .boxed()
 }
 
@@ -244,7 +251,6 @@ pub(crate) fn with_shortcut(state: State, handler: crate::connections::Handler) 
     use warp::hyper::body::Body as _;
     // Named once: a name given as text is parsed at every lookup.
     const X_AUTHID: HeaderName = HeaderName::from_static("x-authid");
-    const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
     fn authid(headers: &HeaderMap) -> Option<&str> {
         headers.get(X_AUTHID)?.to_str().ok()
     }
@@ -257,8 +263,7 @@ pub(crate) fn with_shortcut(state: State, handler: crate::connections::Handler) 
             return handler(request, peer);
         }
         let started = Instant::now();
-        let forwarded = request.headers().get_all(X_FORWARDED_FOR);
-        let ip = client_address(Some(peer), forwarded.iter().filter_map(|v| v.to_str().ok()), &state.proxies);
+        let ip = client_from(Some(peer), request.headers(), &state.proxies);
         let state = Arc::clone(&state);
         // The head goes with the answer, whose AuthID is read from it, not copied.
         let (head, _) = request.into_parts();
