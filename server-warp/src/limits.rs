@@ -2,9 +2,9 @@
 //! growing back-off on failed AuthID secrets. Time is passed in, so the
 //! tests drive it.
 
-use std::collections::hash_map::{DefaultHasher, Entry};
+use std::collections::hash_map::{Entry, RandomState};
 use std::collections::{HashMap, VecDeque};
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -86,7 +86,7 @@ impl AddressKey {
 /// one inserted longest ago: O(1) per insertion (amortised), never a scan
 /// of the whole map under the lock.
 struct Bounded<K, V> {
-    map: HashMap<K, V>,
+    map: HashMap<K, V, BuildHasherDefault<Carried>>,
     /// Keys in insertion order; may hold keys already removed (skipped when
     /// evicting, and dropped when the queue is rebuilt).
     order: VecDeque<K>,
@@ -95,7 +95,7 @@ struct Bounded<K, V> {
 
 impl<K: Hash + Eq + Copy, V> Bounded<K, V> {
     fn new(capacity: usize) -> Self {
-        Bounded { map: HashMap::new(), order: VecDeque::new(), capacity: capacity.max(1) }
+        Bounded { map: HashMap::default(), order: VecDeque::new(), capacity: capacity.max(1) }
     }
 
     /// One hash lookup when `key` is there (every request after a client's
@@ -140,20 +140,65 @@ impl<K: Hash + Eq + Copy, V> Bounded<K, V> {
     }
 }
 
-/// [`Bounded`] maps in independently locked shards.
+/// A key with its hash, computed once per request: [`Sharded`] picks the
+/// shard by it, and the shard's table reuses it instead of hashing again.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Hashed<K> {
+    hash: u64,
+    key: K,
+}
+
+impl<K> Hash for Hashed<K> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+/// The hasher of [`Bounded`]'s table: a [`Hashed`] key hashes to the hash
+/// it carries. (Any other key is folded in byte by byte, as the tests' plain
+/// keys are.)
+#[derive(Default)]
+struct Carried(u64);
+
+impl Hasher for Carried {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// [`Bounded`] maps in independently locked shards. Keys are hashed once,
+/// with SipHash under a random key (clients choose addresses and keyids, so
+/// they must not be able to aim many at one shard or one probe sequence).
 struct Sharded<K, V> {
-    shards: Vec<Mutex<Bounded<K, V>>>,
+    shards: Vec<Mutex<Bounded<Hashed<K>, V>>>,
+    hasher: RandomState,
 }
 
 impl<K: Hash + Eq + Copy, V> Sharded<K, V> {
     fn new(capacity: usize) -> Self {
-        Sharded { shards: (0..SHARDS).map(|_| Mutex::new(Bounded::new(capacity / SHARDS))).collect() }
+        Sharded {
+            shards: (0..SHARDS).map(|_| Mutex::new(Bounded::new(capacity / SHARDS))).collect(),
+            hasher: RandomState::new(),
+        }
     }
 
-    fn shard(&self, key: &K) -> MutexGuard<'_, Bounded<K, V>> {
-        let mut hasher = DefaultHasher::new();
-        key.hash(&mut hasher);
-        lock(&self.shards[hasher.finish() as usize % SHARDS])
+    /// The shard `key` is in, locked, and the key with its hash. A shard's
+    /// table indexes by the hash's low bits and tags entries with its top
+    /// seven, so the shard is picked by bits in between: every key of a
+    /// shard shares them, and they matter to neither.
+    fn shard(&self, key: K) -> (MutexGuard<'_, Bounded<Hashed<K>, V>>, Hashed<K>) {
+        let hash = self.hasher.hash_one(key);
+        (lock(&self.shards[(hash >> 32) as usize % SHARDS]), Hashed { hash, key })
     }
 }
 
@@ -172,7 +217,7 @@ impl<K: Hash + Eq + Copy> Buckets<K> {
 
     /// Takes one token, or says how long until one is there.
     fn take(&self, key: K, now: Instant) -> Result<(), Duration> {
-        let mut shard = self.map.shard(&key);
+        let (mut shard, key) = self.map.shard(key);
         let (tokens, at) = shard.get_or_insert_with(key, || (self.capacity, now));
         *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * self.per_sec).min(self.capacity);
         *at = now;
@@ -265,8 +310,8 @@ impl Limiter {
         if self.failing.load(Ordering::Acquire) == 0 {
             return Ok(());
         }
-        let failures = self.failures.shard(key);
-        let Some(f) = failures.get(key) else { return Ok(()) };
+        let (failures, key) = self.failures.shard(*key);
+        let Some(f) = failures.get(&key) else { return Ok(()) };
         if f.count <= FREE_FAILURES || now.saturating_duration_since(f.last) >= FAILURE_MEMORY {
             return Ok(());
         }
@@ -278,8 +323,7 @@ impl Limiter {
     /// A request from `address` presented a wrong secret for this keyid (or an
     /// unknown keyid); answers whether this failure engages the back-off.
     pub fn failed_secret(&self, keyid: KeyId, address: IpAddr, now: Instant) -> bool {
-        let key = (keyid, AddressKey::of(address));
-        let mut failures = self.failures.shard(&key);
+        let (mut failures, key) = self.failures.shard((keyid, AddressKey::of(address)));
         let before = failures.len();
         let f = failures.get_or_insert_with(key, || Failures { count: 0, last: now });
         if now.saturating_duration_since(f.last) >= FAILURE_MEMORY {
@@ -302,8 +346,9 @@ impl Limiter {
         if self.failing.load(Ordering::Acquire) == 0 {
             return;
         }
-        let key = (*keyid, AddressKey::of(address));
-        if self.failures.shard(&key).remove(&key).is_some() {
+        let (mut failures, key) = self.failures.shard((*keyid, AddressKey::of(address)));
+        if failures.remove(&key).is_some() {
+            drop(failures);
             self.failing.fetch_sub(1, Ordering::AcqRel);
         }
     }
@@ -421,6 +466,24 @@ mod tests {
             map.remove(&k);
         }
         assert!(map.order.len() <= 2 * map.capacity + 1, "the queue stays bounded: {}", map.order.len());
+    }
+
+    #[test]
+    fn keys_hashed_once_spread_over_every_shard_and_are_found_again() {
+        let buckets: Buckets<KeyId> = Buckets::new(2);
+        let t0 = Instant::now();
+        let keyids: Vec<KeyId> =
+            (0..1000u32).map(|i| KeyId::from_bytes(std::array::from_fn(|b| (i >> (8 * (b % 4))) as u8))).collect();
+        for keyid in &keyids {
+            assert!(buckets.take(*keyid, t0).is_ok());
+        }
+        let sizes: Vec<usize> = buckets.map.shards.iter().map(|s| lock(s).len()).collect();
+        assert_eq!(sizes.iter().sum::<usize>(), 1000);
+        assert!(sizes.iter().all(|&n| n > 20), "every shard holds some keys: {sizes:?}");
+        for keyid in &keyids {
+            assert!(buckets.take(*keyid, t0).is_ok(), "the second token of the burst");
+            assert!(buckets.take(*keyid, t0).is_err(), "each key's own bucket, found again, is empty");
+        }
     }
 
     #[test]

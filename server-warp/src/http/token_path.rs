@@ -70,9 +70,11 @@ impl AppState {
         op: impl AsyncFnOnce(&AuthId) -> Result<T, EngineError>,
     ) -> Result<(AuthId, T), Refused> {
         let parsed = AuthId::parse(raw);
-        self.limiter.token_request(client, Instant::now()).map_err(Refused::Limited)?;
+        // One reading of the clock for both checks before the secret is known.
+        let now = Instant::now();
+        self.limiter.token_request(client, now).map_err(Refused::Limited)?;
         let authid = parsed.map_err(|e| Refused::Malformed(EngineError::from(e)))?;
-        if let Err(wait) = self.limiter.backing_off(authid.keyid(), client, Instant::now()) {
+        if let Err(wait) = self.limiter.backing_off(authid.keyid(), client, now) {
             // This address sent wrong secrets for the keyid. The secret is
             // checked before it is refused (a cached token, or the handle's
             // key unwrapped): whoever holds the right one is served, even
