@@ -48,9 +48,29 @@ impl KeyId {
     }
 }
 
+impl KeyId {
+    /// The keyid's base64url text, written on the stack: a request's log
+    /// line names its keyid without allocating.
+    pub fn text(&self) -> KeyIdText {
+        KeyIdText(encode_fixed(&self.0))
+    }
+}
+
+/// A keyid's text (22 base64url characters), from [`KeyId::text`].
+#[derive(Clone, Copy)]
+pub struct KeyIdText([u8; KEYID_TEXT_LEN]);
+
+impl KeyIdText {
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        // Every byte comes from the base64url alphabet, which is ASCII.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
 impl fmt::Display for KeyId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&URL_SAFE_NO_PAD.encode(self.0))
+        f.write_str(self.text().as_str())
     }
 }
 
@@ -160,7 +180,7 @@ impl AuthId {
     /// The full `keyid:secret` text, for handing to the user exactly once.
     pub fn expose_text(&self) -> Zeroizing<String> {
         let mut text = Zeroizing::new(String::with_capacity(KEYID_TEXT_LEN + 1 + SECRET_TEXT_LEN));
-        text.push_str(&URL_SAFE_NO_PAD.encode(self.keyid.0));
+        text.push_str(self.keyid.text().as_str());
         text.push(':');
         URL_SAFE_NO_PAD.encode_string(self.secret.0, &mut text);
         text
@@ -216,26 +236,134 @@ fn split_separator(text: &str) -> Option<(&str, &str)> {
     Some((&text[..at], &text[at + 3..]))
 }
 
-/// Decodes exactly `N` bytes from canonical unpadded base64url of `text_len` characters.
+/// The base64url alphabet (RFC 4648, section 5).
+const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+/// Marks a byte that is not in [`ALPHABET`].
+const NOT_BASE64: u8 = 0xFF;
+/// Each byte's 6-bit value in [`ALPHABET`], or [`NOT_BASE64`].
+static VALUES: [u8; 256] = {
+    let mut values = [NOT_BASE64; 256];
+    let mut i = 0;
+    while i < ALPHABET.len() {
+        values[ALPHABET[i] as usize] = i as u8;
+        i += 1;
+    }
+    values
+};
+
+/// Decodes exactly `N` bytes from canonical unpadded base64url of `text_len`
+/// characters: the length must be the one `N` bytes encode to, every
+/// character in the alphabet, and the bits past the last byte zero (so each
+/// value has one text). Written out for these fixed lengths: every token
+/// request parses an AuthID, and a general decoder costs several times more.
 fn decode_fixed<const N: usize>(text: &str, text_len: usize) -> Option<[u8; N]> {
-    if text.len() != text_len {
+    let text = text.as_bytes();
+    if text.len() != text_len || text_len != (8 * N).div_ceil(6) {
         return None;
     }
     let mut out = [0u8; N];
-    // A larger scratch buffer: the engine checks capacity against the padded length.
-    let mut buf = Zeroizing::new([0u8; 48]);
-    let n = URL_SAFE_NO_PAD.decode_slice(text, buf.as_mut()).ok()?;
-    if n != N {
+    // Every value is OR-ed in here: a character outside the alphabet
+    // (NOT_BASE64) sets bits that no value below 64 has.
+    let mut seen = 0u8;
+    let mut value = |c: &u8| {
+        let v = VALUES[usize::from(*c)];
+        seen |= v;
+        u32::from(v)
+    };
+    // Four characters make three bytes; N bytes encode to as many whole
+    // groups as N has whole threes, and a tail of 0, 2 or 3 characters.
+    let mut quads = text.chunks_exact(4);
+    let mut triples = out.chunks_exact_mut(3);
+    for (quad, triple) in (&mut quads).zip(&mut triples) {
+        let n = value(&quad[0]) << 18 | value(&quad[1]) << 12 | value(&quad[2]) << 6 | value(&quad[3]);
+        triple.copy_from_slice(&n.to_be_bytes()[1..]);
+    }
+    let rest = quads.remainder();
+    let n = rest.iter().fold(0u32, |n, c| n << 6 | value(c));
+    let tail = triples.into_remainder();
+    // The tail's bits past its last byte must be zero: one text per value.
+    let spare = 6 * rest.len() - 8 * tail.len();
+    if seen & !63 != 0 || n & ((1 << spare) - 1) != 0 {
         return None;
     }
-    out.copy_from_slice(&buf[..N]);
+    let (n, last) = (n >> spare, tail.len().saturating_sub(1));
+    for (i, b) in tail.iter_mut().enumerate() {
+        *b = (n >> (8 * (last - i))) as u8;
+    }
     Some(out)
+}
+
+/// The unpadded base64url text of `bytes`; `T` is its length.
+fn encode_fixed<const N: usize, const T: usize>(bytes: &[u8; N]) -> [u8; T] {
+    const { assert!(T == (8 * N).div_ceil(6)) };
+    let mut out = [0u8; T];
+    let (mut acc, mut bits, mut at) = (0u32, 0u32, 0usize);
+    for &b in bytes {
+        acc = (acc << 8) | u32::from(b);
+        bits += 8;
+        while bits >= 6 {
+            bits -= 6;
+            out[at] = ALPHABET[((acc >> bits) & 63) as usize];
+            at += 1;
+        }
+    }
+    if bits > 0 {
+        out[at] = ALPHABET[((acc << (6 - bits)) & 63) as usize];
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::testing::SeqRandom;
+
+    proptest::proptest! {
+        /// The fixed-length codec agrees with the base64 crate's unpadded
+        /// base64url, canonical trailing bits included, both ways.
+        #[test]
+        fn fixed_length_base64url_agrees_with_the_base64_crate(
+            keyid in proptest::array::uniform16(proptest::num::u8::ANY),
+            secret in proptest::array::uniform32(proptest::num::u8::ANY),
+            text in "[A-Za-z0-9_=+/:. -]{20,45}",
+        ) {
+            let keyid_text: [u8; KEYID_TEXT_LEN] = encode_fixed(&keyid);
+            proptest::prop_assert_eq!(keyid_text.to_vec(), URL_SAFE_NO_PAD.encode(keyid).into_bytes());
+            let secret_text: [u8; SECRET_TEXT_LEN] = encode_fixed(&secret);
+            proptest::prop_assert_eq!(secret_text.to_vec(), URL_SAFE_NO_PAD.encode(secret).into_bytes());
+            let keyid_text = std::str::from_utf8(&keyid_text).unwrap();
+            proptest::prop_assert_eq!(decode_fixed::<KEYID_LEN>(keyid_text, KEYID_TEXT_LEN), Some(keyid));
+            let secret_text = std::str::from_utf8(&secret_text).unwrap();
+            proptest::prop_assert_eq!(decode_fixed::<SECRET_LEN>(secret_text, SECRET_TEXT_LEN), Some(secret));
+            // Any text: accepted exactly when the crate decodes it to that many bytes.
+            let by_crate = |n: usize| URL_SAFE_NO_PAD.decode(&text).ok().filter(|b| b.len() == n && text.len() == (8 * n).div_ceil(6));
+            proptest::prop_assert_eq!(decode_fixed::<KEYID_LEN>(&text, KEYID_TEXT_LEN).map(Vec::from), by_crate(KEYID_LEN));
+            proptest::prop_assert_eq!(decode_fixed::<SECRET_LEN>(&text, SECRET_TEXT_LEN).map(Vec::from), by_crate(SECRET_LEN));
+        }
+    }
+
+    #[test]
+    fn fixed_length_base64url_refuses_what_is_not_canonical() {
+        let text = URL_SAFE_NO_PAD.encode([0xA5u8; KEYID_LEN]);
+        assert!(decode_fixed::<KEYID_LEN>(&text, KEYID_TEXT_LEN).is_some());
+        // The last character carries 2 bits of data and 4 that must be zero:
+        // of the 64 characters, the 4 whose value ends in four zero bits
+        // are accepted there (each another keyid), the other 60 refused.
+        let accepted: Vec<u8> = ALPHABET
+            .iter()
+            .copied()
+            .filter(|&c| {
+                let mut other = text.clone().into_bytes();
+                other[KEYID_TEXT_LEN - 1] = c;
+                decode_fixed::<KEYID_LEN>(std::str::from_utf8(&other).unwrap(), KEYID_TEXT_LEN).is_some()
+            })
+            .collect();
+        assert_eq!(accepted, b"AQgw", "the characters of values 0, 16, 32 and 48");
+        for bad in [&text[..21], &format!("{text}A"), &format!("{}=", &text[..21]), &format!("{}+", &text[..21])] {
+            assert_eq!(decode_fixed::<KEYID_LEN>(bad, KEYID_TEXT_LEN), None, "{bad}");
+        }
+        assert_eq!(KeyId::from_bytes([0xA5; KEYID_LEN]).to_string(), text);
+    }
 
     #[test]
     fn generated_authid_round_trips_through_its_text() {

@@ -72,7 +72,7 @@ pub mod store;
 pub mod testing;
 pub mod time;
 
-pub use authid::{AuthId, AuthIdError, AuthIdSecret, KeyId};
+pub use authid::{AuthId, AuthIdError, AuthIdSecret, KeyId, KeyIdText};
 pub use catalogue::{Catalogue, CatalogueError, LoginMethod, ProviderSpec, ServiceSpec};
 pub use codec::DecodeError;
 pub use engine::{Broker, BrokerParts, EngineConfig, EngineError, ErrorCode, REDIRECT_PATH, TokenGrant, redirect_uri};

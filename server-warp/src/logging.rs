@@ -167,14 +167,7 @@ fn debug_str(out: &mut Vec<u8>, s: &str) {
 
 /// A key id as its `Display` writes it, without a `String`.
 fn keyid_text(out: &mut Vec<u8>, keyid: &KeyId) {
-    use base64::Engine as _;
-    let mut buf = [0u8; 24];
-    match base64::engine::general_purpose::URL_SAFE_NO_PAD.encode_slice(keyid.as_bytes(), &mut buf) {
-        Ok(n) => out.extend_from_slice(&buf[..n]),
-        Err(_) => {
-            let _ = write!(out, "{keyid}");
-        }
-    }
+    out.extend_from_slice(keyid.text().as_str().as_bytes());
 }
 
 fn format_request(
