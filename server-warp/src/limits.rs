@@ -215,12 +215,16 @@ impl<K: Hash + Eq + Copy> Buckets<K> {
         Buckets { capacity, per_sec: capacity / 60.0, map: Sharded::new(MAX_TRACKED) }
     }
 
-    /// Takes one token, or says how long until one is there.
+    /// Takes one token, or says how long until one is there. A bucket's
+    /// time never goes back: requests read the clock before they wait for
+    /// the shard, so they may arrive out of order, and one that read it
+    /// earlier refills nothing (it must not move the bucket's time back, or
+    /// the next request would be credited that interval a second time).
     fn take(&self, key: K, now: Instant) -> Result<(), Duration> {
         let (mut shard, key) = self.map.shard(key);
         let (tokens, at) = shard.get_or_insert_with(key, || (self.capacity, now));
         *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * self.per_sec).min(self.capacity);
-        *at = now;
+        *at = (*at).max(now);
         if *tokens >= 1.0 {
             *tokens -= 1.0;
             Ok(())
@@ -277,6 +281,8 @@ impl Limiter {
     }
 
     /// A token request whose AuthID was right: counted against its keyid.
+    /// `now` may be older than a charge already made (read before a slow
+    /// refresh): it then refills nothing.
     pub fn authenticated(&self, keyid: KeyId, now: Instant) -> Result<(), Duration> {
         self.per_keyid.take(keyid, now)
     }
@@ -466,6 +472,19 @@ mod tests {
             map.remove(&k);
         }
         assert!(map.order.len() <= 2 * map.capacity + 1, "the queue stays bounded: {}", map.order.len());
+    }
+
+    #[test]
+    fn a_request_that_read_the_clock_earlier_refills_nothing_twice() {
+        let buckets: Buckets<u8> = Buckets::new(60);
+        let t0 = Instant::now();
+        let t10 = t0 + Duration::from_secs(10);
+        assert_eq!((0..100).filter(|_| buckets.take(1, t0).is_ok()).count(), 60, "the burst");
+        assert!(buckets.take(1, t10).is_ok(), "ten seconds refilled ten tokens: nine left");
+        assert!(buckets.take(1, t0).is_ok(), "a late request that read the clock at t0: eight left");
+        // Had the late request moved the bucket's time back to t0, these
+        // would be credited the same ten seconds again (seventeen tokens).
+        assert_eq!((0..100).filter(|_| buckets.take(1, t10).is_ok()).count(), 8);
     }
 
     #[test]

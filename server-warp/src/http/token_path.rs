@@ -70,7 +70,9 @@ impl AppState {
         op: impl AsyncFnOnce(&AuthId) -> Result<T, EngineError>,
     ) -> Result<(AuthId, T), Refused> {
         let parsed = AuthId::parse(raw);
-        // One reading of the clock for both checks before the secret is known.
+        // One reading of the clock for the request's limits: the keyid's
+        // bucket, charged after `op`, never moves back in time (see
+        // `limits::Buckets::take`), so a slow `op` only makes it refill less.
         let now = Instant::now();
         self.limiter.token_request(client, now).map_err(Refused::Limited)?;
         let authid = parsed.map_err(|e| Refused::Malformed(EngineError::from(e)))?;
@@ -86,7 +88,7 @@ impl AppState {
         match op(&authid).await {
             Ok(answer) => {
                 if cost == Cost::TokenRequest {
-                    self.token_served(&authid, client).map_err(Refused::Limited)?;
+                    self.token_served(&authid, client, now).map_err(Refused::Limited)?;
                 }
                 Ok((authid, answer))
             }
@@ -102,9 +104,9 @@ impl AppState {
     /// debug level (`LATCHKEY_LOG=latchkey_server=debug`): the keyid names
     /// the client, never its secret. A provider whose refreshes contradict
     /// the catalogue is warned about here, once.
-    fn token_served(&self, authid: &AuthId, client: IpAddr) -> Result<(), Duration> {
+    fn token_served(&self, authid: &AuthId, client: IpAddr, now: Instant) -> Result<(), Duration> {
         self.limiter.succeeded(&authid.keyid(), client);
-        self.limiter.authenticated(authid.keyid(), Instant::now())?;
+        self.limiter.authenticated(authid.keyid(), now)?;
         tracing::debug!(keyid = %authid.keyid(), "token served");
         for mismatch in self.broker.take_rotation_mismatches() {
             tracing::warn!(provider = %mismatch.provider, rotated = mismatch.rotated, "{mismatch}");
