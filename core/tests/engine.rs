@@ -408,6 +408,21 @@ async fn a_cache_hit_shares_the_token_the_cache_holds() {
     assert_eq!(broker.shared_token(&login.authid, None).await.unwrap_err(), EngineError::AuthIdRevoked);
 }
 
+/// A server boxes the token future of every request: the miss path (store,
+/// provider, lease) is boxed apart, so the future a hit builds stays small
+/// enough for the allocator's per-thread cache (glibc's ends at 1,032 bytes;
+/// with the miss inside, it was 1,232).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_future_holds_the_cache_miss_only_boxed() {
+    let world = World::new(ScriptedProvider::new());
+    let broker = world.broker("a", |_| {}).await;
+    let login = world.login(&broker).await;
+    let future = broker.shared_token(&login.authid, None);
+    assert!(std::mem::size_of_val(&future) <= 256, "{} bytes", std::mem::size_of_val(&future));
+    assert!(future.await.is_ok(), "and the boxed miss still answers");
+    assert_eq!(broker.metrics().cache_misses, 1);
+}
+
 // h. min_validity and the refresh deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn min_validity_is_respected_and_the_refresh_deadline_follows_the_idle_lifetime() {

@@ -9,6 +9,7 @@ use futures_util::FutureExt;
 use futures_util::future::{Shared, select};
 use secrecy::SecretString;
 
+use super::cache::CacheKey;
 use super::decide::{self, TokenDecision};
 use super::error::STORE_RETRY_AFTER;
 use super::metrics::{Metrics, RefreshOutcome};
@@ -100,17 +101,33 @@ impl Broker {
             Err(epoch) => epoch,
         };
         Metrics::bump(&inner.metrics.cache_misses);
-        let (handle, data_key, grant) = inner.authenticate_with_grant(authid).await?;
-        let grant_id = handle.grant_id;
-        inner.touch(handle);
-        let (token, lifetime) = inner.token_for_grant(grant_id, &data_key, min_validity, grant).await?;
-        let token = Arc::new(token);
-        inner.cache.insert(key, grant_id, Arc::clone(&token), lifetime, inner.now(), epoch);
-        Ok(token)
+        // The miss (store, provider, lease) is a large future of its own,
+        // boxed only when it runs: a hit's future stays small enough for
+        // the allocator's fast path when a server boxes it per request.
+        Box::pin(inner.cache_miss(authid, key, epoch, min_validity)).await
     }
 }
 
 impl Inner {
+    /// [`Broker::shared_token`] past a cache miss: authenticates, finds or
+    /// refreshes the grant's token, and caches it under `key` unless a purge
+    /// happened since `epoch`.
+    async fn cache_miss(
+        self: &Arc<Self>,
+        authid: &AuthId,
+        key: CacheKey,
+        epoch: u64,
+        min_validity: Duration,
+    ) -> Result<Arc<TokenGrant>, EngineError> {
+        let (handle, data_key, grant) = self.authenticate_with_grant(authid).await?;
+        let grant_id = handle.grant_id;
+        self.touch(handle);
+        let (token, lifetime) = self.token_for_grant(grant_id, &data_key, min_validity, grant).await?;
+        let token = Arc::new(token);
+        self.cache.insert(key, grant_id, Arc::clone(&token), lifetime, self.now(), epoch);
+        Ok(token)
+    }
+
     /// Loads the handle and unwraps the grant's data key with the AuthID's secret.
     pub(super) async fn authenticate(&self, authid: &AuthId) -> Result<(Handle, DataKey), EngineError> {
         let handle: Handle = self.store.load(authid.keyid().as_bytes()).await?.ok_or(EngineError::AuthIdInvalid)?;
