@@ -109,6 +109,10 @@ pub use crate::limits::client_address;
 /// The client's address: the peer, or what `X-Forwarded-For` says when the
 /// peer is a trusted proxy (see [`client_address`]).
 fn client_from(peer: Option<SocketAddr>, headers: &HeaderMap, proxies: &[Cidr]) -> IpAddr {
+    if proxies.is_empty() {
+        // No proxy is trusted: the peer is the client, and no header is read.
+        return client_address(peer, std::iter::empty(), &[]);
+    }
     // Named once: a name given as text is parsed at every lookup.
     const X_FORWARDED_FOR: warp::http::header::HeaderName =
         warp::http::header::HeaderName::from_static("x-forwarded-for");
@@ -119,8 +123,8 @@ fn client_from(peer: Option<SocketAddr>, headers: &HeaderMap, proxies: &[Cidr]) 
 fn client_ip(state: State) -> warp::filters::BoxedFilter<(IpAddr,)> {
     let peer = crate::connections::remote();
     if state.proxies.is_empty() {
-        // No proxy is trusted: the peer is the client, and no header is read.
-        return peer.map(|peer: Option<SocketAddr>| client_address(peer, std::iter::empty(), &[])).boxed();
+        // No proxy is trusted: no header is read, nor cloned.
+        return peer.map(|peer: Option<SocketAddr>| client_from(peer, &HeaderMap::new(), &[])).boxed();
     }
     peer.and(warp::header::headers_cloned())
         .map(move |peer: Option<SocketAddr>, headers: HeaderMap| client_from(peer, &headers, &state.proxies))
@@ -251,24 +255,21 @@ pub(crate) fn with_shortcut(state: State, handler: crate::connections::Handler) 
     use warp::hyper::body::Body as _;
     // Named once: a name given as text is parsed at every lookup.
     const X_AUTHID: HeaderName = HeaderName::from_static("x-authid");
-    fn authid(headers: &HeaderMap) -> Option<&str> {
-        headers.get(X_AUTHID)?.to_str().ok()
-    }
     Arc::new(move |request: warp::http::Request<crate::connections::RequestBody>, peer: SocketAddr| {
         let usual = request.method() == Method::GET
             && request.uri().path() == Route::Refresh.path()
-            && request.body().is_end_stream()
-            && authid(request.headers()).is_some();
-        if !usual {
-            return handler(request, peer);
-        }
+            && request.body().is_end_stream();
+        // The AuthID's value, looked up once. Its bytes stay in the buffer
+        // hyper read the request into: the clone copies none of them.
+        let authid = match request.headers().get(X_AUTHID) {
+            Some(value) if usual && value.to_str().is_ok() => value.clone(),
+            _ => return handler(request, peer),
+        };
         let started = Instant::now();
         let ip = client_from(Some(peer), request.headers(), &state.proxies);
         let state = Arc::clone(&state);
-        // The head goes with the answer, whose AuthID is read from it, not copied.
-        let (head, _) = request.into_parts();
         Box::pin(async move {
-            let authid = authid(&head.headers).unwrap_or_default();
+            let authid = authid.to_str().unwrap_or_default();
             let (response, keyid) = duplicati::refresh_answer(&state, authid, ip).await;
             let path = Route::Refresh.path();
             state.metrics.observe(&Method::GET, path, response.status(), started.elapsed(), keyid.as_ref());
