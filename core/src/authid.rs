@@ -61,6 +61,11 @@ impl KeyId {
 pub struct KeyIdText([u8; KEYID_TEXT_LEN]);
 
 impl KeyIdText {
+    /// The text's bytes (ASCII).
+    pub fn as_bytes(&self) -> &[u8; KEYID_TEXT_LEN] {
+        &self.0
+    }
+
     /// The text.
     pub fn as_str(&self) -> &str {
         // Every byte comes from the base64url alphabet, which is ASCII.

@@ -167,7 +167,7 @@ fn debug_str(out: &mut Vec<u8>, s: &str) {
 
 /// A key id as its `Display` writes it, without a `String`.
 fn keyid_text(out: &mut Vec<u8>, keyid: &KeyId) {
-    out.extend_from_slice(keyid.text().as_str().as_bytes());
+    out.extend_from_slice(keyid.text().as_bytes());
 }
 
 fn format_request(

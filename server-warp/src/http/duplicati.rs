@@ -558,6 +558,12 @@ mod tests {
             "quote\" backslash\\ slash/",
             "\u{0}\u{1f}\n\t\r\u{8}\u{c}\u{7f}",
             "é ünï 🦀 \u{2028}",
+            // Each alone: the one character decides between copying and escaping.
+            "del\u{7f}",
+            " ",
+            "\u{1f}",
+            "\"",
+            "\\",
         ];
         for access_token in awkward {
             for service in ["onedrivev2", "box.com", "x\"y"] {
