@@ -483,7 +483,7 @@ mod tests {
         assert!(buckets.take(1, t10).is_ok(), "ten seconds refilled ten tokens: nine left");
         assert!(buckets.take(1, t0).is_ok(), "a late request that read the clock at t0: eight left");
         // Had the late request moved the bucket's time back to t0, these
-        // would be credited the same ten seconds again (seventeen tokens).
+        // would be credited the same ten seconds again: eighteen would pass.
         assert_eq!((0..100).filter(|_| buckets.take(1, t10).is_ok()).count(), 8);
     }
 

@@ -558,7 +558,7 @@ mod tests {
             "quote\" backslash\\ slash/",
             "\u{0}\u{1f}\n\t\r\u{8}\u{c}\u{7f}",
             "é ünï 🦀 \u{2028}",
-            // Each alone: the one character decides between copying and escaping.
+            // Each alone, and DEL, which JSON leaves as it is.
             "del\u{7f}",
             " ",
             "\u{1f}",
