@@ -309,14 +309,10 @@ impl Limiter {
     /// and for how long. The caller checks the secret before it refuses: a
     /// right secret is served whatever others sent.
     pub fn backing_off(&self, keyid: KeyId, address: IpAddr, now: Instant) -> Result<(), Duration> {
-        self.backoff(&(keyid, AddressKey::of(address)), now)
-    }
-
-    fn backoff(&self, key: &(KeyId, AddressKey), now: Instant) -> Result<(), Duration> {
         if self.failing.load(Ordering::Acquire) == 0 {
             return Ok(());
         }
-        let (failures, key) = self.failures.shard(*key);
+        let (failures, key) = self.failures.shard((keyid, AddressKey::of(address)));
         let Some(f) = failures.get(&key) else { return Ok(()) };
         if f.count <= FREE_FAILURES || now.saturating_duration_since(f.last) >= FAILURE_MEMORY {
             return Ok(());
