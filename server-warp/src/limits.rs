@@ -484,6 +484,37 @@ mod tests {
     }
 
     #[test]
+    fn keyids_crafted_for_one_shard_do_not_evict_a_back_off_sooner() {
+        // A guesser backing off for one keyid sends wrong secrets for other
+        // keyids it chose so that, with the shard picked by an unkeyed hash
+        // (as it once was), all of them share its record's shard: a shard
+        // holds a sixteenth of the entries, so its own record would be
+        // evicted after 6,250 failures instead of 100,000. Under the
+        // limiter's random key they spread over every shard.
+        let limiter = Limiter::new(&LimitsConfig::default());
+        let t0 = Instant::now();
+        let (target, guesser) = (KeyId::from_bytes([7; 16]), "203.0.113.9".parse::<IpAddr>().unwrap());
+        for _ in 0..=FREE_FAILURES {
+            limiter.failed_secret(target, guesser, t0);
+        }
+        assert!(limiter.backing_off(target, guesser, t0).is_err());
+        let unkeyed_shard = |keyid: KeyId| {
+            let mut hasher = std::hash::DefaultHasher::new();
+            (keyid, AddressKey::of(guesser)).hash(&mut hasher);
+            hasher.finish() as usize % SHARDS
+        };
+        let aimed = unkeyed_shard(target);
+        let crafted = (0u64..)
+            .map(|i| KeyId::from_bytes(std::array::from_fn(|b| (i >> (8 * (b % 8))) as u8)))
+            .filter(|&keyid| keyid != target && unkeyed_shard(keyid) == aimed)
+            .take(MAX_TRACKED / SHARDS);
+        for keyid in crafted {
+            limiter.failed_secret(keyid, guesser, t0);
+        }
+        assert!(limiter.backing_off(target, guesser, t0).is_err(), "the guesser still backs off");
+    }
+
+    #[test]
     fn keys_hashed_once_spread_over_every_shard_and_are_found_again() {
         let buckets: Buckets<KeyId> = Buckets::new(2);
         let t0 = Instant::now();
