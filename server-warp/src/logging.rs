@@ -3,7 +3,7 @@
 //! Every event is formatted on the thread that logs it (that is the tracing
 //! subscriber's work) and appended, as one line, to a bounded buffer shared
 //! by every thread; one thread of its own takes the whole buffer every
-//! millisecond while lines come (every 50 ms at most when idle), writes it
+//! 10 ms while lines come (every 50 ms at most when idle), writes it
 //! to stderr and flushes, so a burst of requests costs one `write` per
 //! batch instead of one per line, no worker thread ever parks on the stderr
 //! lock or makes a system call to wake the writer, and no line is a heap
@@ -33,8 +33,11 @@ pub const QUEUE_BYTES: usize = 8 * 1024 * 1024;
 
 /// How long the writer pauses after writing a batch. It polls the buffer
 /// instead of sleeping on it: a writer asleep on the buffer must be woken
-/// by a system call on nearly every line, on the thread that logs it.
-const POLL_BUSY: Duration = Duration::from_millis(1);
+/// by a system call on nearly every line, on the thread that logs it. Each
+/// wake-up takes a CPU from a worker or a client, so it polls every 10 ms
+/// rather than every millisecond (a busy broker's batch: about 1,000 lines,
+/// 130 KB; BENCHMARKS.md, sixth round).
+const POLL_BUSY: Duration = Duration::from_millis(10);
 /// The longest pause, reached by doubling while nothing is logged: how
 /// late a line may appear on an idle broker.
 const POLL_IDLE: Duration = Duration::from_millis(50);
