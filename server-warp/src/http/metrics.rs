@@ -51,9 +51,9 @@ impl Default for HttpMetrics {
     }
 }
 
-/// A request path's row.
-fn row(path: &str) -> usize {
-    match Route::of(path) {
+/// A request path's row, from its route (`Route::of(path)`).
+fn row(route: Option<Route>, path: &str) -> usize {
+    match route {
         Some(route) => Route::ALL.iter().position(|r| *r == route).unwrap_or(ROWS - 1),
         None if path.starts_with("/static/") => ROWS - 2,
         None => ROWS - 1,
@@ -76,12 +76,13 @@ impl HttpMetrics {
         elapsed: Duration,
         keyid: Option<&KeyId>,
     ) {
-        let row = row(path);
-        self.requests[row * STATUSES + column(status)].fetch_add(1, Ordering::Relaxed);
+        // The route is found once, for the counter and the log line.
+        let found = Route::of(path);
+        self.requests[row(found, path) * STATUSES + column(status)].fetch_add(1, Ordering::Relaxed);
         if !tracing::enabled!(tracing::Level::INFO) {
             return;
         }
-        let route = routes::label(path);
+        let route = routes::label_of(found, path);
         // Whole microseconds, which the log line writes without float formatting.
         let latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         let latency_ms = crate::logging::micros_as_ms(latency_us);

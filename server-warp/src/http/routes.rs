@@ -191,7 +191,12 @@ impl Route {
 /// The metrics label of a request path: its route's, `/static` for anything
 /// under `/static/`, `other` for the rest.
 pub(crate) fn label(path: &str) -> &'static str {
-    match Route::of(path) {
+    label_of(Route::of(path), path)
+}
+
+/// [`label`] of a path whose route is already known (`Route::of(path)`).
+pub(crate) fn label_of(route: Option<Route>, path: &str) -> &'static str {
+    match route {
         Some(route) => route.label(),
         None if path.starts_with("/static/") => STATIC,
         None => "other",
