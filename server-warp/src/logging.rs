@@ -120,7 +120,8 @@ fn timestamp(out: &mut Vec<u8>, second: &mut Second, now: std::time::SystemTime)
     out.push(b'Z');
 }
 
-/// `n` in decimal, zero-padded to `width` digits.
+/// `n` in decimal, zero-padded to `width` digits (20 at most, as many as a
+/// `u64` has).
 pub(crate) fn digits(out: &mut Vec<u8>, n: u64, width: usize) {
     let mut buf = [b'0'; 20];
     let (mut n, mut at) = (n, buf.len());
@@ -582,6 +583,20 @@ mod tests {
             let mut out = Vec::new();
             debug_str(&mut out, label);
             assert_eq!(String::from_utf8(out).unwrap(), format!("{label:?}"));
+        }
+    }
+
+    #[test]
+    fn numbers_are_written_in_decimal_zero_padded() {
+        let mut values: Vec<u64> = (0..=1_100).collect();
+        values.extend((1..20).flat_map(|e| [10u64.pow(e) - 1, 10u64.pow(e), 10u64.pow(e) + 1]));
+        values.extend([u64::from(u32::MAX), u64::MAX - 1, u64::MAX]);
+        for n in values {
+            for width in [1, 3, 6, 20] {
+                let mut out = Vec::new();
+                digits(&mut out, n, width);
+                assert_eq!(String::from_utf8(out).unwrap(), format!("{n:0width$}"), "{n} to {width}");
+            }
         }
     }
 
