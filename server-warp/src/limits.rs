@@ -16,6 +16,13 @@ use crate::config::{Cidr, LimitsConfig};
 
 /// Entries one limiter map keeps at most; past that the oldest is forgotten.
 const MAX_TRACKED: usize = 100_000;
+/// Keyids whose token buckets are kept at most. Only a keyid whose secret
+/// proved right gets a bucket, so this map grows with the broker's own
+/// users, not with what strangers send; sized so that a broker with more
+/// users than [`MAX_TRACKED`] neither forgets their limits nor evicts and
+/// re-inserts a bucket on every request (each shard holds a sixteenth,
+/// and the fullest shard fills first).
+const MAX_KEYIDS: usize = 1_000_000;
 /// Each map is split in this many independently locked shards, so requests
 /// from different clients rarely wait for one another.
 const SHARDS: usize = 16;
@@ -210,9 +217,9 @@ struct Buckets<K> {
 }
 
 impl<K: Hash + Eq + Copy> Buckets<K> {
-    fn new(per_minute: u32) -> Self {
+    fn new(per_minute: u32, tracked: usize) -> Self {
         let capacity = f64::from(per_minute.max(1));
-        Buckets { capacity, per_sec: capacity / 60.0, map: Sharded::new(MAX_TRACKED) }
+        Buckets { capacity, per_sec: capacity / 60.0, map: Sharded::new(tracked) }
     }
 
     /// Takes one token, or says how long until one is there. A bucket's
@@ -261,11 +268,11 @@ impl Limiter {
     /// Limits as configured.
     pub fn new(config: &LimitsConfig) -> Self {
         Limiter {
-            per_keyid: Buckets::new(config.token_requests_per_minute_per_keyid),
-            per_address: Buckets::new(config.token_requests_per_minute_per_address),
-            fetch_per_address: Buckets::new(config.fetch_requests_per_minute_per_address),
-            creations_per_address: Buckets::new(config.record_creations_per_minute_per_address),
-            user_codes_per_address: Buckets::new(config.user_code_attempts_per_minute_per_address),
+            per_keyid: Buckets::new(config.token_requests_per_minute_per_keyid, MAX_KEYIDS),
+            per_address: Buckets::new(config.token_requests_per_minute_per_address, MAX_TRACKED),
+            fetch_per_address: Buckets::new(config.fetch_requests_per_minute_per_address, MAX_TRACKED),
+            creations_per_address: Buckets::new(config.record_creations_per_minute_per_address, MAX_TRACKED),
+            user_codes_per_address: Buckets::new(config.user_code_attempts_per_minute_per_address, MAX_TRACKED),
             failures: Sharded::new(MAX_TRACKED),
             failing: AtomicUsize::new(0),
         }
@@ -472,7 +479,7 @@ mod tests {
 
     #[test]
     fn a_request_that_read_the_clock_earlier_refills_nothing_twice() {
-        let buckets: Buckets<u8> = Buckets::new(60);
+        let buckets: Buckets<u8> = Buckets::new(60, MAX_TRACKED);
         let t0 = Instant::now();
         let t10 = t0 + Duration::from_secs(10);
         assert_eq!((0..100).filter(|_| buckets.take(1, t0).is_ok()).count(), 60, "the burst");
@@ -516,7 +523,7 @@ mod tests {
 
     #[test]
     fn keys_hashed_once_spread_over_every_shard_and_are_found_again() {
-        let buckets: Buckets<KeyId> = Buckets::new(2);
+        let buckets: Buckets<KeyId> = Buckets::new(2, MAX_TRACKED);
         let t0 = Instant::now();
         let keyids: Vec<KeyId> =
             (0..1000u32).map(|i| KeyId::from_bytes(std::array::from_fn(|b| (i >> (8 * (b % 4))) as u8))).collect();
@@ -529,6 +536,23 @@ mod tests {
         for keyid in &keyids {
             assert!(buckets.take(*keyid, t0).is_ok(), "the second token of the burst");
             assert!(buckets.take(*keyid, t0).is_err(), "each key's own bucket, found again, is empty");
+        }
+    }
+
+    #[test]
+    fn a_broker_with_more_users_than_an_address_map_holds_keeps_every_users_bucket() {
+        // One request a minute per keyid: each of these keyids spends its
+        // bucket at once, and a bucket forgotten would come back full.
+        let limits = LimitsConfig { token_requests_per_minute_per_keyid: 1, ..LimitsConfig::default() };
+        let limiter = Limiter::new(&limits);
+        let t0 = Instant::now();
+        let users = MAX_TRACKED as u32 + 20_000;
+        let keyid = |i: u32| KeyId::from_bytes(std::array::from_fn(|b| (i >> (8 * (b % 4))) as u8));
+        for i in 0..users {
+            assert!(limiter.authenticated(keyid(i), t0).is_ok());
+        }
+        for i in [0, 1, users / 2, users - 1] {
+            assert!(limiter.authenticated(keyid(i), t0).is_err(), "user {i}'s spent bucket was forgotten");
         }
     }
 
