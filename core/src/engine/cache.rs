@@ -8,7 +8,8 @@
 //! before the latest purge is dropped, so a request racing a revocation
 //! cannot put a revoked grant's token back.
 
-use std::collections::{BTreeMap, HashMap};
+use std::borrow::Borrow;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -57,22 +58,70 @@ impl Hasher for FirstWord {
     }
 }
 
+/// One cached token: its key and all a hit reads before it answers, in one
+/// cache line (the map's buckets are this size and aligned to it), so that a
+/// hit among many AuthIDs waits for one line of the map, not two, and for
+/// the token itself only when it is served. The grant and the insertion
+/// order live in [`Inner::by_age`], which only inserts and removals read.
+#[repr(align(64))]
 struct Entry {
-    grant: GrantId,
+    key: CacheKey,
     /// Shared with the requests it answers: a hit copies nothing.
     token: Arc<TokenGrant>,
-    /// The token's lifetime when obtained, for the half-lifetime cap.
-    lifetime: Option<Duration>,
     inserted_at: Timestamp,
-    seq: u64,
+    /// The token's expiry in Unix milliseconds, copied from it; [`NEVER`]
+    /// for a token that does not expire.
+    expires_ms: u64,
+    /// The token's lifetime when obtained, in nanoseconds, for the
+    /// half-lifetime cap; [`NEVER`] when it has none.
+    lifetime_ns: u64,
 }
+
+/// [`Entry`]'s "none" for its expiry and lifetime. An expiry this far away
+/// (half a billion years) or a lifetime this long (584 years) is served
+/// exactly as none would be: the half-lifetime cap of a lifetime that long
+/// never binds.
+const NEVER: u64 = u64::MAX;
+
+const _: () = assert!(std::mem::size_of::<Entry>() == 64);
+
+impl Entry {
+    fn expires_at(&self) -> Option<Timestamp> {
+        (self.expires_ms != NEVER).then(|| Timestamp::from_unix_millis(self.expires_ms))
+    }
+
+    fn lifetime(&self) -> Option<Duration> {
+        (self.lifetime_ns != NEVER).then(|| Duration::from_nanos(self.lifetime_ns))
+    }
+}
+
+/// The map finds an entry by its key: hashed and compared as the key alone.
+impl Borrow<CacheKey> for Entry {
+    fn borrow(&self) -> &CacheKey {
+        &self.key
+    }
+}
+
+impl Hash for Entry {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.key.hash(state);
+    }
+}
+
+impl PartialEq for Entry {
+    fn eq(&self, other: &Self) -> bool {
+        self.key == other.key
+    }
+}
+
+impl Eq for Entry {}
 
 #[derive(Default)]
 struct Inner {
-    entries: HashMap<CacheKey, Entry, BuildHasherDefault<FirstWord>>,
-    by_age: BTreeMap<(Timestamp, u64), CacheKey>,
+    entries: HashSet<Entry, BuildHasherDefault<FirstWord>>,
+    /// Every entry by when it was inserted (the key breaks ties), with its grant.
+    by_age: BTreeMap<(Timestamp, CacheKey), GrantId>,
     by_grant: HashMap<GrantId, Vec<CacheKey>>,
-    seq: u64,
     epoch: u64,
 }
 
@@ -132,11 +181,11 @@ impl TokenCache {
         if now.duration_since(entry.inserted_at) >= ttl {
             return None;
         }
-        let fresh_enough = match entry.token.expires_at {
+        let fresh_enough = match entry.expires_at() {
             None => true,
             Some(expiry) => {
                 let left = expiry.duration_since(now);
-                !left.is_zero() && left >= required_validity(min_validity, entry.lifetime)
+                !left.is_zero() && left >= required_validity(min_validity, entry.lifetime())
             }
         };
         fresh_enough.then(|| Arc::clone(&entry.token))
@@ -158,14 +207,15 @@ impl TokenCache {
         }
         inner.remove(&key);
         while inner.entries.len() >= self.capacity {
-            let Some((_, oldest)) = inner.by_age.pop_first() else { break };
-            inner.remove(&oldest);
+            let Some(((_, oldest), grant)) = inner.by_age.pop_first() else { break };
+            inner.entries.remove(&oldest);
+            inner.unlink(&grant, &oldest);
         }
-        inner.seq += 1;
-        let seq = inner.seq;
-        inner.by_age.insert((now, seq), key);
+        inner.by_age.insert((now, key), grant);
         inner.by_grant.entry(grant).or_default().push(key);
-        inner.entries.insert(key, Entry { grant, token, lifetime, inserted_at: now, seq });
+        let expires_ms = token.expires_at.map_or(NEVER, Timestamp::unix_millis);
+        let lifetime_ns = lifetime.map_or(NEVER, |l| u64::try_from(l.as_nanos()).unwrap_or(NEVER));
+        inner.entries.insert(Entry { key, token, inserted_at: now, expires_ms, lifetime_ns });
     }
 
     /// Drops every entry of a grant, and fences off inserts already under way.
@@ -193,13 +243,19 @@ impl TokenCache {
 
 impl Inner {
     fn remove(&mut self, key: &CacheKey) {
-        if let Some(entry) = self.entries.remove(key) {
-            self.by_age.remove(&(entry.inserted_at, entry.seq));
-            if let Some(keys) = self.by_grant.get_mut(&entry.grant) {
-                keys.retain(|k| k != key);
-                if keys.is_empty() {
-                    self.by_grant.remove(&entry.grant);
-                }
+        if let Some(entry) = self.entries.take(key) {
+            if let Some(grant) = self.by_age.remove(&(entry.inserted_at, entry.key)) {
+                self.unlink(&grant, key);
+            }
+        }
+    }
+
+    /// Drops `key` from its grant's list.
+    fn unlink(&mut self, grant: &GrantId, key: &CacheKey) {
+        if let Some(keys) = self.by_grant.get_mut(grant) {
+            keys.retain(|k| k != key);
+            if keys.is_empty() {
+                self.by_grant.remove(grant);
             }
         }
     }
@@ -280,5 +336,49 @@ mod tests {
         assert!(cache.get(&cache.key_for(&b), t(1), Duration::ZERO).is_some(), "other grants stay");
         cache.insert(cache.key_for(&a), ga, token(None), None, t(1), stale_epoch);
         assert!(cache.get(&cache.key_for(&a), t(1), Duration::ZERO).is_none(), "a racing insert is dropped");
+    }
+
+    #[test]
+    fn a_short_lived_token_is_served_until_half_its_lifetime_and_one_without_expiry_until_the_ttl() {
+        let rng = SeqRandom::new(4);
+        let cache = TokenCache::new(SymmetricKey::generate(&rng), 10, Duration::from_secs(600));
+        let (short, forever) = (AuthId::generate(&rng), AuthId::generate(&rng));
+        let e = cache.epoch();
+        // A 120 s token, asked for 300 s of validity: the cap is 60 s left.
+        let ks = cache.key_for(&short);
+        cache.insert(ks, GrantId::generate(&rng), token(Some(t(120))), Some(Duration::from_secs(120)), t(0), e);
+        assert!(cache.get(&ks, t(60), Duration::from_secs(300)).is_some(), "60 s left of 120: half its lifetime");
+        assert!(cache.get(&ks, t(61), Duration::from_secs(300)).is_none(), "59 s left is under half");
+        let kf = cache.key_for(&forever);
+        cache.insert(kf, GrantId::generate(&rng), token(None), None, t(0), e);
+        assert!(cache.get(&kf, t(599), Duration::from_secs(300)).is_some(), "no expiry: served");
+        assert!(cache.get(&kf, t(600), Duration::ZERO).is_none(), "but not past the ttl");
+    }
+
+    #[test]
+    fn replacing_and_evicting_keep_the_grant_index_in_step() {
+        let rng = SeqRandom::new(5);
+        let cache = TokenCache::new(SymmetricKey::generate(&rng), 2, Duration::from_secs(600));
+        let ids: Vec<AuthId> = (0..3).map(|_| AuthId::generate(&rng)).collect();
+        let (g0, g1) = (GrantId::generate(&rng), GrantId::generate(&rng));
+        let e = cache.epoch();
+        let k: Vec<CacheKey> = ids.iter().map(|id| cache.key_for(id)).collect();
+        cache.insert(k[0], g0, token(None), None, t(0), e);
+        cache.insert(k[0], g0, token(None), None, t(1), e); // replaced, not doubled
+        cache.insert(k[1], g1, token(None), None, t(1), e);
+        assert_eq!(cache.len(), 2);
+        cache.insert(k[2], g1, token(None), None, t(2), e); // evicts k[0], the oldest
+        assert!(cache.get(&k[0], t(3), Duration::ZERO).is_none());
+        assert_eq!(cache.len(), 2);
+        {
+            let inner = cache.lock();
+            assert_eq!(inner.by_age.len(), 2);
+            assert!(!inner.by_grant.contains_key(&g0), "an evicted grant leaves the index");
+            assert_eq!(inner.by_grant[&g1].len(), 2);
+        }
+        cache.purge_grant(&g1);
+        assert_eq!(cache.len(), 0);
+        let inner = cache.lock();
+        assert!(inner.by_age.is_empty() && inner.by_grant.is_empty());
     }
 }
