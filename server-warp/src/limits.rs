@@ -18,10 +18,12 @@ use crate::config::{Cidr, LimitsConfig};
 const MAX_TRACKED: usize = 100_000;
 /// Keyids whose token buckets are kept at most. Only a keyid whose secret
 /// proved right gets a bucket, so this map grows with the broker's own
-/// users, not with what strangers send; sized so that a broker with more
-/// users than [`MAX_TRACKED`] neither forgets their limits nor evicts and
-/// re-inserts a bucket on every request (each shard holds a sixteenth,
-/// and the fullest shard fills first).
+/// users, not with what strangers send, and refilled buckets are forgotten
+/// as new ones come ([`Buckets::take`]), so it holds the users of about the
+/// last minute: sized so that even a broker with more users active in a
+/// minute than [`MAX_TRACKED`] keeps every spent bucket (each shard holds a
+/// sixteenth, and the fullest shard fills first). Full, it takes about
+/// 125 MB.
 const MAX_KEYIDS: usize = 1_000_000;
 /// Each map is split in this many independently locked shards, so requests
 /// from different clients rarely wait for one another.
@@ -90,12 +92,14 @@ impl AddressKey {
 }
 
 /// A map that holds at most `capacity` entries and, when full, forgets the
-/// one inserted longest ago: O(1) per insertion (amortised), never a scan
-/// of the whole map under the lock.
+/// one that has waited longest in its queue (inserted longest ago, or moved
+/// to the back longest ago by [`Bounded::sweep`]): O(1) per insertion
+/// (amortised), never a scan of the whole map under the lock.
 struct Bounded<K, V> {
     map: HashMap<K, V, BuildHasherDefault<Carried>>,
-    /// Keys in insertion order; may hold keys already removed (skipped when
-    /// evicting, and dropped when the queue is rebuilt).
+    /// Keys in insertion order, but for those [`Bounded::sweep`] moved to
+    /// the back; may hold keys already removed (skipped when evicting or
+    /// sweeping, and dropped when the queue is rebuilt).
     order: VecDeque<K>,
     capacity: usize,
 }
@@ -105,9 +109,10 @@ impl<K: Hash + Eq + Copy, V> Bounded<K, V> {
         Bounded { map: HashMap::default(), order: VecDeque::new(), capacity: capacity.max(1) }
     }
 
-    /// One hash lookup when `key` is there (every request after a client's
-    /// first), two only when a full map makes room for it.
-    fn get_or_insert_with(&mut self, key: K, make: impl FnOnce() -> V) -> &mut V {
+    /// The value for `key`, and whether it was inserted now. One hash
+    /// lookup when `key` is there (every request after a client's first),
+    /// two only when a full map makes room for it.
+    fn get_or_insert_with(&mut self, key: K, make: impl FnOnce() -> V) -> (&mut V, bool) {
         if self.map.len() >= self.capacity && !self.map.contains_key(&key) {
             while self.map.len() >= self.capacity {
                 match self.order.pop_front() {
@@ -126,10 +131,25 @@ impl<K: Hash + Eq + Copy, V> Bounded<K, V> {
             self.order.retain(|k| map.contains_key(k));
         }
         match self.map.entry(key) {
-            Entry::Occupied(e) => e.into_mut(),
+            Entry::Occupied(e) => (e.into_mut(), false),
             Entry::Vacant(e) => {
                 self.order.push_back(key);
-                e.insert(make())
+                (e.insert(make()), true)
+            }
+        }
+    }
+
+    /// Looks at the `steps` keys longest in the queue: forgets each whose
+    /// value `idle` says carries nothing, and moves the others to the back.
+    fn sweep(&mut self, steps: usize, idle: impl Fn(&V) -> bool) {
+        for _ in 0..steps {
+            let Some(key) = self.order.pop_front() else { return };
+            match self.map.get(&key) {
+                None => {}
+                Some(value) if idle(value) => {
+                    self.map.remove(&key);
+                }
+                Some(_) => self.order.push_back(key),
             }
         }
     }
@@ -227,19 +247,34 @@ impl<K: Hash + Eq + Copy> Buckets<K> {
     /// the shard, so they may arrive out of order, and one that read it
     /// earlier refills nothing (it must not move the bucket's time back, or
     /// the next request would be credited that interval a second time).
+    ///
+    /// A client new to the map also has the map look at two of the buckets
+    /// in it longest and forget those that have refilled: a full bucket is
+    /// what a client the map does not know gets, so forgetting it loses
+    /// nothing, and the map holds the clients of about the last minute (a
+    /// bucket refills in at most 60 s), not every client since start.
     fn take(&self, key: K, now: Instant) -> Result<(), Duration> {
         let (mut shard, key) = self.map.shard(key);
-        let (tokens, at) = shard.get_or_insert_with(key, || (self.capacity, now));
-        *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * self.per_sec).min(self.capacity);
+        let ((tokens, at), inserted) = shard.get_or_insert_with(key, || (self.capacity, now));
+        *tokens = (*tokens + self.refill(*at, now)).min(self.capacity);
         *at = (*at).max(now);
-        if *tokens >= 1.0 {
+        let taken = if *tokens >= 1.0 {
             *tokens -= 1.0;
             Ok(())
         } else {
             // Whole seconds, rounded up: Retry-After never says "retry now" too early.
             let wait = ((1.0 - *tokens) / self.per_sec).ceil().clamp(1.0, 60.0);
             Err(Duration::from_secs_f64(wait))
+        };
+        if inserted {
+            shard.sweep(2, |&(tokens, at)| tokens + self.refill(at, now) >= self.capacity);
         }
+        taken
+    }
+
+    /// Tokens a bucket last charged `at` has gained by `now`.
+    fn refill(&self, at: Instant, now: Instant) -> f64 {
+        now.saturating_duration_since(at).as_secs_f64() * self.per_sec
     }
 }
 
@@ -334,7 +369,7 @@ impl Limiter {
     pub fn failed_secret(&self, keyid: KeyId, address: IpAddr, now: Instant) -> bool {
         let (mut failures, key) = self.failures.shard((keyid, AddressKey::of(address)));
         let before = failures.len();
-        let f = failures.get_or_insert_with(key, || Failures { count: 0, last: now });
+        let (f, _) = failures.get_or_insert_with(key, || Failures { count: 0, last: now });
         if now.saturating_duration_since(f.last) >= FAILURE_MEMORY {
             f.count = 0;
         }
@@ -461,12 +496,12 @@ mod tests {
     fn a_full_map_forgets_its_oldest_entry_in_constant_time() {
         let mut map: Bounded<u32, u32> = Bounded::new(3);
         for k in 0..3 {
-            *map.get_or_insert_with(k, || 0) += 1;
+            *map.get_or_insert_with(k, || 0).0 += 1;
         }
         map.remove(&1);
-        *map.get_or_insert_with(3, || 0) += 1;
+        *map.get_or_insert_with(3, || 0).0 += 1;
         assert_eq!(map.len(), 3, "room freed by a removal is used first");
-        *map.get_or_insert_with(4, || 0) += 1;
+        *map.get_or_insert_with(4, || 0).0 += 1;
         assert_eq!(map.len(), 3);
         assert!(map.get(&0).is_none(), "the oldest went");
         assert!(map.get(&2).is_some() && map.get(&3).is_some() && map.get(&4).is_some());
@@ -537,6 +572,40 @@ mod tests {
             assert!(buckets.take(*keyid, t0).is_ok(), "the second token of the burst");
             assert!(buckets.take(*keyid, t0).is_err(), "each key's own bucket, found again, is empty");
         }
+    }
+
+    #[test]
+    fn refilled_buckets_are_forgotten_as_new_clients_come_and_spent_ones_are_not() {
+        // One request a minute per keyid: a bucket is spent by its first
+        // request and full again 60 s later.
+        let limits = LimitsConfig { token_requests_per_minute_per_keyid: 1, ..LimitsConfig::default() };
+        let limiter = Limiter::new(&limits);
+        let held = || -> usize { limiter.per_keyid.map.shards.iter().map(|s| lock(s).len()).sum() };
+        let keyid = |i: u32| KeyId::from_bytes(std::array::from_fn(|b| (i >> (8 * (b % 4))) as u8));
+        let t0 = Instant::now();
+        for i in 0..2_000 {
+            assert!(limiter.authenticated(keyid(i), t0).is_ok());
+        }
+        // 59 s on, no bucket has refilled: new clients forget none.
+        for i in 2_000..4_000 {
+            assert!(limiter.authenticated(keyid(i), t0 + Duration::from_secs(59)).is_ok());
+        }
+        assert_eq!(held(), 4_000);
+        // 60 s on, the first 2,000 have refilled and go as new clients come
+        // (each looks at two buckets of its shard, so 6,000 new clients look
+        // at every bucket there was at least once, whatever the shards got);
+        // the second 2,000 and the newest, still spent, stay.
+        let later = t0 + Duration::from_secs(60);
+        for i in 4_000..10_000 {
+            assert!(limiter.authenticated(keyid(i), later).is_ok());
+        }
+        assert_eq!(held(), 8_000, "the refilled buckets are forgotten, the spent ones kept");
+        for i in [2_000, 3_999, 4_000, 9_999] {
+            assert!(limiter.authenticated(keyid(i), later).is_err(), "keyid {i}'s spent bucket was forgotten");
+        }
+        // A forgotten keyid comes back to the full bucket it had.
+        assert!(limiter.authenticated(keyid(0), later).is_ok());
+        assert!(limiter.authenticated(keyid(0), later).is_err());
     }
 
     #[test]
