@@ -278,6 +278,11 @@ mod tests {
         })
     }
 
+    /// A cache of `capacity` entries with a ten-minute ttl, keyed from `rng`.
+    fn cache_of(rng: &SeqRandom, capacity: usize) -> TokenCache {
+        TokenCache::new(SymmetricKey::generate(rng), capacity, Duration::from_secs(600))
+    }
+
     fn t(s: u64) -> Timestamp {
         Timestamp::from_unix_secs(1_000_000 + s)
     }
@@ -285,7 +290,7 @@ mod tests {
     #[test]
     fn a_wrong_secret_never_hits() {
         let rng = SeqRandom::new(1);
-        let cache = TokenCache::new(SymmetricKey::generate(&rng), 10, Duration::from_secs(600));
+        let cache = cache_of(&rng, 10);
         let id = AuthId::generate(&rng);
         let mut forged = *id.secret().expose_secret();
         forged[0] ^= 1;
@@ -299,7 +304,7 @@ mod tests {
     #[test]
     fn entries_expire_by_ttl_and_validity_and_capacity_evicts_the_oldest() {
         let rng = SeqRandom::new(2);
-        let cache = TokenCache::new(SymmetricKey::generate(&rng), 2, Duration::from_secs(600));
+        let cache = cache_of(&rng, 2);
         let ids: Vec<AuthId> = (0..3).map(|_| AuthId::generate(&rng)).collect();
         let grant = GrantId::generate(&rng);
         for (i, id) in ids.iter().enumerate() {
@@ -324,7 +329,7 @@ mod tests {
     #[test]
     fn purge_drops_the_grant_and_fences_inserts_that_started_before() {
         let rng = SeqRandom::new(3);
-        let cache = TokenCache::new(SymmetricKey::generate(&rng), 10, Duration::from_secs(600));
+        let cache = cache_of(&rng, 10);
         let (a, b) = (AuthId::generate(&rng), AuthId::generate(&rng));
         let (ga, gb) = (GrantId::generate(&rng), GrantId::generate(&rng));
         let e = cache.epoch();
@@ -341,7 +346,7 @@ mod tests {
     #[test]
     fn a_short_lived_token_is_served_until_half_its_lifetime_and_one_without_expiry_until_the_ttl() {
         let rng = SeqRandom::new(4);
-        let cache = TokenCache::new(SymmetricKey::generate(&rng), 10, Duration::from_secs(600));
+        let cache = cache_of(&rng, 10);
         let (short, forever) = (AuthId::generate(&rng), AuthId::generate(&rng));
         let e = cache.epoch();
         // A 120 s token, asked for 300 s of validity: the cap is 60 s left.
@@ -358,7 +363,7 @@ mod tests {
     #[test]
     fn replacing_and_evicting_keep_the_grant_index_in_step() {
         let rng = SeqRandom::new(5);
-        let cache = TokenCache::new(SymmetricKey::generate(&rng), 2, Duration::from_secs(600));
+        let cache = cache_of(&rng, 2);
         let ids: Vec<AuthId> = (0..3).map(|_| AuthId::generate(&rng)).collect();
         let (g0, g1) = (GrantId::generate(&rng), GrantId::generate(&rng));
         let e = cache.epoch();
