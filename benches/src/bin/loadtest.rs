@@ -26,6 +26,9 @@
 //! `loadtest warm --store postgres --ids 1000` measures (d) on that store and
 //! on a `MemoryStore` with as many grants, alternately, and prints the ratio.
 //!
+//! `loadtest bare --answer FILE` is `product`'s bare warp server, in a
+//! process of its own (so that `perf stat` on it counts it alone).
+//!
 //! `loadtest serve --config FILE` does what `latchkey serve --config FILE`
 //! does (open the configured store, `latchkey_server::start`, run until
 //! SIGTERM); `scale` spawns it unless `--latchkey PATH` names the real binary.
@@ -64,6 +67,7 @@ const USAGE: &str = "usage:
   loadtest product-chart --json FILE --svg FILE   (redraws a product run's chart)
   loadtest warm [--store sled|postgres] [--ids 1000] [--repeats 3] [--duration 8s] [--connections 64] [--json FILE]
   loadtest serve --config FILE   (what `latchkey serve --config FILE` does)
+  loadtest bare --answer FILE   (product's bare warp server: prints its address, answers FILE's bytes)
   loadtest operator-config --listen ADDR --provider URL --data DIR
                    (prints the configuration `product` gives the broker, on sled in DIR,
                     with the provider's /authorize and /token under URL)";
@@ -93,6 +97,7 @@ struct Args {
     listen: Option<SocketAddr>,
     provider: Option<String>,
     data: Option<PathBuf>,
+    answer: Option<PathBuf>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -121,6 +126,7 @@ fn parse_args() -> anyhow::Result<Args> {
         listen: None,
         provider: None,
         data: None,
+        answer: None,
     };
     let mut it = std::env::args().skip(1).peekable();
     if let Some(first) = it.peek() {
@@ -156,6 +162,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--listen" => args.listen = Some(value()?.parse()?),
             "--provider" => args.provider = Some(value()?),
             "--data" => args.data = Some(value()?.into()),
+            "--answer" => args.answer = Some(value()?.into()),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -186,6 +193,7 @@ fn main() -> anyhow::Result<()> {
         "scale" => runtime.block_on(scale(&args)),
         "serve" => runtime.block_on(serve(&args)),
         "product" => runtime.block_on(product::product(&args)),
+        "bare" => runtime.block_on(product::bare(&args)),
         "warm" => runtime.block_on(warm(&args)),
         "product-chart" => product::redraw(&args),
         "operator-config" => operator_config(&args),

@@ -6,8 +6,9 @@
 //! logs in `--ids` times through the testkit's fake provider with the
 //! browser's steps (confirmation page, `POST /login`, provider, callback);
 //! then, `--repeats` times, runs the same wrk settings against a bare warp
-//! server answering the broker's exact `/refresh` bytes (body, content type,
-//! cache control) and against the broker's cached `/refresh`, and prints the
+//! server (`loadtest bare`, a process of its own) answering the broker's
+//! exact `/refresh` bytes (body, content type, cache control) and against
+//! the broker's cached `/refresh`, in alternating order, and prints the
 //! ratios with their spread.
 
 use std::net::SocketAddr;
@@ -85,25 +86,51 @@ async fn login(http: &reqwest::Client, base: &str) -> anyhow::Result<String> {
         .ok_or_else(|| anyhow!("the login ended with {status}, no AuthID"))
 }
 
-/// A bare warp server answering every request with `body` and the broker's
-/// content type and cache control.
-async fn bare_server(body: bytes::Bytes, content_type: String, cache_control: String) -> anyhow::Result<SocketAddr> {
+/// `loadtest bare --answer FILE`: a bare warp server answering every
+/// request with FILE's body, content type and cache control; prints
+/// `listening ADDR` and serves until killed. `product` runs it as a process
+/// of its own, like the broker: `perf stat -p` counts the children a process
+/// starts after it attached, so on `product`'s own process it would count
+/// each run's wrk too.
+pub(super) async fn bare(args: &Args) -> anyhow::Result<()> {
     use warp::Filter;
+    let path = args.answer.as_ref().ok_or_else(|| anyhow!("bare needs --answer FILE\n{}", super::USAGE))?;
+    let answer: Value = serde_json::from_slice(&std::fs::read(path)?)?;
+    let field = |name: &str| answer[name].as_str().map(str::to_owned).ok_or_else(|| anyhow!("{name} missing"));
+    let body = bytes::Bytes::from(field("body")?);
+    let content_type = warp::http::HeaderValue::from_str(&field("content_type")?)?;
+    let cache_control = warp::http::HeaderValue::from_str(&field("cache_control")?)?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
+    println!("listening {}", listener.local_addr()?);
     let route = warp::any().map(move || {
         let mut response = warp::reply::Response::new(body.clone().into());
         let headers = response.headers_mut();
-        if let Ok(v) = warp::http::HeaderValue::from_str(&content_type) {
-            headers.insert(warp::http::header::CONTENT_TYPE, v);
-        }
-        if let Ok(v) = warp::http::HeaderValue::from_str(&cache_control) {
-            headers.insert(warp::http::header::CACHE_CONTROL, v);
-        }
+        headers.insert(warp::http::header::CONTENT_TYPE, content_type.clone());
+        headers.insert(warp::http::header::CACHE_CONTROL, cache_control.clone());
         response
     });
-    tokio::spawn(warp::serve(route).incoming(listener).run());
-    Ok(addr)
+    warp::serve(route).incoming(listener).run().await;
+    Ok(())
+}
+
+/// Starts `loadtest bare` answering `answer` (`body`, `content_type`,
+/// `cache_control`); the process and its address.
+async fn spawn_bare(work: &Path, answer: &Value) -> anyhow::Result<(tokio::process::Child, SocketAddr)> {
+    use tokio::io::AsyncBufReadExt as _;
+    let path = work.join("bare-answer.json");
+    std::fs::write(&path, serde_json::to_vec(answer)?)?;
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["bare", "--answer"])
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start loadtest bare")?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("loadtest bare has no stdout"))?;
+    let mut line = String::new();
+    tokio::io::BufReader::new(stdout).read_line(&mut line).await?;
+    let addr = line.trim().strip_prefix("listening ").ok_or_else(|| anyhow!("loadtest bare said {line:?}"))?;
+    Ok((child, addr.parse()?))
 }
 
 fn interrupt(child: &tokio::process::Child) {
@@ -174,6 +201,74 @@ impl Stat {
         let n = requests.max(1) as f64;
         PerRequest { cpu_us: 1000.0 * self.cpu_ms / n, syscalls: self.syscalls / n, switches: self.switches / n }
     }
+}
+
+/// One wrk run against one server, with what was counted around it.
+struct Run {
+    measured: Measured,
+    /// `perf stat` on the server, with `--perf-stat`.
+    stat: Option<Stat>,
+    /// CPU time the hypervisor gave to other guests during the run
+    /// (`steal` in `/proc/stat`), over all CPUs.
+    stolen_ms: f64,
+    /// TCP segments the machine sent per request, both ends counted
+    /// (`OutSegs` in `/proc/net/snmp`).
+    segments: f64,
+}
+
+/// Runs wrk against `url`, counting the server `pid` (and recording it with
+/// `perf record` into `profile`, when given).
+async fn measure(
+    args: &Args,
+    url: &str,
+    ids: &[String],
+    pid: u32,
+    work: &Path,
+    name: String,
+    profile: Option<&Path>,
+) -> anyhow::Result<Run> {
+    let profiler = match profile {
+        Some(out) => Some(
+            tokio::process::Command::new("perf")
+                .args(["record", "-F", "499", "--call-graph", "dwarf,16384", "-o"])
+                .arg(out)
+                .args(["-p", &pid.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("cannot run perf")?,
+        ),
+        None => None,
+    };
+    let counter = Counter::start(args.perf_stat, pid, work, &name)?;
+    let (before, segments_before) = (stolen_ms(), out_segments());
+    let measured = wrk(args, url, Shape::Refresh, ids, &name).await?;
+    let stolen_ms = stolen_ms() - before;
+    let segments = (out_segments() - segments_before) / measured.requests.max(1) as f64;
+    let stat = counter.stop().await;
+    if let Some(mut perf) = profiler {
+        interrupt(&perf);
+        let _ = perf.wait().await;
+    }
+    Ok(Run { measured, stat, stolen_ms, segments })
+}
+
+/// TCP segments sent since boot (`OutSegs` of `/proc/net/snmp`); NaN where
+/// it cannot be read.
+fn out_segments() -> f64 {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:")).map(|l| l.split_whitespace());
+    let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else { return f64::NAN };
+    names.zip(values).find(|(n, _)| *n == "OutSegs").and_then(|(_, v)| v.parse().ok()).unwrap_or(f64::NAN)
+}
+
+/// The machine's `steal` time so far, in milliseconds over all CPUs: the
+/// eighth figure of `/proc/stat`'s `cpu` line, in USER_HZ ticks (100 a
+/// second on Linux). NaN where it cannot be read.
+fn stolen_ms() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks = stat.lines().next().and_then(|cpu| cpu.split_whitespace().nth(8)).and_then(|t| t.parse::<f64>().ok());
+    ticks.map_or(f64::NAN, |t| t * 10.0)
 }
 
 /// A counter's value in a Prometheus text page (0 when absent).
@@ -331,43 +426,48 @@ async fn run(args: &Args, binary: &Path, fake: &FakeProvider, spot: &StoreSpot, 
     if !body.starts_with(b"{\"access_token\"") {
         bail!("unexpected /refresh answer: {}", String::from_utf8_lossy(&body));
     }
-    let bare = bare_server(body.clone(), content_type.clone(), cache_control.clone()).await?;
+    let body = String::from_utf8(body.to_vec())?;
+    let answer = json!({"body": body, "content_type": content_type, "cache_control": cache_control});
+    let (bare_process, bare) = spawn_bare(work, &answer).await?;
+    let bare_pid = bare_process.id().ok_or_else(|| anyhow!("loadtest bare has no pid"))?;
     let bare_url = format!("http://{bare}");
 
     let mut runs: Vec<(Measured, Measured)> = Vec::new();
     // Per repeat: bare's and the broker's (CPU µs, system calls, context switches) per request.
     let mut counted: Vec<(PerRequest, PerRequest)> = Vec::new();
+    // Per repeat: the CPU time the hypervisor took from the VM during bare's and the broker's runs.
+    let mut stolen: Vec<(f64, f64)> = Vec::new();
     let broker_pid = child.id().ok_or_else(|| anyhow!("latchkey has no pid"))?;
     for repeat in 1..=args.repeats {
-        let counter = Counter::start(args.perf_stat, std::process::id(), work, "bare")?;
-        let a = wrk(args, &bare_url, Shape::Refresh, &ids, &format!("bare-{repeat}")).await?;
-        let a_stat = counter.stop().await;
-        // The first run of the broker under `perf record`, when asked.
-        let profiler = match (&args.perf, repeat) {
-            (Some(out), 1) => Some(
-                tokio::process::Command::new("perf")
-                    .args(["record", "-F", "499", "--call-graph", "dwarf,16384", "-o"])
-                    .arg(out)
-                    .args(["-p", &broker_pid.to_string()])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .context("cannot run perf")?,
-            ),
-            _ => None,
+        // Odd repeats run bare warp first, even ones the broker: a machine
+        // slowing down or speeding up over a pair of runs favours neither.
+        let bare_run = || measure(args, &bare_url, &ids, bare_pid, work, format!("bare-{repeat}"), None);
+        // The broker's first run under `perf record`, when asked.
+        let profile = args.perf.as_deref().filter(|_| repeat == 1);
+        let broker_run =
+            || measure(args, &base, &ids, broker_pid, work, format!("latchkey-{}-{repeat}", spot.kind), profile);
+        let (a, b) = if repeat % 2 == 1 {
+            let a = bare_run().await?;
+            (a, broker_run().await?)
+        } else {
+            let b = broker_run().await?;
+            (bare_run().await?, b)
         };
-        let counter = Counter::start(args.perf_stat, broker_pid, work, "latchkey")?;
-        let b = wrk(args, &base, Shape::Refresh, &ids, &format!("latchkey-{}-{repeat}", spot.kind)).await?;
-        let b_stat = counter.stop().await;
-        if let Some(mut perf) = profiler {
-            interrupt(&perf);
-            let _ = perf.wait().await;
+        if b.measured.non_2xx > 0 {
+            bail!(
+                "the broker answered {} requests with a non-2xx status; see {}",
+                b.measured.non_2xx,
+                log_path.display()
+            );
         }
-        if b.non_2xx > 0 {
-            bail!("the broker answered {} requests with a non-2xx status; see {}", b.non_2xx, log_path.display());
-        }
-        if let (Some(x), Some(y)) = (a_stat, b_stat) {
-            let (x, y) = (x.per_request(a.requests), y.per_request(b.requests));
+        eprintln!(
+            "[machine] stolen CPU time (both CPUs): bare {:.0} ms, latchkey {:.0} ms; TCP segments per request: bare \
+             {:.2}, latchkey {:.2}",
+            a.stolen_ms, b.stolen_ms, a.segments, b.segments
+        );
+        stolen.push((a.stolen_ms, b.stolen_ms));
+        if let (Some(x), Some(y)) = (a.stat, b.stat) {
+            let (x, y) = (x.per_request(a.measured.requests), y.per_request(b.measured.requests));
             eprintln!(
                 "[per request] CPU µs bare {:.2}, latchkey {:.2} ({:.2}x); system calls bare {:.2}, latchkey {:.2}; \
                  context switches bare {:.3}, latchkey {:.3}",
@@ -381,8 +481,9 @@ async fn run(args: &Args, binary: &Path, fake: &FakeProvider, spot: &StoreSpot, 
             );
             counted.push((x, y));
         }
-        runs.push((a, b));
+        runs.push((a.measured, b.measured));
     }
+    drop(bare_process);
     let metrics = http.get(format!("{base}/metrics")).send().await?.text().await?;
     let dropped = metric(&metrics, "latchkey_log_lines_dropped_total");
     let hits = metric(&metrics, "latchkey_cache_hits_total");
@@ -462,6 +563,8 @@ async fn run(args: &Args, binary: &Path, fake: &FakeProvider, spot: &StoreSpot, 
                    "bare_p99_ms": ms(a.p99_us), "latchkey_p99_ms": ms(b.p99_us), "p99_ratio": b.p99_us / a.p99_us,
                    "latchkey_requests": b.requests, "latchkey_errors": b.errors,
                    "load_before_bare": a.load, "load_before_latchkey": b.load,
+                   "bare_first": i % 2 == 0,
+                   "stolen_ms": stolen.get(i).map(|(x, y)| json!({"bare": x, "latchkey": y})),
                    "per_request": per_request})
         })
         .collect();
