@@ -308,12 +308,33 @@ fn fuzzer_running() -> bool {
 }
 
 async fn wrk(args: &Args, url: &str, shape: Shape, values: &[String], name: &str) -> anyhow::Result<Measured> {
+    wrk_counted(args, url, shape, values, name, None).await
+}
+
+/// [`wrk`], run under `perf stat -o counted` when `counted` is given (the
+/// client's CPU time, in `product --perf-stat`).
+async fn wrk_counted(
+    args: &Args,
+    url: &str,
+    shape: Shape,
+    values: &[String],
+    name: &str,
+    counted: Option<&Path>,
+) -> anyhow::Result<Measured> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join(format!("{name}.lua"));
     std::fs::write(&path, script(shape, values, args.threads))?;
     let load = load_now();
     eprintln!("[{name}] {load}");
-    let output = tokio::process::Command::new("wrk")
+    let mut command = match counted {
+        Some(out) => {
+            let mut perf = tokio::process::Command::new("perf");
+            perf.args(["stat", "-x", ",", "-e", product::PERF_EVENTS, "-o"]).arg(out).args(["--", "wrk"]);
+            perf
+        }
+        None => tokio::process::Command::new("wrk"),
+    };
+    let output = command
         .arg(format!("-t{}", args.threads))
         .arg(format!("-c{}", args.connections))
         .arg(format!("-d{}", args.duration))

@@ -23,7 +23,7 @@ use latchkey_testkit::{FakeConfig, FakeProvider};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-use super::{Args, Measured, Shape, StoreSpot, free_port, ms, wrk};
+use super::{Args, Measured, Shape, StoreSpot, free_port, ms};
 
 /// Logins in flight at once while the AuthIDs are made.
 const LOGIN_CONCURRENCY: usize = 16;
@@ -139,6 +139,9 @@ fn interrupt(child: &tokio::process::Child) {
     }
 }
 
+/// What `perf stat` counts, on the servers and (with `--perf-stat`) on wrk.
+pub(super) const PERF_EVENTS: &str = "task-clock,raw_syscalls:sys_enter,context-switches";
+
 /// `perf stat` on a process for the length of one wrk run: the CPU time it
 /// spent, user and kernel (`task-clock`), its system calls and its context
 /// switches (hardware counters such as instructions are not available on
@@ -154,7 +157,7 @@ impl Counter {
         }
         let out = work.join(format!("{name}.stat"));
         let child = tokio::process::Command::new("perf")
-            .args(["stat", "-x", ",", "-e", "task-clock,raw_syscalls:sys_enter,context-switches", "-o"])
+            .args(["stat", "-x", ",", "-e", PERF_EVENTS, "-o"])
             .arg(&out)
             .args(["-p", &pid.to_string()])
             .stdout(Stdio::null())
@@ -168,6 +171,20 @@ impl Counter {
         let (mut child, out) = self.perf?;
         interrupt(&child);
         let _ = child.wait().await;
+        Stat::read(&out)
+    }
+}
+
+/// What `perf stat` counted for one process over one run.
+struct Stat {
+    cpu_ms: f64,
+    syscalls: f64,
+    switches: f64,
+}
+
+impl Stat {
+    /// What `perf stat -x , -e PERF_EVENTS -o out` wrote.
+    fn read(out: &Path) -> Option<Stat> {
         let text = std::fs::read_to_string(out).ok()?;
         // CSV: each event's value comes first (task-clock in milliseconds).
         let value = |event: &str| -> Option<f64> {
@@ -179,13 +196,6 @@ impl Counter {
             switches: value("context-switches").unwrap_or(f64::NAN),
         })
     }
-}
-
-/// What `perf stat` counted for one server over one run.
-struct Stat {
-    cpu_ms: f64,
-    syscalls: f64,
-    switches: f64,
 }
 
 /// A [`Stat`] divided by the requests of its run.
@@ -208,9 +218,13 @@ struct Run {
     measured: Measured,
     /// `perf stat` on the server, with `--perf-stat`.
     stat: Option<Stat>,
+    /// `perf stat` on wrk, with `--perf-stat`.
+    client: Option<Stat>,
     /// CPU time the hypervisor gave to other guests during the run
     /// (`steal` in `/proc/stat`), over all CPUs.
     stolen_ms: f64,
+    /// CPU time the machine spent idle during the run, over all CPUs.
+    idle_ms: f64,
     /// TCP segments the machine sent per request, both ends counted
     /// (`OutSegs` in `/proc/net/snmp`).
     segments: f64,
@@ -241,16 +255,20 @@ async fn measure(
         None => None,
     };
     let counter = Counter::start(args.perf_stat, pid, work, &name)?;
-    let (before, segments_before) = (stolen_ms(), out_segments());
-    let measured = wrk(args, url, Shape::Refresh, ids, &name).await?;
-    let stolen_ms = stolen_ms() - before;
+    let client_out = work.join(format!("{name}-wrk.stat"));
+    let counted = args.perf_stat.then_some(client_out.as_path());
+    let (before, segments_before) = (CpuTimes::now(), out_segments());
+    let measured = super::wrk_counted(args, url, Shape::Refresh, ids, &name, counted).await?;
+    let after = CpuTimes::now();
+    let (stolen_ms, idle_ms) = (after.stolen_ms - before.stolen_ms, after.idle_ms - before.idle_ms);
     let segments = (out_segments() - segments_before) / measured.requests.max(1) as f64;
     let stat = counter.stop().await;
     if let Some(mut perf) = profiler {
         interrupt(&perf);
         let _ = perf.wait().await;
     }
-    Ok(Run { measured, stat, stolen_ms, segments })
+    let client = counted.and_then(Stat::read);
+    Ok(Run { measured, stat, client, stolen_ms, idle_ms, segments })
 }
 
 /// TCP segments sent since boot (`OutSegs` of `/proc/net/snmp`); NaN where
@@ -262,13 +280,21 @@ fn out_segments() -> f64 {
     names.zip(values).find(|(n, _)| *n == "OutSegs").and_then(|(_, v)| v.parse().ok()).unwrap_or(f64::NAN)
 }
 
-/// The machine's `steal` time so far, in milliseconds over all CPUs: the
-/// eighth figure of `/proc/stat`'s `cpu` line, in USER_HZ ticks (100 a
-/// second on Linux). NaN where it cannot be read.
-fn stolen_ms() -> f64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let ticks = stat.lines().next().and_then(|cpu| cpu.split_whitespace().nth(8)).and_then(|t| t.parse::<f64>().ok());
-    ticks.map_or(f64::NAN, |t| t * 10.0)
+/// The machine's idle and stolen CPU time so far, in milliseconds over all
+/// CPUs: the fourth and eighth figures of `/proc/stat`'s `cpu` line, in
+/// USER_HZ ticks (100 a second on Linux); NaN where they cannot be read.
+struct CpuTimes {
+    idle_ms: f64,
+    stolen_ms: f64,
+}
+
+impl CpuTimes {
+    fn now() -> CpuTimes {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let cpu: Vec<&str> = stat.lines().next().unwrap_or_default().split_whitespace().collect();
+        let ms = |i: usize| cpu.get(i).and_then(|t| t.parse::<f64>().ok()).map_or(f64::NAN, |t| t * 10.0);
+        CpuTimes { idle_ms: ms(4), stolen_ms: ms(8) }
+    }
 }
 
 /// A counter's value in a Prometheus text page (0 when absent).
@@ -435,8 +461,11 @@ async fn run(args: &Args, binary: &Path, fake: &FakeProvider, spot: &StoreSpot, 
     let mut runs: Vec<(Measured, Measured)> = Vec::new();
     // Per repeat: bare's and the broker's (CPU µs, system calls, context switches) per request.
     let mut counted: Vec<(PerRequest, PerRequest)> = Vec::new();
-    // Per repeat: the CPU time the hypervisor took from the VM during bare's and the broker's runs.
-    let mut stolen: Vec<(f64, f64)> = Vec::new();
+    // The same, of wrk against each.
+    let mut clients: Vec<(PerRequest, PerRequest)> = Vec::new();
+    // Per repeat: the machine's idle CPU time, and the CPU time the hypervisor took from it, during bare's and
+    // the broker's runs.
+    let mut stolen: Vec<((f64, f64), (f64, f64))> = Vec::new();
     let broker_pid = child.id().ok_or_else(|| anyhow!("latchkey has no pid"))?;
     for repeat in 1..=args.repeats {
         // Odd repeats run bare warp first, even ones the broker: a machine
@@ -461,11 +490,11 @@ async fn run(args: &Args, binary: &Path, fake: &FakeProvider, spot: &StoreSpot, 
             );
         }
         eprintln!(
-            "[machine] stolen CPU time (both CPUs): bare {:.0} ms, latchkey {:.0} ms; TCP segments per request: bare \
-             {:.2}, latchkey {:.2}",
-            a.stolen_ms, b.stolen_ms, a.segments, b.segments
+            "[machine] CPU time idle (both CPUs): bare {:.0} ms, latchkey {:.0} ms; stolen: bare {:.0} ms, latchkey \
+             {:.0} ms; TCP segments per request: bare {:.2}, latchkey {:.2}",
+            a.idle_ms, b.idle_ms, a.stolen_ms, b.stolen_ms, a.segments, b.segments
         );
-        stolen.push((a.stolen_ms, b.stolen_ms));
+        stolen.push(((a.idle_ms, a.stolen_ms), (b.idle_ms, b.stolen_ms)));
         if let (Some(x), Some(y)) = (a.stat, b.stat) {
             let (x, y) = (x.per_request(a.measured.requests), y.per_request(b.measured.requests));
             eprintln!(
@@ -480,6 +509,14 @@ async fn run(args: &Args, binary: &Path, fake: &FakeProvider, spot: &StoreSpot, 
                 y.switches
             );
             counted.push((x, y));
+        }
+        if let (Some(x), Some(y)) = (&a.client, &b.client) {
+            let (x, y) = (x.per_request(a.measured.requests), y.per_request(b.measured.requests));
+            eprintln!(
+                "[wrk per request] CPU µs against bare {:.2}, against latchkey {:.2}; system calls {:.2} and {:.2}",
+                x.cpu_us, y.cpu_us, x.syscalls, y.syscalls
+            );
+            clients.push((x, y));
         }
         runs.push((a.measured, b.measured));
     }
@@ -545,6 +582,17 @@ async fn run(args: &Args, binary: &Path, fake: &FakeProvider, spot: &StoreSpot, 
             mean(|c| c.1.switches)
         );
     }
+    if !clients.is_empty() {
+        let mean = |f: fn(&(PerRequest, PerRequest)) -> f64| clients.iter().map(f).sum::<f64>() / clients.len() as f64;
+        println!(
+            "wrk's CPU per request: against bare {:.2} µs, against latchkey {:.2} µs; system calls {:.2} and {:.2} \
+             (means)",
+            mean(|c| c.0.cpu_us),
+            mean(|c| c.1.cpu_us),
+            mean(|c| c.0.syscalls),
+            mean(|c| c.1.syscalls)
+        );
+    }
     println!(
         "cache hits {hits}, misses {misses}; log lines written {log_lines}, dropped {dropped} \
          (latchkey_log_lines_dropped_total)"
@@ -558,14 +606,19 @@ async fn run(args: &Args, binary: &Path, fake: &FakeProvider, spot: &StoreSpot, 
                        "latchkey_cpu_us": y.cpu_us, "latchkey_syscalls": y.syscalls,
                        "latchkey_context_switches": y.switches})
             });
+            let wrk_per_request = clients.get(i).map(|(x, y)| {
+                json!({"against_bare_cpu_us": x.cpu_us, "against_bare_syscalls": x.syscalls,
+                       "against_latchkey_cpu_us": y.cpu_us, "against_latchkey_syscalls": y.syscalls})
+            });
             json!({"bare_rps": a.rps, "latchkey_rps": b.rps, "ratio": b.rps / a.rps,
                    "bare_p50_ms": ms(a.p50_us), "latchkey_p50_ms": ms(b.p50_us),
                    "bare_p99_ms": ms(a.p99_us), "latchkey_p99_ms": ms(b.p99_us), "p99_ratio": b.p99_us / a.p99_us,
                    "latchkey_requests": b.requests, "latchkey_errors": b.errors,
                    "load_before_bare": a.load, "load_before_latchkey": b.load,
                    "bare_first": i % 2 == 0,
-                   "stolen_ms": stolen.get(i).map(|(x, y)| json!({"bare": x, "latchkey": y})),
-                   "per_request": per_request})
+                   "idle_ms": stolen.get(i).map(|(x, y)| json!({"bare": x.0, "latchkey": y.0})),
+                   "stolen_ms": stolen.get(i).map(|(x, y)| json!({"bare": x.1, "latchkey": y.1})),
+                   "per_request": per_request, "wrk_per_request": wrk_per_request})
         })
         .collect();
     let doc = json!({"store": spot.kind, "authids": ids.len(), "binary": binary.display().to_string(),
