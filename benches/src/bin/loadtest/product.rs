@@ -465,7 +465,7 @@ async fn run(args: &Args, binary: &Path, fake: &FakeProvider, spot: &StoreSpot, 
     let mut clients: Vec<(PerRequest, PerRequest)> = Vec::new();
     // Per repeat: the machine's idle CPU time, and the CPU time the hypervisor took from it, during bare's and
     // the broker's runs.
-    let mut stolen: Vec<((f64, f64), (f64, f64))> = Vec::new();
+    let mut machine: Vec<((f64, f64), (f64, f64))> = Vec::new();
     let broker_pid = child.id().ok_or_else(|| anyhow!("latchkey has no pid"))?;
     for repeat in 1..=args.repeats {
         // Odd repeats run bare warp first, even ones the broker: a machine
@@ -494,7 +494,7 @@ async fn run(args: &Args, binary: &Path, fake: &FakeProvider, spot: &StoreSpot, 
              {:.0} ms; TCP segments per request: bare {:.2}, latchkey {:.2}",
             a.idle_ms, b.idle_ms, a.stolen_ms, b.stolen_ms, a.segments, b.segments
         );
-        stolen.push(((a.idle_ms, a.stolen_ms), (b.idle_ms, b.stolen_ms)));
+        machine.push(((a.idle_ms, a.stolen_ms), (b.idle_ms, b.stolen_ms)));
         if let (Some(x), Some(y)) = (a.stat, b.stat) {
             let (x, y) = (x.per_request(a.measured.requests), y.per_request(b.measured.requests));
             eprintln!(
@@ -616,8 +616,8 @@ async fn run(args: &Args, binary: &Path, fake: &FakeProvider, spot: &StoreSpot, 
                    "latchkey_requests": b.requests, "latchkey_errors": b.errors,
                    "load_before_bare": a.load, "load_before_latchkey": b.load,
                    "bare_first": i % 2 == 0,
-                   "idle_ms": stolen.get(i).map(|(x, y)| json!({"bare": x.0, "latchkey": y.0})),
-                   "stolen_ms": stolen.get(i).map(|(x, y)| json!({"bare": x.1, "latchkey": y.1})),
+                   "idle_ms": machine.get(i).map(|(x, y)| json!({"bare": x.0, "latchkey": y.0})),
+                   "stolen_ms": machine.get(i).map(|(x, y)| json!({"bare": x.1, "latchkey": y.1})),
                    "per_request": per_request, "wrk_per_request": wrk_per_request})
         })
         .collect();
