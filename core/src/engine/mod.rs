@@ -168,7 +168,15 @@ pub struct BrokerParts {
 }
 
 /// An access token as handed to a client.
+///
+/// Laid out in the order written (`repr(C)`): what a cache hit reads to
+/// answer — the token, its expiry and the service id — comes first, so
+/// that with the `Arc`'s counts before it they span the first 72 bytes of
+/// the allocation, two cache lines, where the compiler's own order put the
+/// token last and spread them over three or four. With 10,000 AuthIDs
+/// requested in turn, each of those lines is a memory miss.
 #[derive(Clone)]
+#[repr(C)]
 pub struct TokenGrant {
     /// The access token.
     pub access_token: SecretString,
@@ -183,6 +191,15 @@ pub struct TokenGrant {
     /// By when the grant must be used again before the provider's idle expiry.
     pub refresh_deadline: Option<Timestamp>,
 }
+
+// What a cache hit reads ends within the grant's first 56 bytes (72 of the
+// `Arc`'s allocation, counts included).
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(offset_of!(TokenGrant, access_token) + size_of::<SecretString>() <= 56);
+    assert!(offset_of!(TokenGrant, expires_at) + size_of::<Option<Timestamp>>() <= 56);
+    assert!(offset_of!(TokenGrant, service) + size_of::<String>() <= 56);
+};
 
 impl fmt::Debug for TokenGrant {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
