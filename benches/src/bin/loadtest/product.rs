@@ -216,10 +216,10 @@ impl Stat {
 /// One wrk run against one server, with what was counted around it.
 struct Run {
     measured: Measured,
-    /// `perf stat` on the server, with `--perf-stat`.
-    stat: Option<Stat>,
-    /// `perf stat` on wrk, with `--perf-stat`.
-    client: Option<Stat>,
+    /// `perf stat` on the server per request, with `--perf-stat`.
+    server: Option<PerRequest>,
+    /// `perf stat` on wrk per request, with `--perf-stat`.
+    client: Option<PerRequest>,
     /// CPU time the hypervisor gave to other guests during the run
     /// (`steal` in `/proc/stat`), over all CPUs.
     stolen_ms: f64,
@@ -267,8 +267,9 @@ async fn measure(
         interrupt(&perf);
         let _ = perf.wait().await;
     }
-    let client = counted.and_then(Stat::read);
-    Ok(Run { measured, stat, client, stolen_ms, idle_ms, segments })
+    let per_request = |stat: Stat| stat.per_request(measured.requests);
+    let (server, client) = (stat.map(per_request), counted.and_then(Stat::read).map(per_request));
+    Ok(Run { measured, server, client, stolen_ms, idle_ms, segments })
 }
 
 /// TCP segments sent since boot (`OutSegs` of `/proc/net/snmp`); NaN where
@@ -458,14 +459,8 @@ async fn run(args: &Args, binary: &Path, fake: &FakeProvider, spot: &StoreSpot, 
     let bare_pid = bare_process.id().ok_or_else(|| anyhow!("loadtest bare has no pid"))?;
     let bare_url = format!("http://{bare}");
 
-    let mut runs: Vec<(Measured, Measured)> = Vec::new();
-    // Per repeat: bare's and the broker's (CPU µs, system calls, context switches) per request.
-    let mut counted: Vec<(PerRequest, PerRequest)> = Vec::new();
-    // The same, of wrk against each.
-    let mut clients: Vec<(PerRequest, PerRequest)> = Vec::new();
-    // Per repeat: the machine's idle CPU time, and the CPU time the hypervisor took from it, during bare's and
-    // the broker's runs.
-    let mut machine: Vec<((f64, f64), (f64, f64))> = Vec::new();
+    // Per repeat: bare warp's run and the broker's.
+    let mut pairs: Vec<(Run, Run)> = Vec::new();
     let broker_pid = child.id().ok_or_else(|| anyhow!("latchkey has no pid"))?;
     for repeat in 1..=args.repeats {
         // Odd repeats run bare warp first, even ones the broker: a machine
@@ -494,9 +489,7 @@ async fn run(args: &Args, binary: &Path, fake: &FakeProvider, spot: &StoreSpot, 
              {:.0} ms; TCP segments per request: bare {:.2}, latchkey {:.2}",
             a.idle_ms, b.idle_ms, a.stolen_ms, b.stolen_ms, a.segments, b.segments
         );
-        machine.push(((a.idle_ms, a.stolen_ms), (b.idle_ms, b.stolen_ms)));
-        if let (Some(x), Some(y)) = (a.stat, b.stat) {
-            let (x, y) = (x.per_request(a.measured.requests), y.per_request(b.measured.requests));
+        if let (Some(x), Some(y)) = (a.server, b.server) {
             eprintln!(
                 "[per request] CPU µs bare {:.2}, latchkey {:.2} ({:.2}x); system calls bare {:.2}, latchkey {:.2}; \
                  context switches bare {:.3}, latchkey {:.3}",
@@ -508,19 +501,21 @@ async fn run(args: &Args, binary: &Path, fake: &FakeProvider, spot: &StoreSpot, 
                 x.switches,
                 y.switches
             );
-            counted.push((x, y));
         }
-        if let (Some(x), Some(y)) = (&a.client, &b.client) {
-            let (x, y) = (x.per_request(a.measured.requests), y.per_request(b.measured.requests));
+        if let (Some(x), Some(y)) = (a.client, b.client) {
             eprintln!(
                 "[wrk per request] CPU µs against bare {:.2}, against latchkey {:.2}; system calls {:.2} and {:.2}",
                 x.cpu_us, y.cpu_us, x.syscalls, y.syscalls
             );
-            clients.push((x, y));
         }
-        runs.push((a.measured, b.measured));
+        pairs.push((a, b));
     }
     drop(bare_process);
+    let runs: Vec<(&Measured, &Measured)> = pairs.iter().map(|(a, b)| (&a.measured, &b.measured)).collect();
+    let both = |f: fn(&Run) -> Option<PerRequest>| -> Vec<(PerRequest, PerRequest)> {
+        pairs.iter().filter_map(|(a, b)| Some((f(a)?, f(b)?))).collect()
+    };
+    let (counted, clients) = (both(|r| r.server), both(|r| r.client));
     let metrics = http.get(format!("{base}/metrics")).send().await?.text().await?;
     let dropped = metric(&metrics, "latchkey_log_lines_dropped_total");
     let hits = metric(&metrics, "latchkey_cache_hits_total");
@@ -597,16 +592,17 @@ async fn run(args: &Args, binary: &Path, fake: &FakeProvider, spot: &StoreSpot, 
         "cache hits {hits}, misses {misses}; log lines written {log_lines}, dropped {dropped} \
          (latchkey_log_lines_dropped_total)"
     );
-    let rows: Vec<Value> = runs
+    let rows: Vec<Value> = pairs
         .iter()
         .enumerate()
-        .map(|(i, (a, b))| {
-            let per_request = counted.get(i).map(|(x, y)| {
+        .map(|(i, (a_run, b_run))| {
+            let (a, b) = (&a_run.measured, &b_run.measured);
+            let per_request = a_run.server.zip(b_run.server).map(|(x, y)| {
                 json!({"bare_cpu_us": x.cpu_us, "bare_syscalls": x.syscalls, "bare_context_switches": x.switches,
                        "latchkey_cpu_us": y.cpu_us, "latchkey_syscalls": y.syscalls,
                        "latchkey_context_switches": y.switches})
             });
-            let wrk_per_request = clients.get(i).map(|(x, y)| {
+            let wrk_per_request = a_run.client.zip(b_run.client).map(|(x, y)| {
                 json!({"against_bare_cpu_us": x.cpu_us, "against_bare_syscalls": x.syscalls,
                        "against_latchkey_cpu_us": y.cpu_us, "against_latchkey_syscalls": y.syscalls})
             });
@@ -616,8 +612,8 @@ async fn run(args: &Args, binary: &Path, fake: &FakeProvider, spot: &StoreSpot, 
                    "latchkey_requests": b.requests, "latchkey_errors": b.errors,
                    "load_before_bare": a.load, "load_before_latchkey": b.load,
                    "bare_first": i % 2 == 0,
-                   "idle_ms": machine.get(i).map(|(x, y)| json!({"bare": x.0, "latchkey": y.0})),
-                   "stolen_ms": machine.get(i).map(|(x, y)| json!({"bare": x.1, "latchkey": y.1})),
+                   "idle_ms": {"bare": a_run.idle_ms, "latchkey": b_run.idle_ms},
+                   "stolen_ms": {"bare": a_run.stolen_ms, "latchkey": b_run.stolen_ms},
                    "per_request": per_request, "wrk_per_request": wrk_per_request})
         })
         .collect();
